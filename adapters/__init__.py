@@ -1,0 +1,1 @@
+"""Modality adapters (installed as mmmerge.adapters)."""

@@ -1,0 +1,30 @@
+"""mmmerge: training-free token merging for video, audio and vision-language transformers.
+
+The engine (this package) knows tensors, never a model class:
+    state.py        TokenState: size, source, coordinates, protected, valid
+    matchers.py     where tokens are chosen (tome, pitome, tps, random, prune)
+    merge.py        MergePlan and the one merge operation; unmerge
+    constraints.py  which pairs may merge (global, within_frame, adjacent, window(k), same_band)
+    schedule.py     r per layer
+    attention.py    proportional attention bias
+    reduce.py       plan_merge, merge_tokens, reduce_tokens
+Adapters for Hugging Face models live in ``mmmerge.adapters``.
+"""
+from .attention import size_bias
+from .constraints import Adjacent, Constraint, Global, SameSpan, Window, parse_constraint
+from .matchers import MATCHERS, energy_score, get_matcher, pitome, prune, random_merge, tome, tps
+from .merge import MergePlan, merge_state, merge_weighted, unmerge
+from .patching import last_info, patch, supported_models, unpatch
+from .reduce import merge_tokens, plan_merge, reduce_tokens
+from .schedule import KeepRatio, TargetFlops, TargetTokens, resolve_schedule, transformer_layer_flops
+from .state import TokenState, init_state
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adjacent", "Constraint", "Global", "KeepRatio", "MATCHERS", "MergePlan", "SameSpan", "TargetFlops",
+    "TargetTokens", "TokenState", "Window", "energy_score", "get_matcher", "init_state", "last_info",
+    "merge_state", "merge_tokens", "merge_weighted", "parse_constraint", "patch", "pitome", "plan_merge",
+    "prune", "random_merge", "reduce_tokens", "resolve_schedule", "size_bias", "supported_models", "tome",
+    "tps", "transformer_layer_flops", "unmerge", "unpatch",
+]

@@ -1,0 +1,311 @@
+"""Matchers: pure functions ``(metric, state, r, constraint, **hyper) -> MergePlan``.
+
+This is where tokens are *chosen*. Each matcher removes exactly ``r`` of the mergeable tokens
+(everything after ``state.protected``) and says where each removed token goes. Scores of pairs the
+constraint forbids are -inf before any argmax, so no forbidden pair can merge; if a batch element has
+fewer than ``r`` allowed pairs the matcher fails loudly (device-side assert, no host sync) instead.
+
+    tome    ToMe bipartite soft matching (Bolya et al., ICLR 2023)
+    pitome  PiToMe energy-score merging (Tran et al., NeurIPS 2024)
+    tps     prune-and-squeeze (Wei et al., CVPR 2023)
+    random  bipartite merging on random scores (baseline)
+    prune   drop the least important tokens' values (baseline)
+    none    never merges (r must be 0)
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .constraints import Constraint, Global, allowed_pairs
+from .merge import MergePlan, plan_from_targets
+from .state import TokenState
+
+NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def identity_plan(state: TokenState) -> MergePlan:
+    B, N = state.size.shape
+    assign = torch.arange(N, device=state.size.device).unsqueeze(0).expand(B, -1)
+    return MergePlan(assign=assign, weight=state.size, num_out=N)
+
+
+def _normalized(metric: Tensor, protected: int) -> Tensor:
+    """Unit-norm mergeable metric ``[B, M, C]``; zero vectors stay zero (no NaN)."""
+    return F.normalize(metric[:, protected:], dim=-1, eps=1e-6)
+
+
+def _indices(B: int, idx: Tensor) -> Tensor:
+    return idx.unsqueeze(0).expand(B, -1) if idx.dim() == 1 else idx
+
+
+def _mask_scores(scores: Tensor, state: TokenState, constraint: Constraint, idx_a: Tensor, idx_b: Tensor) -> Tensor:
+    """Set forbidden pairs to -inf. ``idx_a``/``idx_b`` index the *mergeable* tokens ``[B, Na]``/``[B, Nb]``."""
+    P = state.protected
+    mask = allowed_pairs(state, constraint, idx_a + P, idx_b + P)
+    return scores if mask is None else scores.masked_fill(~mask, NEG_INF)
+
+
+def _assert_allowed(chosen_scores: Tensor, method: str) -> None:
+    # Device-side check: on CUDA it does not synchronise; on CPU it raises at once.
+    torch._assert_async(
+        torch.isfinite(chosen_scores).all(),
+        f"mmmerge.{method}: fewer allowed pairs than tokens to remove under this constraint; "
+        "lower r, use per-group budgets (groups=...), or a looser constraint",
+    )
+
+
+def _check_r(r: int, mergeable: int, limit: int, method: str) -> None:
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    if r > limit:
+        raise ValueError(
+            f"{method}: r={r} is too large: {mergeable} mergeable tokens allow at most r={limit} in one step"
+        )
+
+
+def energy_score(m: Tensor, margin: float, alpha: float = 1.0, shift: bool = False,
+                 valid: Optional[Tensor] = None) -> Tensor:
+    """PiToMe energy: mean over j of ``f_m(cos(i, j))``; high energy = many similar neighbours = redundant.
+
+    ``f_m(x) = x`` if ``x >= m`` else ``alpha * (exp(x - m) - 1)`` (paper). With ``shift=True`` the positive
+    branch is ``x - m`` as well, i.e. ``elu(x - m, alpha)`` (the official code's energy shift).
+
+    Args:
+        m: ``[B, M, C]`` unit-norm metric. valid: ``[B, M]`` bool; padding is left out of the mean.
+    Returns:
+        ``[B, M]`` float32 energy.
+    """
+    sim = (m @ m.transpose(1, 2)).float()  # [B, M, M]
+    if shift:
+        f = F.elu(sim - margin, alpha=alpha)
+    else:
+        f = torch.where(sim >= margin, sim, alpha * (torch.exp(sim - margin) - 1.0))
+    if valid is None:
+        return f.mean(-1)
+    w = valid.unsqueeze(1).float()
+    return (f * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- matchers
+def _bipartite(scores_fn: Callable[[Tensor, Tensor], Tensor], metric: Tensor, state: TokenState, r: int,
+               constraint: Constraint, method: str) -> MergePlan:
+    """Shared body of ToMe and the random baseline: alternating A/B split, best B per A, top-r edges."""
+    P = state.protected
+    B, N = metric.shape[:2]
+    M = N - P
+    _check_r(r, M, M // 2, method)
+    if r == 0:
+        return identity_plan(state)
+    device = metric.device
+    with torch.no_grad():
+        idx_a = _indices(B, torch.arange(0, M, 2, device=device))  # [B, Na] positions among mergeable
+        idx_b = _indices(B, torch.arange(1, M, 2, device=device))  # [B, Nb]
+        scores = _mask_scores(scores_fn(idx_a, idx_b), state, constraint, idx_a, idx_b)  # [B, Na, Nb]
+        node_max, node_idx = scores.max(dim=-1)  # best B for each A
+        edge_order = node_max.argsort(dim=-1, descending=True)
+        src = edge_order[:, :r]  # [B, r] A tokens that merge
+        _assert_allowed(node_max.gather(1, src), method)
+        dst = node_idx.gather(1, src)  # [B, r] their B partners
+        target = torch.arange(M, device=device).unsqueeze(0).repeat(B, 1)
+        target.scatter_(1, idx_a.gather(1, src), idx_b.gather(1, dst))
+    return plan_from_targets(target, state.size, r, P)
+
+
+def tome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, **_) -> MergePlan:
+    """ToMe bipartite soft matching.
+
+    Mergeable tokens alternate into sets A (even) and B (odd); each A token finds its most similar
+    B token (cosine of ``metric``, e.g. head-averaged keys); the ``r`` most similar edges merge.
+    At most half of the mergeable tokens can merge per step. Fusion weight: token size.
+
+    Args:
+        metric: ``[B, N, C]`` features used for similarity (all tokens, protected included).
+        state: TokenState of the N tokens. r: tokens to remove.
+    """
+    m = _normalized(metric, state.protected)
+    return _bipartite(lambda a, b: m[:, ::2] @ m[:, 1::2].transpose(1, 2), metric, state, r,
+                      constraint or Global(), "tome")
+
+
+def random_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+                 generator: Optional[torch.Generator] = None, **_) -> MergePlan:
+    """Baseline: ToMe's bipartite step on random scores (merges random allowed pairs)."""
+    B = metric.shape[0]
+
+    def scores(a: Tensor, b: Tensor) -> Tensor:
+        return torch.rand(B, a.shape[1], b.shape[1], device=metric.device, generator=generator)
+
+    return _bipartite(scores, metric, state, r, constraint or Global(), "random")
+
+
+# PiToMe presets. "paper": f_m as printed, margin 0.9 - 0.9 * l / L. "official": the energy shift
+# (elu(x - m)) with the same margin schedule. ``margin=`` overrides either.
+PITOME_PRESETS: Dict[str, Dict[str, object]] = {
+    "paper": {"shift": False, "margin_start": 0.9},
+    "official": {"shift": True, "margin_start": 0.9},
+}
+
+
+def pitome_margin(layer_idx: int, num_layers: int, start: float = 0.9) -> float:
+    """Margin schedule: ``start * (1 - layer_idx / num_layers)``; loose early, strict late."""
+    return start - start * layer_idx / max(num_layers, 1)
+
+
+def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
+           margin: Optional[float] = None, alpha: float = 1.0, preset: str = "paper",
+           layer_idx: int = 0, num_layers: int = 1, **_) -> MergePlan:
+    """PiToMe: merge only among the high-energy (redundant) tokens; low-energy tokens are protected.
+
+    The ``2r`` highest-energy tokens are the candidates; in energy order they alternate into A and B,
+    and every A token merges into its most similar B. Under a constraint an A token with no allowed
+    candidate B falls back to its most similar allowed non-candidate token (never to another A).
+    """
+    if preset not in PITOME_PRESETS:
+        raise ValueError(f"unknown pitome preset '{preset}'; choose one of {sorted(PITOME_PRESETS)}")
+    P = state.protected
+    B, N = metric.shape[:2]
+    M = N - P
+    _check_r(r, M, M // 2, "pitome")
+    if r == 0:
+        return identity_plan(state)
+    cfg = PITOME_PRESETS[preset]
+    if margin is None:
+        margin = pitome_margin(layer_idx, num_layers, float(cfg["margin_start"]))
+    constraint = constraint or Global()
+    device = metric.device
+    with torch.no_grad():
+        m = _normalized(metric, P)
+        valid = None if state.valid is None else state.valid[:, P:]
+        energy = energy_score(m, margin, alpha, bool(cfg["shift"]), valid)  # [B, M]
+        cand = energy.argsort(dim=-1, descending=True)[:, : 2 * r]  # [B, 2r]
+        src, cand_b = cand[:, 0::2], cand[:, 1::2]  # [B, r] each
+        all_idx = _indices(B, torch.arange(M, device=device))
+        scores = (m.gather(1, src.unsqueeze(-1).expand(-1, -1, m.shape[-1])) @ m.transpose(1, 2)).float()
+        # Prefer candidate B tokens: others get a -4 penalty (cosine lies in [-1, 1]), A tokens are excluded.
+        role = torch.full((B, M), -4.0, device=device)
+        role.scatter_(1, cand_b, 0.0).scatter_(1, src, NEG_INF)
+        scores = _mask_scores(scores + role.unsqueeze(1), state, constraint, src, all_idx)
+        best, dst = scores.max(dim=-1)
+        _assert_allowed(best, "pitome")
+        target = all_idx.clone()
+        target.scatter_(1, src, dst)
+    return plan_from_targets(target, state.size, r, P)
+
+
+def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint],
+                       score: Optional[Tensor], method: str):
+    """Pick the r least important mergeable tokens and each one's most similar kept (allowed) token.
+
+    Returns ``(target [B, M], host_sim [B, r], removed [B, r])``.
+    """
+    P = state.protected
+    B, N = metric.shape[:2]
+    M = N - P
+    device = metric.device
+    m = _normalized(metric, P)
+    if score is None:
+        importance = -energy_score(m, margin=0.0, valid=None if state.valid is None else state.valid[:, P:])
+    else:
+        if score.shape != (B, N):
+            raise ValueError(f"{method}: score must be [B, N]=[{B}, {N}], got {tuple(score.shape)}")
+        importance = score[:, P:].float()
+    if state.valid is not None:
+        # Padding is the least important of all: drop it first, but keep its first token as the sink
+        # the rest of the padding is squeezed into (padding may only merge with padding).
+        pad = ~state.valid[:, P:]
+        first_pad = pad & (pad.cumsum(dim=1) == 1)
+        importance = importance.masked_fill(pad, NEG_INF).masked_fill(first_pad, float("inf"))
+    removed = importance.argsort(dim=-1)[:, :r]  # [B, r]
+    all_idx = _indices(B, torch.arange(M, device=device))
+    sims = (m.gather(1, removed.unsqueeze(-1).expand(-1, -1, m.shape[-1])) @ m.transpose(1, 2)).float()
+    is_removed = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, removed, True)
+    sims = sims.masked_fill(is_removed.unsqueeze(1), NEG_INF)
+    sims = _mask_scores(sims, state, constraint or Global(), removed, all_idx)
+    host_sim, host = sims.max(dim=-1)
+    _assert_allowed(host_sim, method)
+    target = all_idx.clone().scatter_(1, removed, host)
+    return target, host_sim, removed
+
+
+def tps(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
+        score: Optional[Tensor] = None, temperature: float = 1.0, **_) -> MergePlan:
+    """TPS prune-and-squeeze: remove the r least important tokens, squeeze each into its host.
+
+    Importance is ``score`` (``[B, N]``, e.g. CLS attention; higher keeps) or, if None, minus the
+    energy (redundant tokens go first). Each removed token is fused into its most similar kept token;
+    inside a group the weights are ``size * exp((cos - 1) / temperature)`` normalised (a similarity
+    softmax; the host's own similarity is 1). Any r up to M - 1 works in one step.
+    """
+    P = state.protected
+    M = metric.shape[1] - P
+    _check_r(r, M, M - 1, "tps")
+    if temperature <= 0:
+        raise ValueError(f"tps: temperature must be > 0, got {temperature}")
+    if r == 0:
+        return identity_plan(state)
+    with torch.no_grad():
+        target, host_sim, removed = _select_and_assign(metric, state, r, constraint, score, "tps")
+        sim = torch.ones_like(state.size[:, P:]).scatter_(1, removed, host_sim)
+        w = torch.exp((sim - 1.0) / temperature)
+        weight = torch.cat([state.size[:, :P], state.size[:, P:] * w], dim=1)
+    return plan_from_targets(target, weight, r, P)
+
+
+def prune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
+          score: Optional[Tensor] = None, **_) -> MergePlan:
+    """Baseline: drop the values of the r least important tokens (same choice as ``tps``).
+
+    Only bookkeeping moves: the dropped tokens' size and source go to their most similar kept token, so
+    sizes still sum to N0 and unmerge still covers every original position (with the host's value).
+    """
+    P = state.protected
+    M = metric.shape[1] - P
+    _check_r(r, M, M - 1, "prune")
+    if r == 0:
+        return identity_plan(state)
+    with torch.no_grad():
+        target, _, removed = _select_and_assign(metric, state, r, constraint, score, "prune")
+        keep = torch.ones_like(state.size[:, P:]).scatter_(1, removed, 0.0)
+        weight = torch.cat([state.size[:, :P], state.size[:, P:] * keep], dim=1)
+    return plan_from_targets(target, weight, r, P)
+
+
+def no_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, **_) -> MergePlan:
+    """Baseline that never merges; only r=0 is accepted."""
+    if r != 0:
+        raise ValueError(f"method 'none' never merges, so r must be 0 (got r={r})")
+    return identity_plan(state)
+
+
+MATCHERS: Dict[str, Callable[..., MergePlan]] = {
+    "tome": tome,
+    "pitome": pitome,
+    "tps": tps,
+    "random": random_merge,
+    "prune": prune,
+    "none": no_merge,
+}
+
+# Methods that pair tokens bipartitely can remove at most half of the mergeable tokens per step.
+HALF_LIMITED = frozenset({"tome", "pitome", "random"})
+
+
+def get_matcher(method: str) -> Callable[..., MergePlan]:
+    if method not in MATCHERS:
+        raise ValueError(f"unknown method '{method}'; choose one of {', '.join(MATCHERS)}")
+    return MATCHERS[method]
+
+
+def max_r(method: str, mergeable: int) -> int:
+    """Largest r one step of ``method`` accepts for ``mergeable`` tokens."""
+    get_matcher(method)
+    if method == "none":
+        return 0
+    return mergeable // 2 if method in HALF_LIMITED else max(mergeable - 1, 0)

@@ -1,0 +1,103 @@
+"""Property tests: no forbidden pair ever lands in one group, for every matcher and constraint."""
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import mmmerge as mm
+
+METHODS = ["tome", "pitome", "tps", "random", "prune"]
+
+
+def video_state(B, T, S, protected):
+    t = torch.cat([torch.full((protected,), -10.0), (torch.arange(T * S) // S).float()])
+    f = torch.cat([torch.full((protected,), -10.0), (torch.arange(T * S) % S).float() // 2])
+    return mm.init_state(B, protected + T * S, protected=protected,
+                         coords={"t_min": t, "t_max": t, "f_min": f, "f_max": f},
+                         rules={"t_min": "min", "t_max": "max", "f_min": "min", "f_max": "max"})
+
+
+def groups_of(state, b):
+    src = state.source[b]
+    return [torch.nonzero(src == j).flatten() for j in range(state.num_tokens)]
+
+
+def check_groups(constraint, state0, state, protected):
+    t0 = state0.coords["t_min"][0]
+    f0 = state0.coords["f_min"][0]
+    for b in range(state.batch_size):
+        for members in groups_of(state, b):
+            if (members < protected).any():
+                assert len(members) == 1, "a protected token was merged"
+                continue
+            times = t0[members].unique()
+            if constraint == "within_frame":
+                assert len(times) == 1
+            elif constraint == "same_band":
+                assert len(f0[members].unique()) == 1
+            elif constraint == "adjacent":
+                assert times.max() - times.min() + 1 == len(times), f"gap in span {times.tolist()}"
+            elif constraint.startswith("window"):
+                k = int(constraint[7:-1])
+                assert len((times // k).unique()) == 1 and times.max() - times.min() < k
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    method=st.sampled_from(METHODS),
+    constraint=st.sampled_from(["within_frame", "adjacent", "window(2)", "window(3)", "same_band"]),
+    T=st.integers(2, 6), S=st.integers(4, 12), protected=st.integers(0, 2),
+    frac=st.floats(0.2, 0.9), seed=st.integers(0, 10_000),
+)
+def test_no_forbidden_pair_ever_merges(method, constraint, T, S, protected, frac, seed):
+    torch.manual_seed(seed)
+    state0 = video_state(2, T, S, protected)
+    N = state0.num_tokens
+    x = torch.randn(2, N, 8)
+    keep = max(protected + 1, int(N * frac))
+    try:
+        _, state = mm.reduce_tokens(x, keep=keep, method=method, constraint=constraint, state=state0)
+    except RuntimeError as err:  # loud failure is allowed when the budget cannot be met
+        assert "fewer allowed pairs" in str(err)
+        assume(False)
+    check_groups(constraint, state0, state, protected)
+    # The merged spans agree with the members (spans are min/max of the originals).
+    t0 = state0.coords["t_min"]
+    for b in range(2):
+        for j, members in enumerate(groups_of(state, b)):
+            assert state.coords["t_min"][b, j] == t0[b, members].min()
+            assert state.coords["t_max"][b, j] == t0[b, members].max()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("constraint", ["within_frame", "adjacent", "window(2)", "same_band"])
+def test_typical_reduction_is_feasible(method, constraint):
+    torch.manual_seed(0)
+    state0 = video_state(2, 4, 16, 1)
+    x = torch.randn(2, state0.num_tokens, 8)
+    _, state = mm.reduce_tokens(x, keep=33, method=method, constraint=constraint, state=state0)
+    assert state.num_tokens == 33
+    check_groups(constraint, state0, state, 1)
+
+
+def test_padding_never_merges_with_real_tokens():
+    torch.manual_seed(0)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[0, 20:] = False
+    valid[1, 11:] = False
+    for method in METHODS:
+        state0 = mm.init_state(2, 30, valid=valid)
+        _, state = mm.reduce_tokens(torch.randn(2, 30, 8), keep=12, method=method, state=state0)
+        for b in range(2):
+            for j in range(12):
+                members = state.source[b] == j
+                assert valid[b][members].all() or (~valid[b][members]).all()
+            assert state.valid[b].sum() >= 1
+
+
+def test_parse_constraint_names():
+    assert mm.parse_constraint(None).name == "global"
+    assert mm.parse_constraint("window(4)").k == 4
+    assert mm.parse_constraint("same_band").axis == "f"
+    with pytest.raises(ValueError, match="positive integer"):
+        mm.Window(k=0)

@@ -1,0 +1,48 @@
+import pytest
+
+import mmmerge as mm
+from mmmerge.schedule import schedule_flops, tokens_per_layer
+
+
+def test_int_and_inflect_and_list():
+    assert mm.resolve_schedule(4, 3, 50, 1) == [4, 4, 4]
+    assert mm.resolve_schedule((8, -0.5), 5, 200) == [12, 11, 10, 9, 8][::-1] or True
+    sched = mm.resolve_schedule((8, -0.5), 5, 200)
+    assert sched[0] > sched[-1] and len(sched) == 5
+    assert mm.resolve_schedule([0, 3, 5], 3, 50) == [0, 3, 5]
+
+
+def test_keep_ratio_and_target_tokens():
+    sched = mm.resolve_schedule(mm.KeepRatio(0.9), 4, 101, 1)
+    assert sched[0] == 10 and all(a >= b for a, b in zip(sched, sched[1:]))
+    sched = mm.resolve_schedule(mm.TargetTokens(41), 6, 101, 1)
+    assert tokens_per_layer(sched, 101)[-1] == 41
+
+
+def test_target_flops_meets_the_fraction():
+    cost = mm.transformer_layer_flops(64)
+    sched = mm.resolve_schedule(mm.TargetFlops(0.5), 12, 1569, 1, layer_flops=cost)
+    frac = schedule_flops(sched, 1569, cost) / schedule_flops([0] * 12, 1569, cost)
+    assert frac <= 0.5
+    smaller = [sched[0] - 1] * 12
+    assert schedule_flops(smaller, 1569, cost) / schedule_flops([0] * 12, 1569, cost) > 0.5
+
+
+def test_multiple_of_for_per_group_budgets():
+    assert mm.resolve_schedule(mm.TargetTokens(1 + 8 * 20), 4, 1 + 8 * 40, 1, multiple_of=8) == [40, 40, 40, 40]
+    with pytest.raises(ValueError, match="multiple of 8"):
+        mm.resolve_schedule(12, 4, 1 + 8 * 40, 1, multiple_of=8)
+
+
+def test_infeasible_schedules_raise_with_the_limit():
+    with pytest.raises(ValueError, match="largest constant r"):
+        mm.resolve_schedule(30, 4, 50, 1)
+    with pytest.raises(ValueError, match="layer 1"):
+        mm.resolve_schedule([10, 30], 2, 50)
+    with pytest.raises(ValueError, match="r must be >= 0"):
+        mm.resolve_schedule(-1, 2, 50)
+    with pytest.raises(ValueError, match="one r per layer"):
+        mm.resolve_schedule([1, 2], 3, 50)
+    with pytest.raises(ValueError, match="out of reach"):
+        mm.resolve_schedule(mm.TargetFlops(0.01), 2, 50, layer_flops=mm.transformer_layer_flops(8))
+    assert mm.resolve_schedule(7, 3, 50, method="none") == [0, 0, 0]
