@@ -1,0 +1,298 @@
+"""Video adapter: token merging for ViViT and VideoMAE, with time-respecting modes.
+
+Tokens are time-major: index = t * H' * W' + row * W' + col (after ViViT's CLS at 0). Each token
+carries its tubelet index ``t``, ``row``, ``col`` (centroids) and its time span ``t_min``/``t_max``
+(tubelets; ``sec_min``/``sec_max`` in seconds when timestamps are given).
+
+Time modes:
+    global        any two tokens may merge
+    within_frame  never across tubelets; every tubelet removes the same share (per-frame budget)
+    adjacent      only tokens whose time spans touch: every merged token covers one contiguous stretch
+    window        only inside blocks of ``window`` consecutive tubelets
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from mmmerge.constraints import Adjacent, Constraint, Global, SameSpan, Window
+from mmmerge.merge import unmerge
+from mmmerge.patching import register
+from mmmerge.schedule import ScheduleSpec, resolve_schedule, transformer_layer_flops
+
+from .encoder import MergeInfo, encoder_layers, patch_layers, pooling_hook
+
+SUPPORTED = ("VivitModel", "VivitForVideoClassification", "VideoMAEModel", "VideoMAEForVideoClassification")
+TIME_MODES = ("global", "within_frame", "adjacent", "window")
+
+
+@dataclass
+class VideoLayout:
+    """Where the video tokens sit: ``protected`` leading tokens, then a ``[frames, rows, cols]`` grid."""
+
+    protected: int
+    frames: int  # T' (tubelets)
+    rows: int  # H'
+    cols: int  # W'
+    tubelet: int  # video frames per tubelet
+
+    @property
+    def num_tokens(self) -> int:
+        return self.protected + self.frames * self.rows * self.cols
+
+
+def _backbone(model: nn.Module) -> Tuple[nn.Module, str]:
+    name = type(model).__name__
+    if name not in SUPPORTED and not any(c.__name__ in SUPPORTED for c in type(model).__mro__):
+        raise TypeError(f"video.patch supports {', '.join(SUPPORTED)}; got {name}")
+    if hasattr(model, "vivit"):
+        return model.vivit, "vivit"
+    if hasattr(model, "videomae"):
+        return model.videomae, "videomae"
+    return model, "vivit" if "Vivit" in name else "videomae"
+
+
+def video_layout(model: nn.Module) -> VideoLayout:
+    """Token layout of a ViViT/VideoMAE model, from its config."""
+    base, family = _backbone(model)
+    cfg = base.config
+    if family == "vivit":
+        t, h, w = cfg.tubelet_size
+        return VideoLayout(1, cfg.num_frames // t, cfg.image_size // h, cfg.image_size // w, t)
+    return VideoLayout(0, cfg.num_frames // cfg.tubelet_size, cfg.image_size // cfg.patch_size,
+                       cfg.image_size // cfg.patch_size, cfg.tubelet_size)
+
+
+def _coordinates(layout: VideoLayout, timestamps: Optional[Sequence[float]]) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    T, H, W, P = layout.frames, layout.rows, layout.cols, layout.protected
+    grid_t, grid_r, grid_c = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    head = torch.full((P,), -1.0)
+
+    def full(v: Tensor) -> Tensor:
+        return torch.cat([head, v.reshape(-1).float()])
+
+    coords = {"t": full(grid_t), "row": full(grid_r), "col": full(grid_c), "t_min": full(grid_t), "t_max": full(grid_t)}
+    rules = {"t_min": "min", "t_max": "max", "sec_min": "min", "sec_max": "max"}
+    if timestamps is not None:
+        ts = torch.as_tensor(list(timestamps), dtype=torch.float32)
+        if ts.numel() != T * layout.tubelet:
+            raise ValueError(f"timestamps must give one time per input frame ({T * layout.tubelet}), got {ts.numel()}")
+        per_tubelet = ts.view(T, layout.tubelet)
+        # A tubelet spans from its first frame to its last frame; spans are in seconds.
+        coords["sec_min"] = full(per_tubelet[:, 0].view(T, 1, 1).expand(T, H, W))
+        coords["sec_max"] = full(per_tubelet[:, -1].view(T, 1, 1).expand(T, H, W))
+    return coords, rules
+
+
+def time_constraint(time_mode: str, window: int = 1) -> Constraint:
+    """The constraint for a time mode (``window(k)`` is accepted as a time_mode too)."""
+    if time_mode.startswith("window(") and time_mode.endswith(")"):
+        time_mode, window = "window", int(time_mode[7:-1])
+    if time_mode == "global":
+        return Global()
+    if time_mode == "within_frame":
+        return SameSpan(axis="t", label="within_frame")
+    if time_mode == "adjacent":
+        return Adjacent(axis="t")
+    if time_mode == "window":
+        return Window(k=window, axis="t")
+    raise ValueError(f"unknown time_mode '{time_mode}'; choose one of {', '.join(TIME_MODES)} (or 'window(k)')")
+
+
+def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode: str = "global", window: int = 1,
+          prop_attn: Optional[bool] = None, trace_source: bool = False, frame_budget: bool = True,
+          timestamps: Optional[Sequence[float]] = None, **hyper: Any) -> nn.Module:
+    """Patch a ViViT or VideoMAE model in place for token merging; returns the model.
+
+    Args:
+        r: tokens removed per layer, any engine schedule: int, ``(r, inflect)``, list, ``KeepRatio``,
+            ``TargetTokens``, ``TargetFlops`` (fraction of the unmerged encoder's FLOPs).
+        method: ``tome``, ``pitome``, ``tps``, ``random``, ``prune`` or ``none``.
+        time_mode: ``global``, ``within_frame``, ``adjacent``, ``window`` (blocks of ``window`` tubelets).
+        prop_attn: proportional attention (``log(size)`` bias); default on, except for ``prune``.
+        trace_source: keep the source map so ``last_info`` and ``frame_features`` can unmerge.
+        frame_budget: with ``within_frame``, every tubelet removes ``r / T'`` tokens (r must divide).
+        timestamps: seconds of each input frame (from ``load_video``), to give tokens spans in seconds.
+        **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``).
+    Raises:
+        TypeError for unsupported models, ValueError for an infeasible r or a bad option; the model is
+        then left untouched.
+    """
+    layout = video_layout(model)
+    base, family = _backbone(model)
+    constraint = time_constraint(time_mode, window)
+    per_frame = isinstance(constraint, SameSpan) and frame_budget
+    groups = layout.frames if per_frame else 1
+    cfg = base.config
+    layers = encoder_layers(base)
+    num_layers = len(layers)
+    flops = transformer_layer_flops(cfg.hidden_size, cfg.intermediate_size / cfg.hidden_size)
+    try:
+        schedule = resolve_schedule(r, num_layers, layout.num_tokens, layout.protected, method=method,
+                                    multiple_of=groups, layer_flops=flops)
+    except ValueError as err:
+        if per_frame:
+            raise ValueError(f"{err} (within_frame shares r equally over {groups} tubelets; pass frame_budget=False "
+                             "for one global budget under the within_frame mask)") from None
+        raise
+    coords, rules = _coordinates(layout, timestamps)
+    if prop_attn is None:
+        prop_attn = method != "prune"
+    pooled = getattr(model, "fc_norm", None) is not None and family == "videomae" and any(schedule)
+
+    ctx = patch_layers(model, layers, schedule=schedule, method=method, constraint=constraint,
+                       groups=groups, prop_attn=prop_attn, trace_source=trace_source,
+                       protected=layout.protected, coords=coords, rules=rules, hyper=hyper)
+    if pooled:
+        # VideoMAE's mean pooling becomes a size-weighted mean (= the mean over the unmerged originals).
+        undo_pool = pooling_hook(ctx, model.fc_norm, base)
+        restore = model._mmmerge_undo
+
+        def restore_all() -> None:
+            for step in undo_pool:
+                step()
+            restore()
+
+        model._mmmerge_undo = restore_all
+    ctx.layout = layout  # type: ignore[attr-defined]
+    return model
+
+
+for _name in SUPPORTED:
+    register(_name, patch)
+
+
+def frame_features(model: nn.Module, last_hidden_state: Tensor, info: Optional[MergeInfo] = None) -> Tensor:
+    """Unmerge the encoder output to per-position features ``[B, T', H', W', C]`` (CLS dropped).
+
+    Needs ``trace_source=True`` at patch time; each position gets the merged token that holds it.
+    """
+    ctx = getattr(model, "_mmmerge", None)
+    if ctx is None:
+        raise ValueError("model is not patched; call mmmerge.adapters.video.patch(model, ..., trace_source=True)")
+    info = info or ctx.info
+    if info.state is None or info.state.source is None:
+        raise ValueError("no source map: patch with trace_source=True and run a forward first")
+    layout: VideoLayout = ctx.layout
+    full = unmerge(last_hidden_state, info.state)  # [B, N0, C]
+    B, _, C = full.shape
+    return full[:, layout.protected:].reshape(B, layout.frames, layout.rows, layout.cols, C)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+SAMPLINGS = ("uniform", "segment", "dense")
+
+
+def sample_indices(total: int, num_frames: int, sampling: str = "uniform", stride: Optional[int] = None) -> List[int]:
+    """Frame indices to read from a video of ``total`` frames.
+
+    uniform: evenly spaced over the whole video, first and last included.
+    segment: TSN-style, the middle frame of each of ``num_frames`` equal segments.
+    dense:   ``num_frames`` frames ``stride`` apart (default 4, VideoMAE's Kinetics setting), centred.
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling '{sampling}'; choose one of {', '.join(SAMPLINGS)}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if sampling == "dense":
+        stride = 4 if stride is None else stride
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        span = (num_frames - 1) * stride + 1
+        if total < span:
+            raise ValueError(f"video has {total} frames; dense sampling of {num_frames} frames with stride {stride} "
+                             f"needs {span}: lower num_frames or stride")
+        start = (total - span) // 2
+        return [start + i * stride for i in range(num_frames)]
+    if total < num_frames:
+        raise ValueError(f"video has {total} frames, fewer than the {num_frames} requested: lower num_frames")
+    if sampling == "uniform":
+        return torch.linspace(0, total - 1, num_frames).round().long().tolist()
+    seg = total / num_frames
+    return [min(total - 1, int(seg * i + seg / 2)) for i in range(num_frames)]
+
+
+def load_video(path: Union[str, os.PathLike], num_frames: int = 16, sampling: str = "uniform",
+               stride: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Read ``num_frames`` frames with decord.
+
+    Returns:
+        frames ``[T, H, W, 3]`` uint8 and their timestamps ``[T]`` float32 in seconds (frame start times).
+    Raises:
+        FileNotFoundError (no file), ValueError (not a decodable video, or too short: says what was found).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no video file at '{path}'")
+    try:
+        import decord
+    except ImportError as err:  # pragma: no cover - decord ships for x86_64 Linux/Windows/macOS
+        raise ImportError("load_video needs decord: pip install decord") from err
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        total = len(reader)
+    except Exception as err:  # decord raises DECORDError (a RuntimeError) for bad files
+        raise ValueError(f"could not decode '{path}' as a video: {err}") from None
+    if total == 0:
+        raise ValueError(f"'{path}' holds no video frames")
+    indices = sample_indices(total, num_frames, sampling, stride)
+    try:
+        frames = torch.from_numpy(reader.get_batch(indices).asnumpy())
+        stamps = torch.as_tensor(reader.get_frame_timestamp(indices)[:, 0], dtype=torch.float32)
+    except Exception as err:
+        raise ValueError(f"could not decode frames {indices[:3]}... of '{path}': {err}") from None
+    return frames, stamps
+
+
+# ------------------------------------------------------------------------------------------ visualizing
+def visualize(frames: Tensor, info: MergeInfo, layout: Optional[VideoLayout] = None, model: Optional[nn.Module] = None,
+              batch_index: int = 0, alpha: float = 0.6):
+    """Picture of the merged groups on each tubelet's first frame (ToMe's visualization, for video).
+
+    Each patch is painted with the mean colour of its whole group (across frames, for groups that span
+    time) and outlined where the group changes. Needs ``trace_source=True``.
+
+    Args:
+        frames: ``[T, H, W, 3]`` uint8 frames, as the model saw them (resized to its input size).
+        info: ``mmmerge.last_info(model)`` after a forward. layout: or ``model`` to read it from.
+    Returns:
+        a PIL image, one panel per tubelet, left to right.
+    """
+    from PIL import Image
+
+    if layout is None:
+        if model is None:
+            raise ValueError("pass layout= or model=")
+        layout = model._mmmerge.layout
+    if info.source is None:
+        raise ValueError("no source map: patch with trace_source=True and run a forward first")
+    T, H, W = layout.frames, layout.rows, layout.cols
+    frames = torch.as_tensor(frames)
+    if frames.dim() != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3], got {tuple(frames.shape)}")
+    first = frames[:: layout.tubelet][:T].float() / 255.0  # [T, Hp, Wp, 3]
+    if first.shape[0] != T:
+        raise ValueError(f"need {T * layout.tubelet} frames for {T} tubelets, got {frames.shape[0]}")
+    Hp, Wp = first.shape[1] // H, first.shape[2] // W
+    first = first[:, : H * Hp, : W * Wp]
+    patches = first.view(T, H, Hp, W, Wp, 3).mean(dim=(2, 4)).reshape(-1, 3)  # [T*H*W, 3]
+    source = info.source[batch_index, layout.protected:].cpu() - layout.protected  # group of each patch
+    groups = int(source.max()) + 1
+    colour = torch.zeros(groups, 3).index_add_(0, source, patches)
+    colour /= torch.bincount(source, minlength=groups).clamp_min(1).unsqueeze(1).float()
+    painted = colour[source].view(T, H, W, 3)
+    grid = source.view(T, H, W)
+    edge = torch.zeros(T, H * Hp, W * Wp, dtype=torch.bool)
+    up = painted.repeat_interleave(Hp, 1).repeat_interleave(Wp, 2)
+    g_up = grid.repeat_interleave(Hp, 1).repeat_interleave(Wp, 2)
+    edge[:, 1:, :] |= g_up[:, 1:, :] != g_up[:, :-1, :]
+    edge[:, :, 1:] |= g_up[:, :, 1:] != g_up[:, :, :-1]
+    image = alpha * up + (1 - alpha) * first
+    image[edge] = 1.0
+    strip = torch.cat(list(image), dim=1)  # panels side by side
+    return Image.fromarray((strip.clamp(0, 1) * 255).byte().numpy())
