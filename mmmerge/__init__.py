@@ -7,11 +7,13 @@ The engine (this package) knows tensors, never a model class:
     constraints.py  which pairs may merge (global, within_frame, adjacent, window(k), same_band)
     schedule.py     r per layer
     attention.py    proportional attention bias
+    flops.py        FLOP counting (torch's counter + CPU fused attention)
     reduce.py       plan_merge, merge_tokens, reduce_tokens
 Adapters for Hugging Face models live in ``mmmerge.adapters``.
 """
 from .attention import size_bias
 from .constraints import Adjacent, Constraint, Global, SameSpan, Window, parse_constraint
+from .flops import count_flops
 from .matchers import MATCHERS, energy_score, get_matcher, pitome, prune, random_merge, tome, tps
 from .merge import MergePlan, merge_state, merge_weighted, unmerge
 from .patching import last_info, patch, supported_models, unpatch
@@ -22,7 +24,7 @@ from .state import TokenState, init_state
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adjacent", "Constraint", "Global", "KeepRatio", "MATCHERS", "MergePlan", "SameSpan", "TargetFlops",
+    "Adjacent", "Constraint", "count_flops", "Global", "KeepRatio", "MATCHERS", "MergePlan", "SameSpan", "TargetFlops",
     "TargetTokens", "TokenState", "Window", "energy_score", "get_matcher", "init_state", "last_info",
     "merge_state", "merge_tokens", "merge_weighted", "parse_constraint", "patch", "pitome", "plan_merge",
     "prune", "random_merge", "reduce_tokens", "resolve_schedule", "size_bias", "supported_models", "tome",
