@@ -2,8 +2,10 @@
 
     encoder.py  the shared patch for Hugging Face ViT-style encoder layers (ViViT, VideoMAE, AST, CLIP)
     video.py    ViViT / VideoMAE: time modes, load_video, frame_features, visualize
+    audio.py    AST: band/time modes, padding, load_audio, features, column outputs, visualize
 Importing this package registers every adapter with ``mmmerge.patch``.
 """
+from . import audio  # noqa: F401
 from . import video  # noqa: F401
 
-__all__ = ["video"]
+__all__ = ["audio", "video"]

@@ -1,0 +1,506 @@
+"""Audio adapter: token merging for the Audio Spectrogram Transformer (AST), merging along time.
+
+AST cuts a log-mel spectrogram ``[frames, mel bins]`` (10 ms hop, 1024 frames = 10.24 s) into 16 x 16
+patches with strides ``frequency_stride`` (mel bins) and ``time_stride`` (frames). Tokens are
+frequency-major: index = 2 + f * T' + t, after CLS (0) and distillation (1), which are protected.
+Each token carries its band ``f`` and column ``t`` (centroids), its spans ``f_min``/``f_max`` (bands),
+``t_min``/``t_max`` (columns) and ``sec_min``/``sec_max`` (seconds: a column covers frames
+``t*stride .. t*stride + 15``, i.e. ``[t*stride*0.01, (t*stride + 16)*0.01)`` s).
+
+Time modes:
+    global     any two tokens may merge
+    same_band  only inside one frequency band (every band removes the same share: per-band budget)
+    adjacent   only tokens whose time spans touch: every merged token covers one contiguous stretch
+    window     only inside blocks of ``window`` consecutive columns
+``within_band=True`` adds the band rule to ``adjacent`` / ``window`` (merging along time only).
+
+Padding: clips shorter than ``max_length`` frames are padded. Pass the real lengths (``features`` returns
+them) and padded columns are dropped right after the embeddings (``drop_padding=True``, a free speedup on
+short clips) or kept but marked invalid, so that they never merge with real tokens.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from mmmerge.constraints import Adjacent, Constraint, Global, SameSpan, Window
+from mmmerge.merge import unmerge
+from mmmerge.patching import register
+from mmmerge.schedule import ScheduleSpec, resolve_schedule, transformer_layer_flops
+from mmmerge.state import TokenState
+
+from .encoder import MergeInfo, encoder_layers, patch_layers
+
+SUPPORTED = ("ASTModel", "ASTForAudioClassification")
+TIME_MODES = ("global", "same_band", "adjacent", "window")
+HOP_SECONDS = 0.01  # AST's fbank frame shift (10 ms)
+AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AudioSet normalisation used by ASTFeatureExtractor
+Lengths = Union[None, int, Sequence[int], Tensor]
+
+
+# ------------------------------------------------------------------------------------------------ layout
+@dataclass
+class AudioLayout:
+    """Where AST's tokens sit: 2 protected tokens, then a frequency-major ``[bands, columns]`` grid.
+
+    ``columns`` counts the columns the encoder sees (fewer than ``full_columns`` when padding is dropped).
+    """
+
+    protected: int
+    bands: int  # F'
+    columns: int  # T' seen by the encoder
+    full_columns: int  # T' of a full max_length input
+    time_stride: int  # frames between columns
+    frequency_stride: int  # mel bins between bands
+    patch_size: int  # frames (and mel bins) per patch
+    max_length: int  # input frames
+    num_mel_bins: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.protected + self.bands * self.columns
+
+    def real_columns(self, length: int) -> int:
+        """Columns holding at least one of the first ``length`` frames (at least 1, at most ``full_columns``)."""
+        return max(1, min(self.full_columns, math.ceil(int(length) / self.time_stride)))
+
+    def column_seconds(self) -> Tensor:
+        """``[columns, 2]`` start and end of each column in seconds (frame hops covered by its patches)."""
+        start = torch.arange(self.columns, dtype=torch.float32) * self.time_stride
+        return torch.stack([start, start + self.patch_size], dim=1) * HOP_SECONDS
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    name = type(model).__name__
+    if not any(c.__name__ in SUPPORTED for c in type(model).__mro__):
+        raise TypeError(f"audio.patch supports {', '.join(SUPPORTED)}; got {name}")
+    return getattr(model, "audio_spectrogram_transformer", model)
+
+
+def ast_layout(model: nn.Module, columns: Optional[int] = None) -> AudioLayout:
+    """Token layout of an AST model, from its config; checked against the position embeddings.
+
+    Frequency-major order follows from the patch embedding: its conv output ``[B, C, F', T']`` is flattened
+    over ``(F', T')``, so the token of band f and column t sits at ``2 + f * T' + t``.
+    """
+    base = _backbone(model)
+    cfg = base.config
+    bands = (cfg.num_mel_bins - cfg.patch_size) // cfg.frequency_stride + 1
+    full = (cfg.max_length - cfg.patch_size) // cfg.time_stride + 1
+    positions = base.embeddings.position_embeddings.shape[1]
+    if positions != 2 + bands * full:
+        raise TypeError(f"{type(model).__name__}: {positions} position embeddings, but its config implies "
+                        f"2 + {bands} bands x {full} columns; mmmerge does not know this AST variant")
+    return AudioLayout(2, bands, full if columns is None else columns, full, cfg.time_stride, cfg.frequency_stride,
+                       cfg.patch_size, cfg.max_length, cfg.num_mel_bins)
+
+
+def _coordinates(layout: AudioLayout) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """Coordinates ``[N0]`` of every token (protected ones get -1) and their merge rules."""
+    F, T = layout.bands, layout.columns
+    band, col = torch.meshgrid(torch.arange(F), torch.arange(T), indexing="ij")  # frequency-major
+    head = torch.full((layout.protected,), -1.0)
+
+    def full(v: Tensor) -> Tensor:
+        return torch.cat([head, v.reshape(-1).float()])
+
+    start = col * layout.time_stride * HOP_SECONDS
+    coords = {"f": full(band), "t": full(col), "f_min": full(band), "f_max": full(band), "t_min": full(col),
+              "t_max": full(col), "sec_min": full(start),
+              "sec_max": full(start + layout.patch_size * HOP_SECONDS)}
+    rules = {"f_min": "min", "f_max": "max", "t_min": "min", "t_max": "max", "sec_min": "min", "sec_max": "max"}
+    return coords, rules
+
+
+# ------------------------------------------------------------------------------------------- constraints
+class AllOf(Constraint):
+    """Pairs allowed by every one of ``parts`` (e.g. same band AND adjacent in time)."""
+
+    def __init__(self, *parts: Constraint) -> None:
+        self.parts = parts
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "+".join(p.name for p in self.parts)
+
+    @property
+    def required(self) -> Tuple[str, ...]:  # type: ignore[override]
+        return tuple(dict.fromkeys(c for p in self.parts for c in p.required))
+
+    def allowed(self, state: TokenState, idx_a: Tensor, idx_b: Tensor) -> Optional[Tensor]:
+        mask = None
+        for part in self.parts:
+            m = part.allowed(state, idx_a, idx_b)
+            if m is not None:
+                mask = m if mask is None else mask & m
+        return mask
+
+
+def same_band() -> SameSpan:
+    return SameSpan(axis="f", label="same_band")
+
+
+def time_constraint(time_mode: str, window: int = 1, within_band: bool = False) -> Constraint:
+    """The constraint for a time mode (``window(k)`` is accepted as a time_mode too)."""
+    if time_mode.startswith("window(") and time_mode.endswith(")"):
+        time_mode, window = "window", int(time_mode[7:-1])
+    if time_mode == "global":
+        time = None
+    elif time_mode == "same_band":
+        return same_band()
+    elif time_mode == "adjacent":
+        time = Adjacent(axis="t")
+    elif time_mode == "window":
+        time = Window(k=window, axis="t")
+    else:
+        raise ValueError(f"unknown time_mode '{time_mode}'; choose one of {', '.join(TIME_MODES)} (or 'window(k)')")
+    if within_band:
+        return same_band() if time is None else AllOf(same_band(), time)
+    return Global() if time is None else time
+
+
+def _has_band_rule(constraint: Constraint) -> bool:
+    parts = constraint.parts if isinstance(constraint, AllOf) else (constraint,)
+    return any(isinstance(p, SameSpan) and p.axis == "f" for p in parts)
+
+
+# --------------------------------------------------------------------------------------------- padding
+def _lengths_list(lengths: Lengths, layout: AudioLayout) -> Optional[List[int]]:
+    """Real frame counts as Python ints (setup time, never in a forward), checked."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, Tensor):
+        lengths = lengths.reshape(-1).tolist()
+    elif isinstance(lengths, int) and not isinstance(lengths, bool):
+        lengths = [lengths]
+    values = [int(v) for v in lengths]
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"lengths must be positive frame counts (features() returns them), got {values}")
+    return [min(v, layout.max_length) for v in values]
+
+
+@dataclass
+class Padding:
+    """What the embeddings hook does: keep the first ``columns`` columns; mark per-element padding invalid.
+
+    ``keep``: ``[N0]`` long indices into the full token list (None: keep all). ``valid``: ``[B or 1, N0]``
+    bool (None: every token is real).
+    """
+
+    keep: Optional[Tensor]
+    valid: Optional[Tensor]
+    full_tokens: int
+    _by_device: Optional[Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]]] = None
+
+    def on(self, device: torch.device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        cache = self._by_device = self._by_device or {}
+        key = str(device)
+        if key not in cache:
+            cache[key] = tuple(None if t is None else t.to(device) for t in (self.keep, self.valid))  # type: ignore
+        return cache[key]
+
+
+def _padding(layout: AudioLayout, lengths: Optional[List[int]], drop: bool) -> Tuple[AudioLayout, Optional[Padding]]:
+    """The encoder's layout and the padding plan for these lengths."""
+    if lengths is None:
+        return layout, None
+    real = [layout.real_columns(v) for v in lengths]
+    columns = max(real) if drop else layout.full_columns
+    seen = replace(layout, columns=columns)
+    keep = None
+    if columns < layout.full_columns:
+        grid = torch.arange(layout.bands).unsqueeze(1) * layout.full_columns + torch.arange(columns)
+        keep = torch.cat([torch.arange(layout.protected), layout.protected + grid.reshape(-1)])
+    valid = None
+    if min(real) < columns:
+        col_ok = torch.arange(columns).unsqueeze(0) < torch.tensor(real).unsqueeze(1)  # [B, T']
+        grid_ok = col_ok.unsqueeze(1).expand(-1, layout.bands, -1).reshape(len(real), -1)
+        valid = torch.cat([torch.ones(len(real), layout.protected, dtype=torch.bool), grid_ok], dim=1)
+    if keep is None and valid is None:
+        return seen, None
+    return seen, Padding(keep=keep, valid=valid, full_tokens=layout.protected + layout.bands * layout.full_columns)
+
+
+def _embeddings_hook(ctx, padding: Padding):
+    """Forward hook on the embeddings ``[B, N_full, C]``: drop padded columns, hand the valid mask to ctx."""
+
+    def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        B, N = output.shape[:2]
+        if N != padding.full_tokens:
+            raise ValueError(f"AST embeddings gave {N} tokens, expected {padding.full_tokens}; re-patch the model")
+        keep, valid = padding.on(output.device)
+        if valid is not None and valid.shape[0] not in (1, B):
+            raise ValueError(f"the patch holds lengths for {valid.shape[0]} clips but the batch has {B}; call "
+                             "mmmerge.adapters.audio.set_lengths(model, lengths) with one length per clip")
+        ctx.valid = None if valid is None else valid.expand(B, -1)
+        return output if keep is None else output.index_select(1, keep)
+
+    return hook
+
+
+# ------------------------------------------------------------------------------------------------ patch
+def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode: str = "global", window: int = 1,
+          prop_attn: Optional[bool] = None, trace_source: bool = False, lengths: Lengths = None,
+          drop_padding: bool = True, within_band: bool = False, band_budget: bool = True,
+          **hyper: Any) -> nn.Module:
+    """Patch an ASTModel or ASTForAudioClassification in place for token merging; returns the model.
+
+    Args:
+        r: tokens removed per layer, any engine schedule: int, ``(r, inflect)``, list, ``KeepRatio``,
+            ``TargetTokens``, ``TargetFlops`` (fraction of the unmerged encoder's FLOPs at this length).
+        method: ``tome``, ``pitome``, ``tps``, ``random``, ``prune`` or ``none``.
+        time_mode: ``global``, ``same_band``, ``adjacent``, ``window`` (blocks of ``window`` columns).
+        within_band: also forbid merging across frequency bands (with ``adjacent`` / ``window``).
+        band_budget: under a band rule every band removes ``r / F'`` tokens (r must divide).
+        prop_attn: proportional attention (``log(size)`` bias); default on, except for ``prune``.
+        trace_source: keep the source map for ``column_features``, ``visualize`` and ``last_info``.
+        lengths: real length in frames (int, or one per clip), as ``features`` returns; None = all real.
+        drop_padding: with ``lengths``, remove columns that are padding in every clip before layer 0 (the
+            output then covers fewer columns); otherwise padded columns stay, marked invalid.
+        **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``).
+    Raises:
+        TypeError for unsupported models, ValueError for an infeasible r or a bad option; the model is
+        then left untouched.
+    """
+    full = ast_layout(model)
+    base = _backbone(model)
+    constraint = time_constraint(time_mode, window, within_band)
+    layout, padding = _padding(full, _lengths_list(lengths, full), drop_padding)
+    per_band = _has_band_rule(constraint) and band_budget
+    groups = layout.bands if per_band else 1
+    cfg = base.config
+    layers = encoder_layers(base)
+    flops = transformer_layer_flops(cfg.hidden_size, cfg.intermediate_size / cfg.hidden_size)
+    try:
+        schedule = resolve_schedule(r, len(layers), layout.num_tokens, layout.protected, method=method,
+                                    multiple_of=groups, layer_flops=flops)
+    except ValueError as err:
+        if per_band:
+            raise ValueError(f"{err} (same_band shares r equally over {groups} bands; pass band_budget=False "
+                             "for one global budget under the band rule)") from None
+        raise
+    coords, rules = _coordinates(layout)
+    if prop_attn is None:
+        prop_attn = method != "prune"
+    options = dict(r=r, method=method, time_mode=time_mode, window=window, prop_attn=prop_attn,
+                   trace_source=trace_source, drop_padding=drop_padding, within_band=within_band,
+                   band_budget=band_budget, **hyper)
+
+    ctx = patch_layers(model, layers, schedule=schedule, method=method, constraint=constraint, groups=groups,
+                       prop_attn=prop_attn, trace_source=trace_source, protected=layout.protected, coords=coords,
+                       rules=rules, hyper=hyper)
+    if padding is not None:
+        handle = base.embeddings.register_forward_hook(_embeddings_hook(ctx, padding))
+        restore = model._mmmerge_undo
+
+        def restore_all() -> None:
+            handle.remove()
+            restore()
+
+        model._mmmerge_undo = restore_all
+    ctx.layout = layout  # type: ignore[attr-defined]
+    ctx.audio_options = options  # type: ignore[attr-defined]
+    ctx.lengths = lengths  # type: ignore[attr-defined]
+    return model
+
+
+for _name in SUPPORTED:
+    register(_name, patch)
+
+
+def set_lengths(model: nn.Module, lengths: Lengths) -> nn.Module:
+    """Re-patch ``model`` with the same options for new real lengths (cheap: no weights change).
+
+    Needed when ``drop_padding`` changes the token count, or when the clips of a batch differ in length.
+    """
+    ctx = getattr(model, "_mmmerge", None)
+    if ctx is None or not hasattr(ctx, "audio_options"):
+        raise ValueError("model is not patched by the audio adapter; call mmmerge.adapters.audio.patch(model, ...)")
+    return patch(model, lengths=lengths, **ctx.audio_options)
+
+
+# ------------------------------------------------------------------------------------- per-column outputs
+def _patched_ctx(model: nn.Module):
+    ctx = getattr(model, "_mmmerge", None)
+    if ctx is None or not hasattr(ctx, "layout"):
+        raise ValueError("model is not patched; call mmmerge.adapters.audio.patch(model, ..., trace_source=True)")
+    return ctx
+
+
+def band_time_features(model: nn.Module, last_hidden_state: Tensor, info: Optional[MergeInfo] = None) -> Tensor:
+    """Unmerge the encoder output to ``[B, F', T', C]`` (CLS and distillation dropped).
+
+    Each (band, column) position gets the merged token that holds it. Needs ``trace_source=True``.
+    """
+    ctx = _patched_ctx(model)
+    info = info or ctx.info
+    if info.state is None or info.state.source is None:
+        raise ValueError("no source map: patch with trace_source=True and run a forward first")
+    layout: AudioLayout = ctx.layout
+    full = unmerge(last_hidden_state, info.state)  # [B, N0, C]
+    B, _, C = full.shape
+    return full[:, layout.protected:].reshape(B, layout.bands, layout.columns, C)
+
+
+def column_features(model: nn.Module, last_hidden_state: Tensor, info: Optional[MergeInfo] = None,
+                    pool: str = "mean") -> Tensor:
+    """Per-time-column features ``[B, T', C]``: unmerged tokens pooled over bands (``mean`` or ``max``).
+
+    Column t covers ``layout.column_seconds()[t]`` seconds.
+    """
+    grid = band_time_features(model, last_hidden_state, info)
+    if pool == "mean":
+        return grid.mean(1)
+    if pool == "max":
+        return grid.amax(1)
+    raise ValueError(f"pool must be 'mean' or 'max', got '{pool}'")
+
+
+def column_logits(model: nn.Module, input_values: Tensor, pool: str = "mean") -> Tuple[Tensor, Tensor]:
+    """Clip logits ``[B, L]`` and per-column logits ``[B, T', L]`` of an ASTForAudioClassification.
+
+    The column scores apply the model's own classifier head to ``column_features``: frame-level (sound
+    event detection style) scores from a clip-level tagger. Needs ``trace_source=True``.
+    """
+    if not hasattr(model, "classifier"):
+        raise TypeError("column_logits needs an ASTForAudioClassification (it uses the classifier head)")
+    _patched_ctx(model)
+    seen: Dict[str, Tensor] = {}
+    base = _backbone(model)
+    handle = base.register_forward_hook(lambda m, i, o: seen.__setitem__("x", o.last_hidden_state))
+    try:
+        logits = model(input_values=input_values).logits
+    finally:
+        handle.remove()
+    return logits, model.classifier(column_features(model, seen["x"], pool=pool))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_audio(path: Union[str, os.PathLike], sample_rate: Optional[int] = 16000,
+               mono: bool = True) -> Tuple[Tensor, int]:
+    """Read WAV/FLAC/OGG with soundfile and resample with torchaudio.
+
+    Returns:
+        waveform float32, ``[S]`` if ``mono`` (channels averaged) else ``[channels, S]``, in [-1, 1]; and its
+        rate in Hz (``sample_rate``, or the file's own rate when ``sample_rate`` is None).
+    Raises:
+        FileNotFoundError (no file), ValueError (not a readable audio file, or no samples in it).
+    """
+    import soundfile as sf
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no audio file at '{path}'")
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)  # [S, channels]
+    except Exception as err:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
+        raise ValueError(f"could not read '{path}' as audio (WAV/FLAC/OGG via soundfile): {err}") from None
+    if data.shape[0] == 0:
+        raise ValueError(f"'{path}' holds no audio samples (empty file)")
+    waveform = torch.from_numpy(data.T.copy())  # [channels, S]
+    if mono:
+        waveform = waveform.mean(0)
+    if sample_rate is not None and sample_rate != rate:
+        import torchaudio.functional as AF
+
+        waveform = AF.resample(waveform, orig_freq=int(rate), new_freq=int(sample_rate))
+        rate = sample_rate
+    return waveform, int(rate)
+
+
+def features(waveform: Union[Tensor, Sequence[Tensor]], sample_rate: int = 16000, *, num_mel_bins: int = 128,
+             max_length: int = 1024, mean: float = AST_MEAN, std: float = AST_STD,
+             normalize: bool = True) -> Tuple[Tensor, Tensor]:
+    """AST's input: 128-bin Kaldi log-mel fbank (25 ms Hann window, 10 ms hop), padded or cut to ``max_length``.
+
+    Matches ``transformers.ASTFeatureExtractor`` (same torchaudio Kaldi fbank, zero padding, then
+    ``(x - mean) / (2 * std)``). Audio at another rate is resampled to 16 kHz first.
+
+    Args:
+        waveform: ``[S]`` one clip, ``[B, S]`` clips of equal length, or a list of ``[S_i]`` clips (mono).
+        sample_rate: rate of ``waveform`` in Hz.
+    Returns:
+        input_values ``[B, max_length, num_mel_bins]`` float32, and lengths ``[B]`` long: real frames per clip
+        (before padding, at most ``max_length``), to pass to ``patch(..., lengths=...)``.
+    """
+    import torchaudio.compliance.kaldi as kaldi
+    import torchaudio.functional as AF
+
+    clips = list(waveform) if isinstance(waveform, (list, tuple)) or waveform.dim() == 2 else [waveform]
+    rows, lengths = [], []
+    for clip in clips:
+        clip = torch.as_tensor(clip, dtype=torch.float32)
+        if clip.dim() != 1:
+            raise ValueError(f"each clip must be mono [S]; got shape {tuple(clip.shape)} (use load_audio(mono=True))")
+        if sample_rate != 16000:
+            clip = AF.resample(clip, orig_freq=int(sample_rate), new_freq=16000)
+        if clip.numel() < 400:
+            raise ValueError(f"clip has {clip.numel()} samples at 16 kHz; AST needs at least one 25 ms frame (400)")
+        fbank = kaldi.fbank(clip.unsqueeze(0), sample_frequency=16000, window_type="hanning",
+                            num_mel_bins=num_mel_bins)  # [frames, mel]
+        n = min(fbank.shape[0], max_length)
+        fbank = torch.nn.functional.pad(fbank[:max_length], (0, 0, 0, max_length - n))
+        rows.append((fbank - mean) / (std * 2) if normalize else fbank)
+        lengths.append(n)
+    return torch.stack(rows), torch.tensor(lengths, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------ visualizing
+def _palette(n: int) -> Tensor:
+    """``[n, 3]`` distinct-ish colours in [0, 1] (golden-ratio hues)."""
+    hue = (torch.arange(n, dtype=torch.float32) * 0.618034) % 1.0
+    k = (torch.tensor([5.0, 3.0, 1.0]).unsqueeze(0) + hue.unsqueeze(1) * 6) % 6  # HSV -> RGB, s = v = 0.9
+    return 0.9 - 0.9 * 0.9 * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def visualize(spectrogram: Tensor, info: MergeInfo, layout: Optional[AudioLayout] = None,
+              model: Optional[nn.Module] = None, batch_index: int = 0, alpha: float = 0.45, scale: int = 2):
+    """Picture of the merged groups over the spectrogram (time left to right, low frequencies at the bottom).
+
+    Every token paints its stride cell (``time_stride`` frames x ``frequency_stride`` mel bins) with its
+    group's colour; group borders are white. Columns the encoder did not see (dropped padding) stay grey.
+    Needs ``trace_source=True``.
+
+    Args:
+        spectrogram: ``[frames, mel]`` or ``[B, frames, mel]`` input_values (from ``features``).
+        info: ``mmmerge.last_info(model)`` after a forward. layout: or ``model`` to read it from.
+    Returns:
+        a PIL image of ``scale * mel`` x ``scale * frames`` pixels.
+    """
+    from PIL import Image
+
+    if layout is None:
+        if model is None:
+            raise ValueError("pass layout= or model=")
+        layout = _patched_ctx(model).layout
+    if info.source is None:
+        raise ValueError("no source map: patch with trace_source=True and run a forward first")
+    spec = torch.as_tensor(spectrogram).detach().float().cpu()
+    spec = spec[batch_index] if spec.dim() == 3 else spec
+    if spec.dim() != 2:
+        raise ValueError(f"spectrogram must be [frames, mel] or [B, frames, mel], got {tuple(spectrogram.shape)}")
+    frames, mels = spec.shape
+    gray = ((spec - spec.min()) / (spec.max() - spec.min()).clamp_min(1e-6)).T.flip(0)  # [mel, frames], low at bottom
+    source = info.source[batch_index, layout.protected:].cpu() - layout.protected  # [F' * T'] group of each token
+    groups = int(source.max()) + 1
+    grid = source.view(layout.bands, layout.columns)
+    band = (torch.arange(mels) // layout.frequency_stride).clamp(max=layout.bands - 1).flip(0)  # per pixel row
+    col = torch.arange(frames) // layout.time_stride
+    seen = col < layout.columns
+    cell = grid[band.unsqueeze(1), col.clamp(max=layout.columns - 1).unsqueeze(0)]  # [mel, frames] group id
+    colour = _palette(groups)[cell]  # [mel, frames, 3]
+    image = gray.unsqueeze(-1).expand(-1, -1, 3).clone()
+    image[:, seen] = alpha * colour[:, seen] + (1 - alpha) * image[:, seen]
+    image[:, ~seen] = 0.5 * image[:, ~seen] + 0.25
+    edge = torch.zeros(mels, frames, dtype=torch.bool)
+    edge[1:, :] |= cell[1:, :] != cell[:-1, :]
+    edge[:, 1:] |= cell[:, 1:] != cell[:, :-1]
+    image[edge & seen.unsqueeze(0)] = 1.0
+    image = image.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    return Image.fromarray((image.clamp(0, 1) * 255).byte().numpy())
