@@ -1,0 +1,74 @@
+"""Cost of choosing and merging tokens, against one transformer layer of the same size.
+
+    python -m benchmarks.engine            # full sweep: N in 197..3137, C in 768/1024, CPU
+    python -m benchmarks.engine --quick
+
+For each (N, C) it times one pre-norm transformer layer (sdpa attention, MLP ratio 4, heads of 64)
+and, for each matcher, ``plan_merge`` + ``merge_tokens`` removing r = N // 10 tokens with head-averaged
+keys ``[B, N, 64]`` as the metric, and prints the matcher's time as a fraction of the layer's.
+Goal (issue 2): tome <= 10% and pitome <= 20% of a layer at N=1568, C=768 on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from mmmerge import init_state, merge_tokens, plan_merge
+
+from .timing import SideBySide, machine, markdown_table
+
+METHODS = ("tome", "pitome", "tps", "random", "prune")
+SIZES = (197, 577, 1214, 1568, 3137)
+WIDTHS = (768, 1024)
+
+
+def transformer_layer(width: int) -> nn.Module:
+    return nn.TransformerEncoderLayer(width, width // 64, 4 * width, dropout=0.0, activation="gelu",
+                                      batch_first=True, norm_first=True).eval()
+
+
+def run(out_dir: Optional[Path] = None, quick: bool = False, batch: int = 1, repeats: int = 5) -> List[Dict[str, object]]:
+    """Rows: N, C, method, layer_ms, merge_ms, fraction (merge / layer)."""
+    torch.manual_seed(0)
+    sizes, widths = ((197, 1568), (768,)) if quick else (SIZES, WIDTHS)
+    repeats = 2 if quick else repeats
+    rows = []
+    with torch.no_grad():
+        for width in widths:
+            layer = transformer_layer(width)
+            for n in sizes:
+                x = torch.randn(batch, n, width)
+                metric = torch.randn(batch, n, 64)
+                state = init_state(batch, n, protected=1, trace_source=True)
+                timer = SideBySide(lambda: layer(x))
+                r = n // 10
+
+                for method in METHODS:
+                    def step() -> None:
+                        plan = plan_merge(metric, state, r, method)
+                        merge_tokens(x, state, plan)
+
+                    merge_s = timer.measure(step, repeats)
+                    rows.append({"N": n, "C": width, "r": r, "method": method, "merge_ms": merge_s * 1e3})
+                for row in rows[-len(METHODS):]:
+                    row["layer_ms"] = timer.baseline_median * 1e3
+                    row["fraction"] = row["merge_ms"] / row["layer_ms"]
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args(argv)
+    rows = run(quick=args.quick, batch=args.batch)
+    print(f"machine: {machine()}, batch {args.batch}")
+    print(markdown_table(rows, ["N", "C", "r", "method", "layer_ms", "merge_ms", "fraction"]))
+
+
+if __name__ == "__main__":
+    main()
