@@ -1,0 +1,419 @@
+"""Audio adapter on tiny random AST models (no network): off switch, band/time modes, padding, I/O, features."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import (ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, ASTModel, ViTConfig,
+                          ViTModel)
+
+import mmmerge
+from mmmerge import KeepRatio, TargetFlops
+from mmmerge.adapters import audio
+from mmmerge.adapters.encoder import encoder_layers
+
+MELS, FRAMES, PATCH, STRIDE = 32, 128, 16, 8  # 3 bands x 15 columns = 45 tokens, + CLS + distillation
+BANDS, COLUMNS, TOKENS = 3, 15, 47
+CLASSES = [ASTForAudioClassification, ASTModel]
+METHODS = ["tome", "pitome", "tps", "random", "prune"]
+
+
+def tiny(cls=ASTForAudioClassification, attn="eager", layers=3, seed=0):
+    torch.manual_seed(seed)
+    config = ASTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                       num_mel_bins=MELS, max_length=FRAMES, patch_size=PATCH, frequency_stride=STRIDE,
+                       time_stride=STRIDE, num_labels=5)
+    config._attn_implementation = attn
+    return cls(config).eval()
+
+
+def spectrogram(batch=2, seed=1):
+    return torch.randn(batch, FRAMES, MELS, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def output(model, x):
+    out = model(input_values=x)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def groups_of(source: torch.Tensor, values: torch.Tensor):
+    """For one batch element: {group id: set of values of its original tokens}."""
+    groups = {}
+    for g, v in zip(source.tolist(), values.tolist()):
+        groups.setdefault(g, set()).add(v)
+    return groups
+
+
+def original(name: str, columns: int = COLUMNS) -> torch.Tensor:
+    """Coordinate ``name`` of every original token ``[N0]``."""
+    layout = audio.AudioLayout(2, BANDS, columns, COLUMNS, STRIDE, STRIDE, PATCH, FRAMES, MELS)
+    return audio._coordinates(layout)[0][name]
+
+
+# ------------------------------------------------------------------------------------------- layout
+def test_layout_from_config_and_real_size():
+    layout = audio.ast_layout(tiny())
+    assert (layout.bands, layout.columns, layout.num_tokens) == (BANDS, COLUMNS, TOKENS)
+    base = audio.ast_layout(ASTModel(ASTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                               intermediate_size=32)))
+    assert (base.bands, base.columns, base.num_tokens) == (12, 101, 1214)  # AST-base on AudioSet
+
+
+def test_tokens_are_frequency_major_with_band_and_column_coordinates():
+    """Each patch embedding equals the conv applied to the (band, column) patch its coordinates name."""
+    model = tiny(ASTModel)
+    x = spectrogram(1)
+    with torch.no_grad():
+        emb = model.embeddings.patch_embeddings(x)[0]  # [F' * T', C]
+        conv = model.embeddings.patch_embeddings.projection
+        image = x[0].T  # [mel, frames]
+        f, t = original("f")[2:].long(), original("t")[2:].long()
+        sec_min, sec_max = original("sec_min")[2:], original("sec_max")[2:]
+        for i in range(emb.shape[0]):
+            patch = image[f[i] * STRIDE:f[i] * STRIDE + PATCH, t[i] * STRIDE:t[i] * STRIDE + PATCH]
+            manual = (conv.weight[:, 0] * patch).sum((1, 2)) + conv.bias
+            torch.testing.assert_close(emb[i], manual, atol=1e-5, rtol=1e-5)
+            assert sec_min[i] == pytest.approx(t[i] * STRIDE * 0.01)
+            assert sec_max[i] == pytest.approx((t[i] * STRIDE + PATCH) * 0.01)
+    assert f.tolist() == [i // COLUMNS for i in range(BANDS * COLUMNS)]
+
+
+# ---------------------------------------------------------------------------------------- off switch
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_off_switch_reproduces_unpatched(cls, attn):
+    model = tiny(cls, attn)
+    x = spectrogram()
+    reference = output(model, x)
+    for off in (0, KeepRatio(1.0), [0, 0, 0]):
+        for mode in ("global", "same_band", "adjacent"):
+            audio.patch(model, r=off, time_mode=mode)
+            assert mmmerge.last_info(model).schedule == [0, 0, 0]
+            torch.testing.assert_close(output(model, x), reference, atol=1e-6, rtol=0)
+    audio.patch(model, r=0, lengths=[40, 70], drop_padding=False)  # a valid mask alone changes nothing
+    torch.testing.assert_close(output(model, x), reference, atol=1e-6, rtol=0)
+    assert mmmerge.last_info(model).tokens_per_layer == [TOKENS] * 3
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_unpatch_restores_bit_identical(cls):
+    model = tiny(cls, "sdpa")
+    x = spectrogram()
+    reference = output(model, x)
+    weights = copy.deepcopy(model.state_dict())
+    audio.patch(model, r=6, method="pitome", time_mode="adjacent", lengths=60, trace_source=True)
+    merged = output(model, x)
+    assert merged.shape != reference.shape or not torch.allclose(merged, reference)
+    mmmerge.unpatch(model)
+    assert torch.equal(output(model, x), reference)
+    assert not hasattr(model, "_mmmerge")
+    assert not audio._backbone(model).embeddings._forward_hooks  # the padding hook is gone too
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_dispatch_and_repatch_replaces():
+    model = tiny()
+    x = spectrogram()
+    mmmerge.patch(model, r=6, time_mode="same_band")
+    output(model, x)
+    assert mmmerge.last_info(model).tokens_per_layer == [47, 41, 35]
+    mmmerge.patch(model, r=2)  # replaces, never stacks
+    output(model, x)
+    assert mmmerge.last_info(model).tokens_per_layer == [47, 45, 43]
+
+
+# ------------------------------------------------------------------------------------- merge rules
+def merged_source(model, x, **kwargs):
+    audio.patch(model, trace_source=True, **kwargs)
+    out = output(model, x)
+    info = mmmerge.last_info(model)
+    assert torch.isfinite(out).all()
+    return info
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cls_and_distillation_stay_first_and_unmerged(method):
+    model = tiny()
+    info = merged_source(model, spectrogram(), r=9, method=method)
+    source = info.source
+    assert info.tokens_per_layer == [47, 38, 29]
+    assert source[:, 0].tolist() == [0, 0] and source[:, 1].tolist() == [1, 1]
+    assert (source[:, 2:] >= 2).all()  # nothing else joined them
+    assert (info.size[:, :2] == 1).all()
+    assert (info.state.coords["f"][:, :2] == -1).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("budget", [True, False])
+def test_same_band_never_groups_two_bands(method, budget):
+    model = tiny()
+    info = merged_source(model, spectrogram(), r=6, method=method, time_mode="same_band", band_budget=budget)
+    band = original("f")
+    merged_any = False
+    for b in range(2):
+        for members in groups_of(info.source[b], band).values():
+            assert len(members) == 1
+        merged_any |= bool((info.size[b] > 1).any())
+    assert merged_any
+    if budget:  # every band removed the same share: 15 - 2 * 3 layers = 9 tokens per band
+        for b in range(2):
+            counts = torch.bincount(info.state.coords["f"][b, 2:].long(), minlength=BANDS)
+            assert counts.tolist() == [COLUMNS - 2 * 3] * BANDS
+
+
+def test_band_rule_sets_per_band_budget_error():
+    model = tiny()
+    with pytest.raises(ValueError, match="band_budget"):
+        audio.patch(model, r=4, time_mode="same_band")  # 4 does not split over 3 bands
+    assert not hasattr(model, "_mmmerge")
+
+
+def contiguous(columns: set) -> bool:
+    return columns == set(range(int(min(columns)), int(max(columns)) + 1))
+
+
+ADJACENT_CASES = [(m, False) for m in ("tome", "pitome", "tps", "random")] + [(m, True) for m in ("tome", "random")]
+
+
+@pytest.mark.parametrize("method,within_band", ADJACENT_CASES)
+def test_adjacent_spans_stay_contiguous(method, within_band):
+    # pitome/tps pick tokens before they look for a partner, so under same band AND adjacent (two
+    # neighbours at most) they can run out of allowed pairs; the engine then fails loudly.
+    model = tiny(layers=4)
+    info = merged_source(model, spectrogram(), r=8 if not within_band else 6, method=method, time_mode="adjacent",
+                         within_band=within_band)
+    column, band = original("t"), original("f")
+    t_min, t_max = info.state.coords["t_min"], info.state.coords["t_max"]
+    wide = 0
+    for b in range(2):
+        for g, members in groups_of(info.source[b, 2:], column[2:]).items():
+            assert contiguous(members), members
+            assert (t_min[b, g], t_max[b, g]) == (min(members), max(members))
+            wide += len(members) > 1
+        if within_band:
+            assert all(len(m) == 1 for m in groups_of(info.source[b], band).values())
+    assert wide > 0  # some tokens really merged along time
+
+
+def test_window_keeps_groups_inside_blocks():
+    model = tiny(layers=4)
+    info = merged_source(model, spectrogram(), r=8, time_mode="window(4)")
+    block = torch.div(original("t"), 4, rounding_mode="floor")
+    for b in range(2):
+        assert all(len(m) == 1 for m in groups_of(info.source[b], block).values())
+    with pytest.raises(ValueError, match="time_mode"):
+        audio.patch(model, r=2, time_mode="within_frame")
+
+
+# -------------------------------------------------------------------------------------------- padding
+PADDING_CASES = [(m, mode) for m in ("tome", "pitome", "tps", "prune") for mode in ("global", "same_band", "adjacent")
+                 if (m, mode) != ("pitome", "same_band")]  # pitome: too few allowed pairs in a mostly padded band
+
+
+@pytest.mark.parametrize("method,mode", PADDING_CASES)
+def test_padded_columns_never_group_with_real_ones(method, mode):
+    model = tiny(layers=4)
+    lengths = [30, 75]  # 4 and 10 real columns of 15
+    info = merged_source(model, spectrogram(), r=6, method=method, time_mode=mode, lengths=lengths,
+                         drop_padding=False)
+    column = original("t")
+    mixed_padding = False
+    for b, length in enumerate(lengths):
+        real = (column < -(-length // STRIDE)).tolist()  # CLS/dist (-1) count as real
+        for members in groups_of(info.source[b], torch.tensor(real)).values():
+            assert len(members) == 1
+        padded_groups = groups_of(info.source[b], torch.tensor(real))
+        mixed_padding |= any(m == {False} for m in padded_groups.values())
+        assert (info.state.valid[b] == torch.tensor([True in groups_of(info.source[b], torch.tensor(real))[g]
+                                                     for g in range(info.size.shape[1])])).all()
+    assert mixed_padding
+
+
+def test_drop_padding_removes_columns_before_layer_zero():
+    model = tiny(layers=3)
+    x = spectrogram()
+    lengths = torch.tensor([33, 50])  # 5 and 7 real columns: 7 kept, column 5-6 of clip 0 invalid
+    audio.patch(model, r=0, lengths=lengths)
+    out = output(model, x)
+    info = mmmerge.last_info(model)
+    assert info.tokens_per_layer == [2 + BANDS * 7] * 3
+    assert model._mmmerge.layout.columns == 7
+    # The same computation by hand: embeddings, keep the first 7 columns of every band, layers, head.
+    mmmerge.unpatch(model)
+    with torch.no_grad():
+        base = model.audio_spectrogram_transformer
+        h = base.embeddings(x)
+        grid = h[:, 2:].reshape(2, BANDS, COLUMNS, -1)[:, :, :7].reshape(2, BANDS * 7, -1)
+        h = torch.cat([h[:, :2], grid], dim=1)
+        for layer in base.layers:
+            h = layer(h, None)
+        h = base.layernorm(h)
+        manual = model.classifier((h[:, 0] + h[:, 1]) / 2)
+    torch.testing.assert_close(out, manual, atol=1e-5, rtol=1e-5)
+    # Merging on top: padded columns of clip 0 stay apart from its real ones.
+    info = merged_source(model, x, r=4, lengths=lengths)
+    assert info.tokens_per_layer == [23, 19, 15]
+    real = torch.cat([torch.ones(2, dtype=torch.bool), (torch.arange(7) < 5).repeat(BANDS)])
+    assert all(len(m) == 1 for m in groups_of(info.source[0], real).values())
+
+
+def test_lengths_must_match_batch_and_set_lengths_repatches():
+    model = tiny()
+    audio.patch(model, r=2, lengths=[40, 60, 90], drop_padding=False)
+    with pytest.raises(ValueError, match="set_lengths"):
+        output(model, spectrogram(2))
+    audio.set_lengths(model, [40, 60])
+    output(model, spectrogram(2))
+    audio.patch(model, r=2, lengths=40)
+    output(model, spectrogram(2))
+    assert mmmerge.last_info(model).tokens_per_layer == [2 + BANDS * 5, 2 + BANDS * 5 - 2, 2 + BANDS * 5 - 4]
+    audio.set_lengths(model, 128)
+    output(model, spectrogram(2))
+    assert mmmerge.last_info(model).tokens_per_layer[0] == TOKENS
+    with pytest.raises(ValueError, match="lengths"):
+        audio.patch(model, r=2, lengths=[0])
+
+
+# ------------------------------------------------------------------------------------ column outputs
+def test_column_outputs_unmerge_and_pool_over_bands():
+    model = tiny()
+    x = spectrogram()
+    audio.patch(model, r=0, trace_source=True)
+    logits, columns = audio.column_logits(model, x)
+    with torch.no_grad():
+        hidden = model.audio_spectrogram_transformer(input_values=x).last_hidden_state
+    grid = hidden[:, 2:].reshape(2, BANDS, COLUMNS, -1)
+    torch.testing.assert_close(audio.band_time_features(model, hidden), grid)
+    torch.testing.assert_close(columns, model.classifier(grid.mean(1)))
+    torch.testing.assert_close(logits, output(model, x))
+
+    audio.patch(model, r=6, time_mode="adjacent", trace_source=True)
+    logits, columns = audio.column_logits(model, x)
+    assert logits.shape == (2, 5) and columns.shape == (2, COLUMNS, 5)
+    with torch.no_grad():
+        hidden = model.audio_spectrogram_transformer(input_values=x).last_hidden_state
+    info = mmmerge.last_info(model)
+    grid = audio.band_time_features(model, hidden)
+    for b in range(2):
+        for pos in range(BANDS * COLUMNS):
+            assert torch.equal(grid[b, pos // COLUMNS, pos % COLUMNS], hidden[b, info.source[b, pos + 2]])
+    torch.testing.assert_close(audio.column_features(model, hidden, pool="max"), grid.amax(1))
+    audio.patch(model, r=6)
+    with pytest.raises(ValueError, match="trace_source"):
+        audio.column_features(model, hidden)
+
+
+def test_visualize_paints_groups():
+    model = tiny()
+    x = spectrogram(1)
+    audio.patch(model, r=0, trace_source=True)
+    output(model, x)
+    plain = np.asarray(audio.visualize(x, mmmerge.last_info(model), model=model))
+    audio.patch(model, r=4, trace_source=True, lengths=60)
+    output(model, x)
+    merged = audio.visualize(x[0], mmmerge.last_info(model), model=model, scale=1)
+    assert plain.shape == (MELS * 2, FRAMES * 2, 3) and merged.size == (FRAMES, MELS)
+    merged = np.asarray(merged)
+    dropped, kept = merged[:, 8 * STRIDE:].astype(int), merged[:, :8 * STRIDE].astype(int)  # 60 frames: 8 columns
+    assert (dropped[..., 0] == dropped[..., 1]).all() and (dropped[..., 1] == dropped[..., 2]).all()  # grey
+    assert (kept[..., 0] != kept[..., 1]).mean() > 0.5  # coloured by group
+    assert not np.array_equal(plain[::2, ::2], merged)
+
+
+# ------------------------------------------------------------------------------------- validation
+def test_unsupported_model_raises_type_error_untouched():
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             image_size=32, patch_size=16)).eval()
+    before = copy.deepcopy(vit.state_dict())
+    for fn in (audio.patch, mmmerge.patch):
+        with pytest.raises(TypeError, match="AST"):
+            fn(vit, r=2)
+    assert not hasattr(vit, "_mmmerge") and "forward" not in encoder_layers(vit)[0].__dict__
+    assert all(torch.equal(v, before[k]) for k, v in vit.state_dict().items())
+
+
+def test_infeasible_r_raises_before_modifying():
+    model = tiny()
+    x = spectrogram()
+    reference = output(model, x)
+    with pytest.raises(ValueError, match="infeasible"):
+        audio.patch(model, r=30)
+    assert not hasattr(model, "_mmmerge") and "forward" not in model.audio_spectrogram_transformer.layers[0].__dict__
+    assert torch.equal(output(model, x), reference)
+    audio.patch(model, r=3)
+    with pytest.raises(ValueError, match="infeasible"):
+        audio.patch(model, r=3, lengths=10)  # one column left: 3 tokens cannot lose 3 per layer
+    output(model, x)
+    assert mmmerge.last_info(model).tokens_per_layer == [47, 44, 41]  # the old patch is still in force
+
+
+def test_target_flops_reaches_its_fraction():
+    model = tiny()
+    x = spectrogram()
+    base = mmmerge.count_flops(model, input_values=x)
+    audio.patch(model, r=TargetFlops(0.7), time_mode="adjacent")
+    merged = mmmerge.count_flops(model, input_values=x)
+    assert 0.45 < merged / base <= 0.75
+
+
+# ------------------------------------------------------------------------------------ features / I/O
+def tone(seconds: float, rate: int = 16000, seed: int = 0) -> torch.Tensor:
+    t = torch.arange(int(seconds * rate)) / rate
+    noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(seed))
+    return (0.3 * torch.sin(2 * torch.pi * 440 * t) + 0.05 * noise).float()
+
+
+def test_features_match_ast_feature_extractor():
+    extractor = ASTFeatureExtractor()
+    clips = [tone(0.7), tone(2.0, seed=1), tone(11.0, seed=2)]  # short, medium, longer than 1024 frames
+    values, lengths = audio.features(clips)
+    reference = extractor([c.numpy() for c in clips], sampling_rate=16000, return_tensors="pt").input_values
+    assert values.shape == (3, 1024, 128)
+    torch.testing.assert_close(values, reference, atol=1e-4, rtol=0)
+    assert lengths.tolist() == [68, 198, 1024]  # 1 + (S - 400) // 160 frames, cut at 1024
+    one, length = audio.features(clips[0])
+    torch.testing.assert_close(one, reference[:1], atol=1e-4, rtol=0)
+    assert length.tolist() == [68]
+    with pytest.raises(ValueError, match="mono"):
+        audio.features([torch.zeros(2, 16000)])
+
+
+def test_load_audio_reads_resamples_and_mixes(tmp_path):
+    import torchaudio.functional as AF
+
+    wave = tone(0.5).numpy()
+    sf.write(tmp_path / "a.wav", wave, 16000, subtype="FLOAT")
+    loaded, rate = audio.load_audio(tmp_path / "a.wav")
+    assert rate == 16000 and loaded.dtype == torch.float32
+    np.testing.assert_allclose(loaded.numpy(), wave, atol=1e-7)
+
+    low = tone(0.5, rate=8000, seed=3).numpy()
+    stereo = np.stack([low, 0.5 * low], axis=1)  # [S, 2]
+    sf.write(tmp_path / "b.flac", stereo, 8000)
+    loaded, rate = audio.load_audio(tmp_path / "b.flac")
+    assert rate == 16000 and loaded.shape == (8000,)
+    mixed = torch.from_numpy(sf.read(tmp_path / "b.flac", dtype="float32")[0].mean(1))
+    torch.testing.assert_close(loaded, AF.resample(mixed, 8000, 16000))
+    both, rate = audio.load_audio(tmp_path / "b.flac", sample_rate=None, mono=False)
+    assert rate == 8000 and both.shape == (2, 4000)
+
+    if "OGG" in sf.available_formats():
+        sf.write(tmp_path / "c.ogg", wave, 16000, format="OGG", subtype="VORBIS")
+        loaded, rate = audio.load_audio(tmp_path / "c.ogg")
+        assert rate == 16000 and abs(loaded.shape[0] - wave.shape[0]) < 1000
+
+
+def test_load_audio_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no audio file"):
+        audio.load_audio(tmp_path / "missing.wav")
+    (tmp_path / "text.wav").write_text("this is not audio")
+    with pytest.raises(ValueError, match="could not read"):
+        audio.load_audio(tmp_path / "text.wav")
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(ValueError, match="no audio samples"):
+        audio.load_audio(tmp_path / "empty.wav")
