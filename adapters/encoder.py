@@ -15,7 +15,7 @@ import copy
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -211,7 +211,11 @@ def _base_attention(core: nn.Module) -> Callable:
 # ---------------------------------------------------------------------------------------- patched layer
 def _merged_forward(layer: nn.Module, ctx: MergeContext, index: int, parts: LayerParts,
                     hidden_states: Tensor, *args, **kwargs) -> Tensor:
-    """Replacement ``forward`` of encoder layer ``index``: attention, merge, MLP."""
+    """Replacement ``forward`` of encoder layer ``index``: attention, merge, MLP.
+
+    The layer body is a pure function of (hidden states, input token state), so it can run under the
+    model's own gradient checkpointing: the backward recompute sees the same inputs and makes the same plan.
+    """
     if index == 0:
         ctx.start(hidden_states)
     state = ctx.state
@@ -223,23 +227,31 @@ def _merged_forward(layer: nn.Module, ctx: MergeContext, index: int, parts: Laye
     ctx.info.tokens_per_layer.append(hidden_states.shape[1])
     r = ctx.schedule[index]
     use_bias = ctx.prop_attn and index > ctx.first_merge_layer
-    keys: List[Tensor] = []
-    hook = parts.key_proj.register_forward_hook(lambda m, i, o: keys.append(o)) if r > 0 else None
-    if use_bias:
-        parts.core._mmmerge_bias = size_bias(state.size)
-    try:
-        x = hidden_states + parts.attention(parts.norm1(hidden_states))
-    finally:
-        if hook is not None:
-            hook.remove()
-        parts.core.__dict__.pop("_mmmerge_bias", None)
-    if r > 0:
-        B, N = x.shape[:2]
-        metric = keys[-1].detach().view(B, N, parts.num_heads, -1).mean(2)  # head-averaged keys [B, N, d]
-        plan = plan_merge(metric, state, r, ctx.method, ctx.constraint, ctx.groups,
-                          layer_idx=index, num_layers=ctx.num_layers, **ctx.hyper)
-        x, ctx.state = merge_tokens(x, state, plan)
-    out = parts.feed_forward(x)
+
+    def body(h: Tensor) -> Tuple[Tensor, TokenState]:
+        keys: List[Tensor] = []
+        hook = parts.key_proj.register_forward_hook(lambda m, i, o: keys.append(o)) if r > 0 else None
+        if use_bias:
+            parts.core._mmmerge_bias = size_bias(state.size)
+        try:
+            x = h + parts.attention(parts.norm1(h))
+        finally:
+            if hook is not None:
+                hook.remove()
+            parts.core.__dict__.pop("_mmmerge_bias", None)
+        new_state = state
+        if r > 0:
+            B, N = x.shape[:2]
+            metric = keys[-1].detach().view(B, N, parts.num_heads, -1).mean(2)  # head-averaged keys [B, N, d]
+            plan = plan_merge(metric, state, r, ctx.method, ctx.constraint, ctx.groups,
+                              layer_idx=index, num_layers=ctx.num_layers, **ctx.hyper)
+            x, new_state = merge_tokens(x, state, plan)
+        return parts.feed_forward(x), new_state
+
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        out, ctx.state = layer._gradient_checkpointing_func(body, hidden_states)
+    else:
+        out, ctx.state = body(hidden_states)
     if index == ctx.num_layers - 1:
         ctx.finish()
     return out

@@ -411,3 +411,23 @@ def test_visualize_paints_groups(mp4):
     assert np.asarray(image).std() > 0
     with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
         video.visualize(frames[..., 0], mmmerge.last_info(model), model=model)
+
+
+@pytest.mark.parametrize("method", ["tome", "random"])
+def test_gradient_checkpointing_still_recomputes_and_matches(method):
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = tiny(VivitForVideoClassification).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        mmmerge.patch(model, r=6, method=method)
+        count = []
+        model.vivit.layers[1].layernorm_before.register_forward_hook(lambda *a: count.append(1))
+        torch.manual_seed(3)
+        x = clip().requires_grad_()
+        model(pixel_values=x).logits.sum().backward()
+        grads.append(x.grad)
+        calls.append(len(count))
+        assert mmmerge.last_info(model).tokens_per_layer == [65, 59, 53, 47]
+    assert calls == [1, 2]  # with checkpointing the layer body really is recomputed in backward
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
