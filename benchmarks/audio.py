@@ -1,0 +1,179 @@
+"""Speed of merged AST-base at real size (1214 tokens; random weights, CPU).
+
+    python -m benchmarks.audio               # full sweep (about 6-10 min on 2 CPU cores)
+    python -m benchmarks.audio --quick       # smoke run: a narrow AST (same 1214 tokens), three settings
+
+GFLOPs (torch's counter via mmmerge.count_flops) and wall time of one forward, batch 1, for
+  * tome in every time mode over a sweep of FLOPs targets, and every other method at 50% FLOPs,
+    on a full 10.24 s input (1024 frames, no padding);
+  * clips of 2, 5 and 10 s, padded to 1024 frames as transformers does: padding dropped (r=0), and
+    padding dropped + tome at 50% of the remaining FLOPs.
+All ratios are against the unmerged model on the padded 1024-frame input, timed side by side in the
+same run (timing.SideBySide: warm-up, interleaved, medians), with a fixed thread count.
+Targets a constant r cannot reach (the engine's TargetFlops) use the largest KeepRatio schedule whose
+estimated FLOPs meet them (``schedule`` column). Goal (issue 4): at 50% FLOPs, efficiency
+(= speedup x FLOPs ratio) >= 0.85.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+import mmmerge
+from mmmerge.adapters import audio
+from mmmerge.schedule import KeepRatio, resolve_schedule, schedule_flops, transformer_layer_flops
+
+from .timing import SideBySide, machine, markdown_table
+
+FRACTIONS = (0.75, 0.5, 0.35)
+TIME_MODES = ("global", "same_band", "adjacent", "window(4)")
+METHODS = ("tome", "pitome", "tps", "random", "prune")
+CLIP_SECONDS = (2.0, 5.0, 10.0)
+
+
+def build(quick: bool):
+    """AST-base from its config (random weights, sdpa); ``quick``: a narrow 4-layer AST with the same tokens."""
+    from transformers import ASTConfig, ASTForAudioClassification
+
+    torch.manual_seed(0)
+    if quick:
+        config = ASTConfig(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768,
+                           num_labels=527)
+    else:
+        config = ASTConfig(num_labels=527)  # 128 mel x 1024 frames, patch 16, strides 10: 12 x 101 + 2 tokens
+    config._attn_implementation = "sdpa"
+    return ASTForAudioClassification(config).eval()
+
+
+def clip(seconds: float, rate: int = 16000) -> torch.Tensor:
+    """A synthetic clip: tone, chirp and noise bursts ``[S]``."""
+    t = torch.arange(int(seconds * rate)) / rate
+    noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
+    return (0.2 * torch.sin(2 * math.pi * 440 * t) + 0.2 * torch.sin(2 * math.pi * (200 * t + 300 * t ** 2))
+            + 0.3 * ((t % 1.3) < 0.15).float() * noise)
+
+
+def schedule_for(model, fraction: float, method: str, time_mode: str, columns: int) -> Tuple[Union[int, list], str]:
+    """The engine's TargetFlops when a constant r reaches ``fraction``, else the mildest KeepRatio that does.
+
+    Returns the spec to pass as ``r`` and a short description of it.
+    """
+    cfg = model.config
+    layers = cfg.num_hidden_layers
+    flops = transformer_layer_flops(cfg.hidden_size, cfg.intermediate_size / cfg.hidden_size)
+    layout = audio.ast_layout(model)
+    tokens = layout.protected + layout.bands * columns
+    groups = layout.bands if time_mode == "same_band" else 1
+    try:
+        schedule = resolve_schedule(mmmerge.TargetFlops(fraction), layers, tokens, layout.protected, method=method,
+                                    multiple_of=groups, layer_flops=flops)
+        return schedule, f"const r={schedule[0]}"
+    except ValueError:
+        pass
+    base = schedule_flops([0] * layers, tokens, flops)
+    lo, hi = 0.3, 1.0  # keep ratios: lo meets the target, hi does not
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        spec = resolve_schedule(KeepRatio(mid), layers, tokens, layout.protected, method=method, multiple_of=groups)
+        lo, hi = (mid, hi) if schedule_flops(spec, tokens, flops) <= fraction * base else (lo, mid)
+    schedule = resolve_schedule(KeepRatio(lo), layers, tokens, layout.protected, method=method, multiple_of=groups)
+    return schedule, f"keep {lo:.3f}"
+
+
+def settings(quick: bool) -> List[Tuple[str, str, float]]:
+    """(method, time_mode, FLOPs fraction) on the full-length input."""
+    if quick:
+        return [("tome", "global", 0.5), ("tome", "same_band", 0.5)]
+    grid = [("tome", mode, f) for mode in TIME_MODES for f in FRACTIONS]
+    grid += [(m, "global", 0.5) for m in METHODS if m != "tome"]
+    return grid
+
+
+def clip_settings(quick: bool) -> List[Tuple[float, Optional[float]]]:
+    """(clip seconds, FLOPs fraction of the padding-free model or None for no merging)."""
+    seconds = CLIP_SECONDS[:1] if quick else CLIP_SECONDS
+    return [(s, f) for s in seconds for f in (None, 0.5)]
+
+
+def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3,
+        threads: Optional[int] = 2) -> List[Dict[str, object]]:
+    """Rows: input, tokens, method, time_mode, target, schedule, final_tokens, gflops, flops_ratio, ms, speedup,
+    efficiency. Writes ``audio.md`` and ``audio.json`` to ``out_dir`` when given."""
+    if threads:
+        torch.set_num_threads(threads)
+    repeats = 2 if quick else repeats
+    model = build(quick)
+    reference = build(quick)  # the unmerged model, timed around every variant
+    full_x, _ = audio.features(clip(10.5))  # 1024 real frames (cut from 1048)
+    layout = audio.ast_layout(model)
+    rows: List[Dict[str, object]] = []
+
+    def record(x: torch.Tensor, label: str, method: str, mode: str, target: object, described: str,
+               lengths=None, **patch) -> None:
+        audio.patch(model, method=method, time_mode=mode, lengths=lengths, **patch)
+        flops = mmmerge.count_flops(model, input_values=x)
+        ms = timer.measure(lambda: model(input_values=x), repeats) * 1e3
+        info = mmmerge.last_info(model)
+        rows.append({"input": label, "tokens": info.tokens_per_layer[0], "method": method, "time_mode": mode,
+                     "target": target, "schedule": described,
+                     "final_tokens": info.tokens_per_layer[-1] - info.schedule[-1], "gflops": flops / 1e9,
+                     "flops_ratio": flops / base_flops, "ms": ms})
+        mmmerge.unpatch(model)
+
+    with torch.no_grad():
+        base_flops = mmmerge.count_flops(reference, input_values=full_x)
+        timer = SideBySide(lambda: reference(input_values=full_x))
+        for method, mode, fraction in settings(quick):
+            spec, described = schedule_for(model, fraction, method, mode, layout.columns)
+            record(full_x, "10.24 s", method, mode, fraction, described, r=spec)
+        for seconds, fraction in clip_settings(quick):
+            x, lengths = audio.features(clip(seconds))  # padded to 1024 frames; lengths = real frames
+            columns = layout.real_columns(int(lengths[0]))
+            if fraction is None:
+                record(x, f"{seconds:g} s", "none", "global", "drop padding", "r=0", lengths=lengths, r=0)
+            else:
+                spec, described = schedule_for(model, fraction, "tome", "global", columns)
+                record(x, f"{seconds:g} s", "tome", "global", f"drop + {fraction}", described, lengths=lengths,
+                       r=spec)
+    base_ms = timer.baseline_median * 1e3
+    rows.insert(0, {"input": "10.24 s (any clip, padded)", "tokens": layout.num_tokens, "method": "none",
+                    "time_mode": "-", "target": 1.0, "schedule": "r=0", "final_tokens": layout.num_tokens,
+                    "gflops": base_flops / 1e9, "flops_ratio": 1.0, "ms": base_ms})
+    for row in rows:
+        row["speedup"] = base_ms / row["ms"]
+        row["efficiency"] = row["speedup"] * row["flops_ratio"]  # speedup / (1 / flops_ratio); 1.0 = ideal
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "audio.md").write_text(report(rows))
+        (out_dir / "audio.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    return rows
+
+
+COLUMNS = ["input", "tokens", "method", "time_mode", "target", "schedule", "final_tokens", "gflops", "flops_ratio",
+           "ms", "speedup", "efficiency"]
+
+
+def report(rows: Sequence[Dict[str, object]]) -> str:
+    return (f"machine: {machine()}, batch 1, random weights, CPU shared with other processes (timings are noisy); "
+            "efficiency = speedup x FLOPs ratio (goal >= 0.85 at 50% FLOPs)\n\n" + markdown_table(rows, COLUMNS))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for the whole run)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for audio.md and audio.json")
+    args = parser.parse_args(argv)
+    rows = run(args.out, quick=args.quick, repeats=args.repeats, threads=args.threads)
+    print(report(rows))
+
+
+if __name__ == "__main__":
+    main()
