@@ -1,0 +1,244 @@
+"""Seeded procedural tasks where time order matters, for the reference models of the quality benchmark.
+
+Both generators draw a batch of clip parameters from a seed (``video_params`` / ``audio_params``), render
+them (``render_video`` / ``render_audio``) and label them (``*_labels``). ``reverse_*_params`` gives the
+parameters of the time-reversed clip: rendering them equals flipping the rendered clip in time, and the
+label always changes (tests check both), so no model can solve the task from appearance alone.
+
+Video (8 frames of 32 x 32 RGB, ``[B, T, 3, H, W]`` in [-1, 1]) - 8 classes = direction x order:
+    a white square moves right / left / down / up at 2 or 3 px per frame (speed is a nuisance);
+    a red and a green square each flash for 2 frames, one clearly before the other;
+    label = 2 * direction + (1 if green flashes first else 0).
+    Nuisance: a static blue box, pixel noise, positions, flash times. Reversed: direction and order flip.
+
+Audio (2.56 s at 16 kHz, then 128-bin AST fbank ``[B, 256, 128]``) - 8 classes = order x sweep x gap:
+    a low tone (250-500 Hz) and a high tone (2.5-4.5 kHz), one after the other, separated by a short
+    (0.04-0.2 s) or long (0.5-0.8 s) gap; a chirp sweeping up or down between 0.8 and 2 kHz somewhere;
+    label = 4 * (high tone first) + 2 * (chirp sweeps down) + (gap is long).
+    Nuisance: frequencies, durations, loudness, noise bursts, background noise. Reversed: order and sweep
+    flip, the gap stays.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+Params = Dict[str, Tensor]
+
+# ------------------------------------------------------------------------------------------------ video
+VIDEO_FRAMES, VIDEO_SIZE, VIDEO_CLASSES = 8, 32, 8
+MOVER, FLASH, FLASH_FRAMES = 6, 5, 2  # square sides (px) and flash length (frames)
+DIRECTIONS = ("right", "left", "down", "up")
+_VELOCITY = {0: (1, 0), 1: (-1, 0), 2: (0, 1), 3: (0, -1)}  # (dx, dy) unit per direction
+
+
+def video_params(n: int, seed: int) -> Params:
+    """``n`` random clip descriptions (integer pixel positions, so time reversal is exact)."""
+    g = torch.Generator().manual_seed(seed)
+    T, S = VIDEO_FRAMES, VIDEO_SIZE
+
+    def randint(lo: int, hi: Tensor | int) -> Tensor:  # uniform in [lo, hi] per clip
+        hi = torch.as_tensor(hi).expand(n)
+        return lo + (torch.rand(n, generator=g) * (hi - lo + 1)).floor().long()
+
+    direction = randint(0, 3)
+    speed = randint(2, 3)
+    unit = torch.tensor([_VELOCITY[d] for d in range(4)])[direction]  # [n, 2]
+    vx, vy = unit[:, 0] * speed, unit[:, 1] * speed
+    travel = speed * (T - 1)
+    # Start so that the whole path stays inside the frame.
+    x0 = randint(0, S - MOVER - torch.where(vx != 0, travel, 0))
+    y0 = randint(0, S - MOVER - torch.where(vy != 0, travel, 0))
+    x0 = torch.where(vx < 0, x0 + travel, x0)
+    y0 = torch.where(vy < 0, y0 + travel, y0)
+    # Flashes: the first starts in frames 0..2, the second at least 2 frames after the first ends.
+    first = randint(0, 2)
+    second = first + FLASH_FRAMES + randint(1, T - FLASH_FRAMES - (first + FLASH_FRAMES + 1))
+    green_first = randint(0, 1)
+    red_t = torch.where(green_first.bool(), second, first)
+    green_t = torch.where(green_first.bool(), first, second)
+    return {
+        "x0": x0, "y0": y0, "vx": vx, "vy": vy,
+        "red_t": red_t, "red_x": randint(0, S - FLASH), "red_y": randint(0, S - FLASH),
+        "green_t": green_t, "green_x": randint(0, S - FLASH), "green_y": randint(0, S - FLASH),
+        "box_x": randint(0, S - 8), "box_y": randint(0, S - 8), "box_w": randint(4, 8), "box_h": randint(4, 8),
+        "noise": 0.08 * torch.randn(n, T, 3, S, S, generator=g),
+    }
+
+
+def video_labels(p: Params) -> Tensor:
+    """``[B]`` long in [0, 8): 2 * direction + green-flashes-first."""
+    direction = torch.where(p["vx"] > 0, 0, torch.where(p["vx"] < 0, 1, torch.where(p["vy"] > 0, 2, 3)))
+    return 2 * direction + (p["green_t"] < p["red_t"]).long()
+
+
+def reverse_video_params(p: Params) -> Params:
+    """Parameters of the clips played backwards: ``render_video(reverse(p)) == render_video(p).flip(1)``."""
+    T = VIDEO_FRAMES
+    q = dict(p)
+    q["x0"], q["y0"] = p["x0"] + p["vx"] * (T - 1), p["y0"] + p["vy"] * (T - 1)
+    q["vx"], q["vy"] = -p["vx"], -p["vy"]
+    q["red_t"] = T - FLASH_FRAMES - p["red_t"]
+    q["green_t"] = T - FLASH_FRAMES - p["green_t"]
+    q["noise"] = p["noise"].flip(1)
+    return q
+
+
+def _box(x: Tensor, y: Tensor, w: Tensor | int, h: Tensor | int) -> Tensor:
+    """``[B, S, S]`` bool mask of axis-aligned boxes with top-left (x, y)."""
+    S = VIDEO_SIZE
+    cols = torch.arange(S).view(1, 1, S)
+    rows = torch.arange(S).view(1, S, 1)
+    w, h = torch.as_tensor(w).expand_as(x), torch.as_tensor(h).expand_as(x)
+    return ((cols >= x.view(-1, 1, 1)) & (cols < (x + w).view(-1, 1, 1))
+            & (rows >= y.view(-1, 1, 1)) & (rows < (y + h).view(-1, 1, 1)))
+
+
+def render_video(p: Params) -> Tensor:
+    """Clips ``[B, T, 3, H, W]`` float32 in [-1, 1] (what ViViT / VideoMAE take as ``pixel_values``)."""
+    T = VIDEO_FRAMES
+    B = p["x0"].shape[0]
+    frames = torch.full((B, T, 3, VIDEO_SIZE, VIDEO_SIZE), 0.15)
+    colour = {"white": (0.95, 0.95, 0.95), "red": (0.95, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.2, 0.3, 0.9)}
+
+    def paint(t: int, mask: Tensor, name: str) -> None:  # mask [B, S, S]
+        rgb = torch.tensor(colour[name]).view(1, 3, 1, 1)
+        frames[:, t] = torch.where(mask.unsqueeze(1), rgb, frames[:, t])
+
+    box = _box(p["box_x"], p["box_y"], p["box_w"], p["box_h"])
+    for t in range(T):
+        paint(t, box, "blue")
+        for name in ("red", "green"):
+            on = (p[f"{name}_t"] <= t) & (t < p[f"{name}_t"] + FLASH_FRAMES)
+            paint(t, _box(p[f"{name}_x"], p[f"{name}_y"], FLASH, FLASH) & on.view(-1, 1, 1), name)
+        paint(t, _box(p["x0"] + p["vx"] * t, p["y0"] + p["vy"] * t, MOVER, MOVER), "white")
+    return ((frames + p["noise"]).clamp(0, 1) - 0.5) / 0.5
+
+
+def video_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:
+    """``n`` clips ``[n, 8, 3, 32, 32]`` and their labels ``[n]`` from ``seed``."""
+    p = video_params(n, seed)
+    return render_video(p), video_labels(p)
+
+
+# ------------------------------------------------------------------------------------------------ audio
+SAMPLE_RATE, AUDIO_FRAMES, MEL_BINS, AUDIO_CLASSES = 16000, 256, 128, 8
+AUDIO_SAMPLES = 400 + (AUDIO_FRAMES - 1) * 160  # exactly 256 fbank frames (25 ms window, 10 ms hop)
+RAMP = 0.02  # seconds of linear fade at each end of an event
+
+
+def audio_params(n: int, seed: int) -> Params:
+    """``n`` random clip descriptions; every event is given by its centre ``c`` and duration ``d`` (seconds)."""
+    g = torch.Generator().manual_seed(seed)
+    length = (AUDIO_SAMPLES - 1) / SAMPLE_RATE
+
+    def uniform(lo: float, hi: float | Tensor, shape: Tuple[int, ...] = ()) -> Tensor:
+        return lo + torch.rand((n,) + shape, generator=g) * (torch.as_tensor(hi) - lo)
+
+    high_first = (torch.rand(n, generator=g) < 0.5).long()
+    gap_long = (torch.rand(n, generator=g) < 0.5).long()
+    down = (torch.rand(n, generator=g) < 0.5).long()
+    d1, d2 = uniform(0.2, 0.35), uniform(0.2, 0.35)
+    gap = torch.where(gap_long.bool(), uniform(0.5, 0.8), uniform(0.04, 0.2))
+    start = uniform(0.05, length - 0.05 - (d1 + gap + d2))  # the pair fits inside the clip
+    c1, c2 = start + d1 / 2, start + d1 + gap + d2 / 2
+    low_f, high_f = uniform(250.0, 500.0), uniform(2500.0, 4500.0)
+    chirp_d = uniform(0.3, 0.5)
+    span = uniform(600.0, 1200.0)  # Hz swept
+    slope = torch.where(down.bool(), -1.0, 1.0) * span / chirp_d  # Hz per second
+    return {
+        "low_c": torch.where(high_first.bool(), c2, c1), "low_d": torch.where(high_first.bool(), d2, d1),
+        "high_c": torch.where(high_first.bool(), c1, c2), "high_d": torch.where(high_first.bool(), d1, d2),
+        "low_f": low_f, "high_f": high_f, "low_a": uniform(0.1, 0.3), "high_a": uniform(0.05, 0.2),
+        "chirp_c": uniform(0.05 + chirp_d / 2, length - 0.05 - chirp_d / 2), "chirp_d": chirp_d,
+        "chirp_f": uniform(1100.0, 1700.0), "chirp_k": slope, "chirp_a": uniform(0.05, 0.2),
+        "burst_c": uniform(0.05, length - 0.05, (2,)), "burst_a": uniform(0.0, 0.3, (2,)),
+        "noise": torch.randn(n, AUDIO_SAMPLES, generator=g), "noise_a": uniform(0.002, 0.02),
+    }
+
+
+def audio_labels(p: Params) -> Tensor:
+    """``[B]`` long in [0, 8): 4 * high-first + 2 * sweeps-down + long-gap."""
+    high_first = p["high_c"] < p["low_c"]
+    first_c = torch.minimum(p["high_c"], p["low_c"])
+    first_d = torch.where(high_first, p["high_d"], p["low_d"])
+    second_c = torch.maximum(p["high_c"], p["low_c"])
+    second_d = torch.where(high_first, p["low_d"], p["high_d"])
+    gap = (second_c - second_d / 2) - (first_c + first_d / 2)
+    return 4 * high_first.long() + 2 * (p["chirp_k"] < 0).long() + (gap > 0.35).long()
+
+
+def reverse_audio_params(p: Params) -> Params:
+    """Parameters of the clips played backwards: ``render_audio(reverse(p)) ~= render_audio(p).flip(-1)``."""
+    length = (AUDIO_SAMPLES - 1) / SAMPLE_RATE
+    q = dict(p)
+    for key in ("low_c", "high_c", "chirp_c", "burst_c"):
+        q[key] = length - p[key]
+    q["chirp_k"] = -p["chirp_k"]
+    q["noise"] = p["noise"].flip(-1)
+    return q
+
+
+def _envelope(tau: Tensor, d: Tensor) -> Tensor:
+    """Even trapezoid: 1 inside, linear fades of RAMP seconds at the ends, 0 outside ``|tau| < d / 2``."""
+    return ((d.unsqueeze(-1) / 2 - tau.abs()) / RAMP).clamp(0, 1)
+
+
+def render_audio(p: Params) -> Tensor:
+    """Waveforms ``[B, 41200]`` float32 at 16 kHz (2.56 s). Every event is even in time around its centre
+    (cosine phase, symmetric envelope), so reversing a clip is the same as mirroring its events."""
+    t = torch.arange(AUDIO_SAMPLES, dtype=torch.float32) / SAMPLE_RATE
+    t = t.unsqueeze(0)
+    p64 = {k: v.float() for k, v in p.items()}
+
+    def tone(c: Tensor, d: Tensor, f: Tensor, a: Tensor, k: Tensor | float = 0.0) -> Tensor:
+        tau = t - c.unsqueeze(-1)
+        k = torch.as_tensor(k, dtype=torch.float32)
+        k = k.unsqueeze(-1) if k.dim() else k
+        phase = 2 * math.pi * (f.unsqueeze(-1) * tau + 0.5 * k * tau * tau)
+        return a.unsqueeze(-1) * _envelope(tau, d) * torch.cos(phase)
+
+    x = tone(p64["low_c"], p64["low_d"], p64["low_f"], p64["low_a"])
+    x = x + tone(p64["high_c"], p64["high_d"], p64["high_f"], p64["high_a"])
+    x = x + tone(p64["chirp_c"], p64["chirp_d"], p64["chirp_f"], p64["chirp_a"], p64["chirp_k"])
+    level = p64["noise_a"].unsqueeze(-1)  # background noise, louder in short bursts
+    for i in range(p64["burst_c"].shape[1]):
+        burst = _envelope(t - p64["burst_c"][:, i:i + 1], torch.full_like(p64["burst_c"][:, i], 0.06))
+        level = level + p64["burst_a"][:, i:i + 1] * burst
+    x = x + level * p64["noise"]
+    return x.float()
+
+
+AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AudioSet normalisation (transformers.ASTFeatureExtractor)
+
+
+def fbank(waveforms: Tensor) -> Tensor:
+    """AST input ``[B, 256, 128]``: Kaldi log-mel fbank (25 ms Hann window, 10 ms hop, 128 bins) normalised
+    as ``(x - mean) / (2 * std)``, i.e. what ``transformers.ASTFeatureExtractor`` gives for these clips.
+
+    Batched re-statement of ``torchaudio.compliance.kaldi.fbank`` with its defaults (DC offset removed,
+    pre-emphasis 0.97, 512-point power spectrum, Kaldi mel banks, log floored at float eps); the per-clip
+    torchaudio call is about 50x slower, and the tests check both agree.
+    """
+    import torchaudio.compliance.kaldi as kaldi
+
+    w = torch.as_tensor(waveforms, dtype=torch.float32)
+    w = w.unsqueeze(0) if w.dim() == 1 else w
+    frames = w.unfold(-1, 400, 160)  # [B, M, 400]
+    frames = frames - frames.mean(-1, keepdim=True)
+    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+    frames = (frames - 0.97 * previous) * torch.hann_window(400, periodic=False)
+    power = torch.fft.rfft(frames, n=512).abs().pow(2.0)  # [B, M, 257]
+    banks, _ = kaldi.get_mel_banks(MEL_BINS, 512, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
+    banks = torch.nn.functional.pad(banks.float(), (0, 1))  # [128, 257]
+    mel = torch.matmul(power, banks.T).clamp_min(torch.finfo(torch.float32).eps).log()
+    return (mel - AST_MEAN) / (2 * AST_STD)
+
+
+def audio_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:
+    """``n`` fbank clips ``[n, 256, 128]`` and labels ``[n]`` from ``seed``."""
+    p = audio_params(n, seed)
+    return fbank(render_audio(p)), audio_labels(p)

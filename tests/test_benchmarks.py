@@ -1,0 +1,139 @@
+"""The benchmark task generators and result writers (the benchmarks themselves are not tests)."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from benchmarks import results, tasks
+
+
+# --------------------------------------------------------------------------------------------- generators
+def test_video_deterministic_given_seed():
+    x1, y1 = tasks.video_batch(8, seed=3)
+    x2, y2 = tasks.video_batch(8, seed=3)
+    x3, y3 = tasks.video_batch(8, seed=4)
+    assert x1.shape == (8, tasks.VIDEO_FRAMES, 3, tasks.VIDEO_SIZE, tasks.VIDEO_SIZE)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, x3)
+    assert x1.min() >= -1 and x1.max() <= 1
+
+
+def test_audio_deterministic_given_seed():
+    x1, y1 = tasks.audio_batch(2, seed=3)
+    x2, y2 = tasks.audio_batch(2, seed=3)
+    x3, _ = tasks.audio_batch(2, seed=4)
+    assert x1.shape == (2, tasks.AUDIO_FRAMES, tasks.MEL_BINS)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, x3)
+
+
+def test_labels_cover_every_class():
+    assert set(tasks.video_labels(tasks.video_params(200, 0)).tolist()) == set(range(tasks.VIDEO_CLASSES))
+    assert set(tasks.audio_labels(tasks.audio_params(200, 0)).tolist()) == set(range(tasks.AUDIO_CLASSES))
+
+
+def test_reversed_video_is_the_flipped_clip_with_another_label():
+    p = tasks.video_params(32, seed=5)
+    q = tasks.reverse_video_params(p)
+    assert torch.equal(tasks.render_video(q), tasks.render_video(p).flip(1))  # frames played backwards
+    y, y_rev = tasks.video_labels(p), tasks.video_labels(q)
+    assert (y != y_rev).all()
+    # Both factors flip: direction right<->left, down<->up, and which flash comes first.
+    assert torch.equal(y_rev // 2, (y // 2) ^ 1)
+    assert torch.equal(y_rev % 2, 1 - y % 2)
+
+
+def test_video_frame_order_alone_changes_the_label():
+    # Same frames, same appearance, only the order differs: the labels must differ.
+    p = tasks.video_params(8, seed=6)
+    x = tasks.render_video(p)
+    assert sorted(x.flip(1)[0].reshape(tasks.VIDEO_FRAMES, -1).sum(1).tolist()) == \
+        sorted(x[0].reshape(tasks.VIDEO_FRAMES, -1).sum(1).tolist())
+    assert (tasks.video_labels(tasks.reverse_video_params(p)) != tasks.video_labels(p)).all()
+
+
+def test_reversed_audio_is_the_flipped_clip_with_another_label():
+    p = tasks.audio_params(8, seed=5)
+    q = tasks.reverse_audio_params(p)
+    w, w_rev = tasks.render_audio(p), tasks.render_audio(q)
+    assert w.shape == (8, tasks.AUDIO_SAMPLES)
+    assert torch.allclose(w_rev, w.flip(-1), atol=5e-3)
+    y, y_rev = tasks.audio_labels(p), tasks.audio_labels(q)
+    assert (y != y_rev).all()
+    assert torch.equal(y_rev // 4, 1 - y // 4)  # order of the low and high tones flips
+    assert torch.equal((y_rev // 2) % 2, 1 - (y // 2) % 2)  # the chirp sweeps the other way
+    assert torch.equal(y_rev % 2, y % 2)  # the gap is the same
+
+
+def test_audio_events_land_where_the_label_says():
+    # Relative to each frame's median over all bins (noise bursts are broadband), the loudest of the low
+    # tone's mel bins (~250-500 Hz: bins 14-27) is louder inside the low tone than anywhere outside it, and
+    # likewise for the high tone (~2.5-4.5 kHz: bins 79-105): the events sit where the label's order says.
+    p = tasks.audio_params(8, seed=7)
+    feats = tasks.fbank(tasks.render_audio(p))  # [B, 256 frames, 128 bins]
+    rel = feats - feats.median(-1, keepdim=True).values
+    seconds = torch.arange(tasks.AUDIO_FRAMES).float() * 0.01 + 0.0125  # centre of each 25 ms frame
+    for band, name in ((slice(14, 28), "low"), (slice(79, 106), "high")):
+        energy = rel[:, :, band].amax(-1)  # [B, frames]
+        inside = (seconds - p[f"{name}_c"].unsqueeze(1)).abs() < p[f"{name}_d"].unsqueeze(1) / 2 - 0.03
+        outside = (seconds - p[f"{name}_c"].unsqueeze(1)).abs() > p[f"{name}_d"].unsqueeze(1) / 2 + 0.03
+        for i in range(len(energy)):
+            assert energy[i][inside[i]].mean() > energy[i][outside[i]].max() + 0.2, (name, i)
+    assert (tasks.audio_labels(p) // 4 == 1).tolist() == (p["high_c"] < p["low_c"]).tolist()
+
+
+def test_fbank_matches_the_ast_feature_extractor():
+    transformers = pytest.importorskip("transformers")
+    w = tasks.render_audio(tasks.audio_params(2, seed=8))
+    ours = tasks.fbank(w)
+    fe = transformers.ASTFeatureExtractor(max_length=tasks.AUDIO_FRAMES, num_mel_bins=tasks.MEL_BINS)
+    theirs = fe([c.numpy() for c in w], sampling_rate=tasks.SAMPLE_RATE, return_tensors="pt").input_values
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ writers
+ROWS = [{"method": "tome", "time_mode": "global", "speedup": 1.5, "accuracy": 0.9, "note": "a|b"},
+        {"method": "tome", "time_mode": "global", "speedup": 2.0, "accuracy": 0.8},
+        {"method": "prune", "time_mode": "global", "speedup": 1.9, "accuracy": float("nan")},
+        {"method": "prune", "time_mode": "adjacent", "speedup": 1.8, "accuracy": 0.7}]
+
+
+def test_write_json_is_strict_json(tmp_path):
+    path = results.write_json(ROWS, tmp_path / "sub" / "x.json", meta={"threads": 2, "v": torch.tensor(1.5)})
+    doc = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert doc["meta"] == {"threads": 2, "v": 1.5}
+    assert doc["rows"][0] == ROWS[0]
+    assert doc["rows"][2]["accuracy"] is None  # NaN is not valid JSON
+    assert results.read_json(path)[1] == ROWS[1]
+
+
+def test_markdown_table_shape(tmp_path):
+    path = results.write_markdown(ROWS, tmp_path / "x.md", title="T", notes=["note one"])
+    text = path.read_text()
+    assert text.startswith("# T\n")
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0] == "| method | time_mode | speedup | accuracy | note |"
+    assert table[1] == "|---|---|---|---|---|"
+    assert len(table) == 2 + len(ROWS)
+    for line in table:  # every row has the header's cell count (the | in a value is escaped)
+        assert line.replace("\\|", "").count("|") == 6
+    assert "| tome | global | 1.5 | 0.9 | a\\|b |" in table
+
+
+def test_plot_writes_a_png(tmp_path):
+    path = results.plot_lines(ROWS, tmp_path / "p" / "plot.png", x="speedup", y="accuracy", line="method",
+                              panel="time_mode", reference={"speedup": 1.0, "accuracy": 0.95})
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 300 and height > 200
+
+
+def test_missing_suite_gives_a_clear_error():
+    from benchmarks.__main__ import load_suite
+
+    with pytest.raises(SystemExit, match="unknown suite"):
+        load_suite("nope")
