@@ -9,7 +9,8 @@ GFLOPs (torch's counter via mmmerge.count_flops) and wall time of one forward, b
   * clips of 2, 5 and 10 s, padded to 1024 frames as transformers does: padding dropped (r=0), and
     padding dropped + tome at 50% of the remaining FLOPs.
 All ratios are against the unmerged model on the padded 1024-frame input, timed side by side in the
-same run (timing.SideBySide: warm-up, interleaved, medians), with a fixed thread count.
+same run (timing.SideBySide: warm-up, interleaved, medians; each row against the unmerged runs made
+around it), with a fixed thread count.
 Targets a constant r cannot reach (the engine's TargetFlops) use the largest KeepRatio schedule whose
 estimated FLOPs meet them (``schedule`` column). Goal (issue 4): at 50% FLOPs, efficiency
 (= speedup x FLOPs ratio) >= 0.85.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -100,10 +102,13 @@ def clip_settings(quick: bool) -> List[Tuple[float, Optional[float]]]:
     return [(s, f) for s in seconds for f in (None, 0.5)]
 
 
-def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3,
-        threads: Optional[int] = 2) -> List[Dict[str, object]]:
-    """Rows: input, tokens, method, time_mode, target, schedule, final_tokens, gflops, flops_ratio, ms, speedup,
-    efficiency. Writes ``audio.md`` and ``audio.json`` to ``out_dir`` when given."""
+def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3, threads: Optional[int] = 1,
+        sections: Sequence[str] = ("full", "clips")) -> List[Dict[str, object]]:
+    """Rows: input, tokens, method, time_mode, target, schedule, final_tokens, gflops, flops_ratio, ms, base_ms,
+    speedup, efficiency. ``speedup`` = base_ms / ms, where base_ms is the median of the unmerged runs interleaved
+    with that row's runs (robust to load changing during the run; the first row's base_ms is the whole run's).
+    ``sections``: "full" (10.24 s input sweep) and/or "clips" (2/5/10 s, padding dropped).
+    Writes ``audio.md`` and ``audio.json`` to ``out_dir`` when given."""
     if threads:
         torch.set_num_threads(threads)
     repeats = 2 if quick else repeats
@@ -117,21 +122,23 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3,
                lengths=None, **patch) -> None:
         audio.patch(model, method=method, time_mode=mode, lengths=lengths, **patch)
         flops = mmmerge.count_flops(model, input_values=x)
+        before = len(timer.baseline_times)
         ms = timer.measure(lambda: model(input_values=x), repeats) * 1e3
+        around = statistics.median(timer.baseline_times[before:]) * 1e3  # baseline runs interleaved with these
         info = mmmerge.last_info(model)
         rows.append({"input": label, "tokens": info.tokens_per_layer[0], "method": method, "time_mode": mode,
                      "target": target, "schedule": described,
                      "final_tokens": info.tokens_per_layer[-1] - info.schedule[-1], "gflops": flops / 1e9,
-                     "flops_ratio": flops / base_flops, "ms": ms})
+                     "flops_ratio": flops / base_flops, "ms": ms, "base_ms": around})
         mmmerge.unpatch(model)
 
     with torch.no_grad():
         base_flops = mmmerge.count_flops(reference, input_values=full_x)
         timer = SideBySide(lambda: reference(input_values=full_x))
-        for method, mode, fraction in settings(quick):
+        for method, mode, fraction in settings(quick) if "full" in sections else ():
             spec, described = schedule_for(model, fraction, method, mode, layout.columns)
             record(full_x, "10.24 s", method, mode, fraction, described, r=spec)
-        for seconds, fraction in clip_settings(quick):
+        for seconds, fraction in clip_settings(quick) if "clips" in sections else ():
             x, lengths = audio.features(clip(seconds))  # padded to 1024 frames; lengths = real frames
             columns = layout.real_columns(int(lengths[0]))
             if fraction is None:
@@ -143,9 +150,9 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3,
     base_ms = timer.baseline_median * 1e3
     rows.insert(0, {"input": "10.24 s (any clip, padded)", "tokens": layout.num_tokens, "method": "none",
                     "time_mode": "-", "target": 1.0, "schedule": "r=0", "final_tokens": layout.num_tokens,
-                    "gflops": base_flops / 1e9, "flops_ratio": 1.0, "ms": base_ms})
+                    "gflops": base_flops / 1e9, "flops_ratio": 1.0, "ms": base_ms, "base_ms": base_ms})
     for row in rows:
-        row["speedup"] = base_ms / row["ms"]
+        row["speedup"] = row["base_ms"] / row["ms"]
         row["efficiency"] = row["speedup"] * row["flops_ratio"]  # speedup / (1 / flops_ratio); 1.0 = ideal
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -156,7 +163,7 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3,
 
 
 COLUMNS = ["input", "tokens", "method", "time_mode", "target", "schedule", "final_tokens", "gflops", "flops_ratio",
-           "ms", "speedup", "efficiency"]
+           "ms", "base_ms", "speedup", "efficiency"]
 
 
 def report(rows: Sequence[Dict[str, object]]) -> str:
@@ -168,10 +175,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for the whole run)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, fixed for the whole run (1: on a "
+                        "shared CPU a second OpenMP thread stalls on the busiest core and timings blow up)")
     parser.add_argument("--out", type=Path, default=None, help="folder for audio.md and audio.json")
+    parser.add_argument("--sections", nargs="+", default=["full", "clips"], choices=["full", "clips"])
     args = parser.parse_args(argv)
-    rows = run(args.out, quick=args.quick, repeats=args.repeats, threads=args.threads)
+    rows = run(args.out, quick=args.quick, repeats=args.repeats, threads=args.threads, sections=args.sections)
     print(report(rows))
 
 
