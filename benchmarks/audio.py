@@ -108,7 +108,7 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3, t
     speedup, efficiency. ``speedup`` = base_ms / ms, where base_ms is the median of the unmerged runs interleaved
     with that row's runs (robust to load changing during the run; the first row's base_ms is the whole run's).
     ``sections``: "full" (10.24 s input sweep) and/or "clips" (2/5/10 s, padding dropped).
-    Writes ``audio.md`` and ``audio.json`` to ``out_dir`` when given."""
+    ``out_dir`` is accepted for the ``python -m benchmarks`` entry point, which writes the files itself."""
     if threads:
         torch.set_num_threads(threads)
     repeats = 2 if quick else repeats
@@ -154,12 +154,14 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3, t
     for row in rows:
         row["speedup"] = row["base_ms"] / row["ms"]
         row["efficiency"] = row["speedup"] * row["flops_ratio"]  # speedup / (1 / flops_ratio); 1.0 = ideal
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "audio.md").write_text(report(rows))
-        (out_dir / "audio.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
     return rows
+
+
+def save(rows: Sequence[Dict[str, object]], out_dir: Path) -> None:
+    """``audio.md`` and ``audio.json`` in ``out_dir`` (``python -m benchmarks audio`` writes its own instead)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "audio.md").write_text(report(rows))
+    (out_dir / "audio.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
 
 
 COLUMNS = ["input", "tokens", "method", "time_mode", "target", "schedule", "final_tokens", "gflops", "flops_ratio",
@@ -181,6 +183,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--sections", nargs="+", default=["full", "clips"], choices=["full", "clips"])
     args = parser.parse_args(argv)
     rows = run(args.out, quick=args.quick, repeats=args.repeats, threads=args.threads, sections=args.sections)
+    if args.out is not None:
+        save(rows, args.out)
     print(report(rows))
 
 
