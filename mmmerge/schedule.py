@@ -104,6 +104,44 @@ def validate_schedule(schedule: Sequence[int], num_tokens: int, protected: int =
         n -= r
 
 
+def _keep_ratio(ratio: float, num_layers: int, num_tokens: int, protected: int, method: str,
+                multiple_of: int) -> List[int]:
+    """Each layer keeps ``ratio`` of its mergeable tokens, capped by what the method can remove per step."""
+    schedule, n = [], num_tokens
+    for _ in range(num_layers):
+        r = (n - protected) - round((n - protected) * ratio)
+        r = min(r, max_r(method, n - protected))
+        r -= r % multiple_of
+        schedule.append(r)
+        n -= r
+    return schedule
+
+
+def _target_flops(fraction: float, num_layers: int, num_tokens: int, protected: int, method: str,
+                  multiple_of: int, layer_flops: LayerFlops) -> List[int]:
+    """The gentlest schedule within ``fraction`` of the unmerged FLOPs.
+
+    First the smallest constant r (ToMe's schedule). A constant r is capped by the last layer's token
+    count (at most half its mergeable tokens for bipartite methods), so deep or short inputs may not reach
+    the target that way; then the mildest keep-ratio schedule (more removed early, where tokens are many).
+    """
+    base = schedule_flops([0] * num_layers, num_tokens, layer_flops)
+    budget = fraction * base
+    top = _constant_feasible(num_layers, num_tokens, protected, method, multiple_of)
+    for r in range(0, top + 1, multiple_of):
+        if schedule_flops([r] * num_layers, num_tokens, layer_flops) <= budget:
+            return [r] * num_layers
+    for step in range(99, 0, -1):  # keep ratio 0.99, 0.98, ... 0.01: the first one inside the budget
+        schedule = _keep_ratio(step / 100, num_layers, num_tokens, protected, method, multiple_of)
+        if schedule_flops(schedule, num_tokens, layer_flops) <= budget:
+            return schedule
+    reached = schedule_flops([top] * num_layers, num_tokens, layer_flops) / base
+    raise ValueError(
+        f"TargetFlops({fraction}) is out of reach: the largest feasible constant r={top} gives {reached:.2f} "
+        "of the baseline FLOPs and no keep-ratio schedule does better; aim higher or use fewer protected tokens"
+    )
+
+
 def resolve_schedule(spec: ScheduleSpec, num_layers: int, num_tokens: int, protected: int = 0, *,
                      method: str = "tome", multiple_of: int = 1,
                      layer_flops: Optional[LayerFlops] = None) -> List[int]:
@@ -135,13 +173,7 @@ def resolve_schedule(spec: ScheduleSpec, num_layers: int, num_tokens: int, prote
     elif isinstance(spec, KeepRatio):
         if not 0.0 < spec.ratio <= 1.0:
             raise ValueError(f"KeepRatio must be in (0, 1], got {spec.ratio}")
-        schedule, n = [], num_tokens
-        for _ in range(num_layers):
-            r = (n - protected) - round((n - protected) * spec.ratio)
-            r = min(r, max_r(method, n - protected))
-            r -= r % multiple_of
-            schedule.append(r)
-            n -= r
+        schedule = _keep_ratio(spec.ratio, num_layers, num_tokens, protected, method, multiple_of)
     elif isinstance(spec, TargetTokens):
         total = num_tokens - spec.tokens
         if spec.tokens < protected + 1 or total < 0:
@@ -156,19 +188,7 @@ def resolve_schedule(spec: ScheduleSpec, num_layers: int, num_tokens: int, prote
             raise ValueError(f"TargetFlops fraction must be in (0, 1], got {spec.fraction}")
         if layer_flops is None:
             raise ValueError("TargetFlops needs the model's layer_flops cost function (adapters supply it)")
-        base = schedule_flops([0] * num_layers, num_tokens, layer_flops)
-        top = _constant_feasible(num_layers, num_tokens, protected, method, multiple_of)
-        schedule = [top] * num_layers
-        for r in range(0, top + 1, multiple_of):
-            if schedule_flops([r] * num_layers, num_tokens, layer_flops) <= spec.fraction * base:
-                schedule = [r] * num_layers
-                break
-        else:
-            reached = schedule_flops(schedule, num_tokens, layer_flops) / base
-            raise ValueError(
-                f"TargetFlops({spec.fraction}) is out of reach: the largest feasible constant r={top} "
-                f"gives {reached:.2f} of the baseline FLOPs"
-            )
+        schedule = _target_flops(spec.fraction, num_layers, num_tokens, protected, method, multiple_of, layer_flops)
     else:
         raise TypeError(f"unsupported schedule spec {spec!r} ({type(spec).__name__})")
 

@@ -46,3 +46,15 @@ def test_infeasible_schedules_raise_with_the_limit():
     with pytest.raises(ValueError, match="out of reach"):
         mm.resolve_schedule(mm.TargetFlops(0.01), 2, 50, layer_flops=mm.transformer_layer_flops(8))
     assert mm.resolve_schedule(7, 3, 50, method="none") == [0, 0, 0]
+
+
+def test_target_flops_falls_back_to_keep_ratio_when_constant_r_cannot_reach():
+    cost = mm.transformer_layer_flops(768)
+    # 1214 tokens over 12 layers: the best constant r stays just above 50% of the FLOPs (AST-base).
+    top = mm.schedule._constant_feasible(12, 1214, 2, "tome", 1)
+    base = mm.schedule.schedule_flops([0] * 12, 1214, cost)
+    assert mm.schedule.schedule_flops([top] * 12, 1214, cost) > 0.45 * base
+    sched = mm.resolve_schedule(mm.TargetFlops(0.45), 12, 1214, 2, layer_flops=cost)
+    assert mm.schedule.schedule_flops(sched, 1214, cost) <= 0.45 * base
+    assert len(set(sched)) > 1 and sched[0] > sched[-1]  # a keep-ratio schedule: more removed early
+    mm.schedule.validate_schedule(sched, 1214, 2, "tome")
