@@ -11,7 +11,7 @@ GFLOPs (torch's counter via mmmerge.count_flops) and wall time of one forward, b
 All ratios are against the unmerged model on the padded 1024-frame input, timed side by side in the
 same run (timing.SideBySide: warm-up, interleaved, medians; each row against the unmerged runs made
 around it), with a fixed thread count.
-Targets a constant r cannot reach (the engine's TargetFlops) use the largest KeepRatio schedule whose
+Targets a constant r cannot reach use the engine's TargetFlops fallback, the largest KeepRatio schedule whose
 estimated FLOPs meet them (``schedule`` column). Goal (issue 4): at 50% FLOPs, efficiency
 (= speedup x FLOPs ratio) >= 0.85.
 """
@@ -28,7 +28,7 @@ import torch
 
 import mmmerge
 from mmmerge.adapters import audio
-from mmmerge.schedule import KeepRatio, resolve_schedule, schedule_flops, transformer_layer_flops
+from mmmerge.schedule import resolve_schedule, transformer_layer_flops
 
 from .timing import SideBySide, machine, markdown_table
 
@@ -61,9 +61,9 @@ def clip(seconds: float, rate: int = 16000) -> torch.Tensor:
 
 
 def schedule_for(model, fraction: float, method: str, time_mode: str, columns: int) -> Tuple[Union[int, list], str]:
-    """The engine's TargetFlops when a constant r reaches ``fraction``, else the mildest KeepRatio that does.
+    """The engine's TargetFlops schedule for ``fraction`` at this many columns, and a short description of it.
 
-    Returns the spec to pass as ``r`` and a short description of it.
+    (The engine uses a constant r when one reaches the target, else the mildest keep-ratio schedule.)
     """
     cfg = model.config
     layers = cfg.num_hidden_layers
@@ -71,20 +71,9 @@ def schedule_for(model, fraction: float, method: str, time_mode: str, columns: i
     layout = audio.ast_layout(model)
     tokens = layout.protected + layout.bands * columns
     groups = layout.bands if time_mode == "same_band" else 1
-    try:
-        schedule = resolve_schedule(mmmerge.TargetFlops(fraction), layers, tokens, layout.protected, method=method,
-                                    multiple_of=groups, layer_flops=flops)
-        return schedule, f"const r={schedule[0]}"
-    except ValueError:
-        pass
-    base = schedule_flops([0] * layers, tokens, flops)
-    lo, hi = 0.3, 1.0  # keep ratios: lo meets the target, hi does not
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        spec = resolve_schedule(KeepRatio(mid), layers, tokens, layout.protected, method=method, multiple_of=groups)
-        lo, hi = (mid, hi) if schedule_flops(spec, tokens, flops) <= fraction * base else (lo, mid)
-    schedule = resolve_schedule(KeepRatio(lo), layers, tokens, layout.protected, method=method, multiple_of=groups)
-    return schedule, f"keep {lo:.3f}"
+    schedule = resolve_schedule(mmmerge.TargetFlops(fraction), layers, tokens, layout.protected, method=method,
+                                multiple_of=groups, layer_flops=flops)
+    return schedule, f"const r={schedule[0]}" if len(set(schedule)) == 1 else "keep-ratio"
 
 
 def settings(quick: bool) -> List[Tuple[str, str, float]]:

@@ -100,7 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--audio", help="WAV/FLAC/OGG file (default: a generated 4 s sample clip)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--r", type=int, help="tokens merged per layer")
-    budget.add_argument("--flops", type=float, help="target fraction of the padding-free FLOPs (default 0.6)")
+    budget.add_argument("--flops", type=float, help="target fraction of the padding-free FLOPs (default 0.5)")
     parser.add_argument("--method", default="tome", choices=["tome", "pitome", "tps", "random", "prune"])
     parser.add_argument("--time-mode", default="global", help="global, same_band, adjacent, window or window(k)")
     parser.add_argument("--window", type=int, default=4, help="columns per window for --time-mode window")
@@ -131,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     unmerged = copy.deepcopy(model)  # timed side by side with the patched model
     with torch.no_grad():
         base_logits, base_gflops = run_and_count(unmerged, x)
-        spec = args.r if args.r is not None else mmmerge.TargetFlops(args.flops if args.flops is not None else 0.6)
+        spec = args.r if args.r is not None else mmmerge.TargetFlops(args.flops if args.flops is not None else 0.5)
         want_source = bool(args.visualize or args.columns)
         audio.patch(model, r=spec, method=args.method, time_mode=args.time_mode, window=args.window,
                     within_band=args.within_band, lengths=lengths, drop_padding=not args.keep_padding,
