@@ -5,7 +5,7 @@
     python -m benchmarks.llava --size 7b  # LLaVA-1.5-7B size in bf16 (needs a GPU)
 
 Three tables, all measured in one process, interleaved rounds, one warm-up, median of ``repeats``:
-    prefill    keep 576 / 192 / 144 / 64 (tome, pre_projector): latency of the whole prefill (tower,
+    prefill    keep 576 / 192 / 144 / 64 (tome, post_projector): latency of the whole prefill (tower,
                reduction, projector, LM over the prompt, last-token logits) and of the LM part alone, tokens/s,
                speedups against keep-all and the ratio of prefill tokens. Goal (issue 5): LM prefill speedup at
                keep=64 >= 0.8x the token ratio.
@@ -92,7 +92,7 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
     rows: List[Dict[str, object]] = []
     info = dict(size=size, device=device.type, dtype=str(dtype).replace("torch.", ""))
 
-    def inputs_for(keep: int, method: str = "tome", stage: str = "pre_projector"):
+    def inputs_for(keep: int, method: str = "tome", stage: str = "post_projector"):
         llava.restore_visual_tokens(model)
         llava.reduce_visual_tokens(model, keep=keep, method=method, stage=stage)
         ids, _ = llava.compact_image_tokens(full_ids, None, model)
