@@ -4,7 +4,7 @@
     python -m benchmarks.engine --quick
 
 For each (N, C) it times one pre-norm transformer layer (sdpa attention, MLP ratio 4, heads of 64)
-and, for each matcher, ``plan_merge`` + ``merge_tokens`` removing r = N // 10 tokens with head-averaged
+and, for each matcher (timed interleaved with the layer; fraction = median of per-pair ratios), ``plan_merge`` + ``merge_tokens`` removing r = N // 10 tokens with head-averaged
 keys ``[B, N, 64]`` as the metric, and prints the matcher's time as a fraction of the layer's.
 Goal (issue 2): tome <= 10% and pitome <= 20% of a layer at N=1568, C=768 on CPU.
 """
@@ -31,6 +31,9 @@ def transformer_layer(width: int) -> nn.Module:
                                       batch_first=True, norm_first=True).eval()
 
 
+COLUMNS = ["N", "C", "r", "method", "layer_ms", "merge_ms", "fraction"]
+
+
 def run(out_dir: Optional[Path] = None, quick: bool = False, batch: int = 1, repeats: int = 5) -> List[Dict[str, object]]:
     """Rows: N, C, method, layer_ms, merge_ms, fraction (merge / layer)."""
     torch.manual_seed(0)
@@ -52,11 +55,9 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, batch: int = 1, rep
                         plan = plan_merge(metric, state, r, method)
                         merge_tokens(x, state, plan)
 
-                    merge_s = timer.measure(step, repeats)
-                    rows.append({"N": n, "C": width, "r": r, "method": method, "merge_ms": merge_s * 1e3})
-                for row in rows[-len(METHODS):]:
-                    row["layer_ms"] = timer.baseline_median * 1e3
-                    row["fraction"] = row["merge_ms"] / row["layer_ms"]
+                    timed = timer.compare(step, repeats)
+                    rows.append({"N": n, "C": width, "r": r, "method": method, "merge_ms": timed["ms"],
+                                 "layer_ms": timed["base_ms"], "fraction": 1.0 / timed["speedup"]})
     return rows
 
 
@@ -67,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     rows = run(quick=args.quick, batch=args.batch)
     print(f"machine: {machine()}, batch {args.batch}")
-    print(markdown_table(rows, ["N", "C", "r", "method", "layer_ms", "merge_ms", "fraction"]))
+    print(markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,24 @@ class SideBySide:
             self.baseline_times.append(seconds(self.baseline))
         return statistics.median(times)
 
+    def compare(self, fn: Callable[[], object], repeats: int = 3) -> Dict[str, float]:
+        """Variant against the baseline runs made right next to it.
+
+        Returns ``ms`` (variant median), ``base_ms`` (median of the interleaved baseline runs) and
+        ``speedup``: the median of the per-pair ratios ``baseline_i / variant_i``, which cancels load that
+        changes during a long benchmark (other processes on a shared CPU).
+        """
+        fn()  # warm-up
+        pairs = []
+        for _ in range(repeats):
+            variant = seconds(fn)
+            base = seconds(self.baseline)
+            self.baseline_times.append(base)
+            pairs.append((variant, base))
+        return {"ms": statistics.median(v for v, _ in pairs) * 1e3,
+                "base_ms": statistics.median(b for _, b in pairs) * 1e3,
+                "speedup": statistics.median(b / v for v, b in pairs)}
+
     @property
     def baseline_median(self) -> float:
         return statistics.median(self.baseline_times)

@@ -5,7 +5,8 @@
 
 For each model: GFLOPs (torch's counter via mmmerge.count_flops) and wall time of one forward, batch 1,
 for tome in every time mode over a sweep of FLOPs targets, and for every method at 50% FLOPs.
-Ratios are measured side by side against the unmerged model in the same run (see timing.SideBySide).
+Each row's speedup is the median of per-pair ratios against unmerged runs interleaved with its own
+(timing.SideBySide.compare), so load changing during the run cancels out.
 Goal (issue 3): at 50% of the baseline FLOPs, speedup >= 0.85x the FLOPs ratio (about 1.7x).
 """
 from __future__ import annotations
@@ -74,21 +75,20 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3,
             for method, mode, fraction in grid:
                 video.patch(model, r=mmmerge.TargetFlops(fraction), method=method, time_mode=mode)
                 flops = mmmerge.count_flops(model, pixel_values=x)
-                ms = timer.measure(lambda: model(pixel_values=x), 2 if quick else repeats) * 1e3
+                timed = timer.compare(lambda: model(pixel_values=x), 2 if quick else repeats)
                 info = mmmerge.last_info(model)
                 rows.append({"model": name, "tokens": layout.num_tokens, "method": method, "time_mode": mode,
                              "target": fraction, "r": info.schedule[0], "final_tokens": info.tokens_per_layer[-1]
-                             - info.schedule[-1], "gflops": flops / 1e9, "flops_ratio": flops / base_flops, "ms": ms})
+                             - info.schedule[-1], "gflops": flops / 1e9, "flops_ratio": flops / base_flops, **timed})
                 mmmerge.unpatch(model)
                 if progress is not None:
                     progress.update(1)
         base_ms = timer.baseline_median * 1e3
         rows.insert(len(rows) - len(grid), {"model": name, "tokens": layout.num_tokens, "method": "none",
                     "time_mode": "-", "target": 1.0, "r": 0, "final_tokens": layout.num_tokens,
-                    "gflops": base_flops / 1e9, "flops_ratio": 1.0, "ms": base_ms})
+                    "gflops": base_flops / 1e9, "flops_ratio": 1.0, "ms": base_ms, "base_ms": base_ms, "speedup": 1.0})
         for row in rows:
             if row["model"] == name:
-                row["speedup"] = base_ms / row["ms"] if row["method"] != "none" else 1.0
                 row["efficiency"] = row["speedup"] * row["flops_ratio"]  # speedup / (1 / flops_ratio)
         del model, reference
     return rows
@@ -100,7 +100,7 @@ def copy_of(model):
 
 
 COLUMNS = ["model", "tokens", "method", "time_mode", "target", "r", "final_tokens", "gflops", "flops_ratio", "ms",
-           "speedup", "efficiency"]
+           "base_ms", "speedup", "efficiency"]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
