@@ -33,6 +33,7 @@ VIDEO_FRAMES, VIDEO_SIZE, VIDEO_CLASSES = 8, 32, 8
 MOVER, FLASH, FLASH_FRAMES = 6, 5, 2  # square sides (px) and flash length (frames)
 DIRECTIONS = ("right", "left", "down", "up")
 _VELOCITY = {0: (1, 0), 1: (-1, 0), 2: (0, 1), 3: (0, -1)}  # (dx, dy) unit per direction
+VIDEO_LABELS = [f"moves {d}, {'green' if g else 'red'} flash first" for d in DIRECTIONS for g in (0, 1)]
 
 
 def video_params(n: int, seed: int) -> Params:
@@ -128,6 +129,8 @@ def video_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:
 SAMPLE_RATE, AUDIO_FRAMES, MEL_BINS, AUDIO_CLASSES = 16000, 256, 128, 8
 AUDIO_SAMPLES = 400 + (AUDIO_FRAMES - 1) * 160  # exactly 256 fbank frames (25 ms window, 10 ms hop)
 RAMP = 0.02  # seconds of linear fade at each end of an event
+AUDIO_LABELS = [f"{'high' if h else 'low'} tone first, chirp {'down' if d else 'up'}, {'long' if g else 'short'} gap"
+                for h in (0, 1) for d in (0, 1) for g in (0, 1)]
 
 
 def audio_params(n: int, seed: int) -> Params:
