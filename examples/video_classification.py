@@ -7,9 +7,12 @@
 Prints the top-5 labels of the unmerged and the merged model, the tokens each layer sees, GFLOPs
 (counted by torch.utils.flop_counter, via mmmerge.count_flops) and the wall-clock speedup measured side by side.
 
-With no --model, it runs offline: VideoMAE-base is built from its config with RANDOM weights (so its
-labels mean nothing; the token counts, FLOPs and speedup are real), and with no --video it writes a
-short sample clip of moving shapes and reads it back with decord.
+With no arguments it runs offline on the project's reference VideoMAE (benchmarks/reference/videomae,
+4 layers, 8 frames of 32 x 32, trained from scratch on a generated task: which way a square moves and
+which of two flashes comes first) and a freshly generated clip of that task, written to mp4 and read
+back with decord, so the prediction is real and the true label is shown. ``--random-base`` instead
+builds VideoMAE-base (1568 tokens) from its config with RANDOM weights: meaningless labels, but the
+token counts, FLOPs and speedup of a real-size model.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import torch.nn.functional as F
 import mmmerge
 from mmmerge.adapters import video
 
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO / "benchmarks" / "reference" / "videomae"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -58,16 +63,38 @@ def write_sample_clip(path: Path, frames: int = 48, fps: int = 12, size: int = 2
 
 def load_model(name: Optional[str], attn: str):
     """A model from a hub name or local directory, or VideoMAE-base from its config (random weights)."""
-    from transformers import AutoConfig, AutoModelForVideoClassification, VideoMAEConfig, VideoMAEForVideoClassification
+    from transformers import AutoModelForVideoClassification, VideoMAEConfig, VideoMAEForVideoClassification
 
     if name is None:
         config = VideoMAEConfig(num_labels=400)  # the videomae-base-finetuned-kinetics shape: 16x224x224
         config._attn_implementation = attn
         torch.manual_seed(0)
         return VideoMAEForVideoClassification(config).eval(), "VideoMAE-base built from its config (RANDOM weights)"
-    config = AutoConfig.from_pretrained(name)
     model = AutoModelForVideoClassification.from_pretrained(name, attn_implementation=attn).eval()
-    return model, f"{type(model).__name__} from {name} ({config.num_frames} frames)"
+    return model, f"{type(model).__name__} from {name} ({model.config.num_frames} frames)"
+
+
+def write_task_clip(path: Path, seed: int) -> Tuple[Path, str]:
+    """One clip of the reference models' task (benchmarks/tasks.py), upscaled 4x into an mp4; and its label."""
+    import av
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))  # benchmarks/ is part of the repository, not of the installed package
+    from benchmarks.tasks import VIDEO_LABELS, video_batch
+
+    clips, labels = video_batch(1, seed)  # [1, T, 3, 32, 32] in [-1, 1]
+    frames = ((clips[0] * 0.5 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)  # [T, 32, 32, 3]
+    frames = frames.repeat_interleave(4, 1).repeat_interleave(4, 2).numpy()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = frames.shape[1]
+        stream.pix_fmt, stream.bit_rate = "yuv420p", 4_000_000
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path, VIDEO_LABELS[int(labels[0])]
 
 
 def preprocess(frames: torch.Tensor, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -124,7 +151,10 @@ def top5(logits: torch.Tensor, labels: Dict[int, str]) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="hub name or local directory (default: VideoMAE-base, random weights)")
+    parser.add_argument("--model", help="hub name or local directory (default: the reference VideoMAE)")
+    parser.add_argument("--random-base", action="store_true",
+                        help="VideoMAE-base from its config with random weights (real-size speed, meaningless labels)")
+    parser.add_argument("--seed", type=int, default=7, help="which generated task clip to classify")
     parser.add_argument("--video", help="path to a video file (default: a generated sample clip)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--r", type=int, help="tokens merged per layer")
@@ -141,16 +171,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, described = load_model(args.model, args.attn)
+    reference = args.model is None and not args.random_base
+    if reference and not (REFERENCE / "model.safetensors").exists():
+        raise SystemExit(f"the reference model is missing at {REFERENCE}; rebuild it with "
+                         "`python -m benchmarks.train_reference videomae`, or pass --random-base or --model")
+    model, described = load_model(str(REFERENCE) if reference else args.model, args.attn)
+    if reference:
+        described = "the reference VideoMAE (benchmarks/reference/videomae: trained here on the generated task)"
     config = model.config
     print(f"model: {described}")
 
+    truth = None
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.video) if args.video else write_sample_clip(Path(tmp) / "sample.mp4")
+        if args.video:
+            path = Path(args.video)
+        elif reference:
+            path, truth = write_task_clip(Path(tmp) / "task.mp4", args.seed)
+        else:
+            path = write_sample_clip(Path(tmp) / "sample.mp4")
         frames, stamps = video.load_video(path, num_frames=config.num_frames, sampling=args.sampling)
-    print(f"video: {'generated sample clip' if not args.video else path}, {frames.shape[0]} frames sampled "
-          f"({args.sampling}) between {float(stamps[0]):.2f} s and {float(stamps[-1]):.2f} s")
-    mean, std = processor_stats(args.model)
+    source = path if args.video else ("a generated task clip (seed %d)" % args.seed if reference else "a generated sample clip")
+    print(f"video: {source}, {frames.shape[0]} frames sampled ({args.sampling}) between {float(stamps[0]):.2f} s "
+          f"and {float(stamps[-1]):.2f} s")
+    if truth is not None:
+        print(f"true label: {truth}")
+    # The reference models take pixels scaled to [-1, 1]; hub models use their processor's statistics.
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if reference else processor_stats(args.model)
     x = preprocess(frames, config.image_size, mean, std)
     labels = {int(k): v for k, v in (config.id2label or {}).items()}
 
@@ -172,11 +218,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     for i, (a, b) in enumerate(zip(top5(base_logits, labels), top5(merged_logits, labels))):
         print(f"top-{i + 1:<7}{a:>44}{b:>44}")
     same = int(base_logits.argmax()) == int(merged_logits.argmax())
-    print(f"\nGFLOPs: {base_flops:.1f} -> {merged_flops:.1f} ({merged_flops / base_flops:.0%} of unmerged)")
+    print(f"\nGFLOPs: {base_flops:.3g} -> {merged_flops:.3g} ({merged_flops / base_flops:.0%} of unmerged)")
     print(f"time:   {t_base * 1e3:.0f} ms -> {t_merged * 1e3:.0f} ms, speedup {t_base / t_merged:.2f}x "
           f"(median of {args.repeats}, side by side, {torch.get_num_threads()} threads)")
     print(f"top-1 unchanged: {same}")
-    if args.model is None:
+    if reference:
+        print("note: the reference model is tiny (256 tokens, 4 layers), so per-layer overheads dominate its wall "
+              "time; --random-base shows the speedup at real size (1568 tokens).")
+    if args.random_base and args.model is None:
         print("note: random weights, so the labels above are meaningless; token counts, FLOPs and speed are real.")
 
     if args.visualize:
