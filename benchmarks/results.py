@@ -100,12 +100,13 @@ def _number(value: Any) -> Optional[float]:
 def plot_lines(rows: Sequence[Mapping[str, Any]], path: Path, x: str, y: str, line: str,
                panel: Optional[str] = None, title: Optional[str] = None, xlabel: Optional[str] = None,
                ylabel: Optional[str] = None, reference: Optional[Mapping[str, Any]] = None,
-               extra_panels_y: Sequence[str] = ()) -> Path:
+               extra_panels_y: Sequence[str] = (), order: Optional[str] = None) -> Path:
     """PNG of ``y`` against ``x``, one line per value of ``line`` (points sorted by x).
 
     ``panel``: one subplot per value of that key (e.g. time mode), side by side, shared axes.
     ``reference``: a row drawn as a black star and a dashed horizontal line in every panel (the unmerged model).
     ``extra_panels_y``: more rows of subplots, same x and lines, one per extra y key.
+    ``order``: connect a line's points in the order of this key (e.g. the FLOPs target) instead of by x.
     Rows whose x or y is missing or not finite are skipped.
     """
     import matplotlib
@@ -126,9 +127,13 @@ def plot_lines(rows: Sequence[Mapping[str, Any]], path: Path, x: str, y: str, li
         for col_i, p in enumerate(panels):
             ax = axes[row_i][col_i]
             for i, name in enumerate(lines):
-                pts = [(_number(r.get(x)), _number(r.get(y_key))) for r in rows
-                       if r.get(line) == name and (panel is None or r.get(panel) == p)]
-                pts = sorted((a, b) for a, b in pts if a is not None and b is not None)
+                picked = [r for r in rows if r.get(line) == name and (panel is None or r.get(panel) == p)]
+                if order is not None:
+                    picked = sorted(picked, key=lambda r: _number(r.get(order)) or 0.0)
+                pts = [(_number(r.get(x)), _number(r.get(y_key))) for r in picked]
+                pts = [(a, b) for a, b in pts if a is not None and b is not None]
+                if order is None:
+                    pts.sort()
                 if pts:
                     ax.plot([a for a, _ in pts], [b for _, b in pts], marker=markers[i % len(markers)],
                             color=colours[i % len(colours)], label=str(name), linewidth=1.5, markersize=5)
