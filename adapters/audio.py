@@ -32,10 +32,10 @@ from torch import Tensor
 from mmmerge.constraints import Adjacent, Constraint, Global, SameSpan, Window
 from mmmerge.merge import unmerge
 from mmmerge.patching import register
-from mmmerge.schedule import ScheduleSpec, resolve_schedule, transformer_layer_flops
+from mmmerge.schedule import ScheduleSpec
 from mmmerge.state import TokenState
 
-from .encoder import MergeInfo, encoder_layers, patch_layers
+from .encoder import MergeInfo, encoder_layers, encoder_schedule, patch_layers
 
 SUPPORTED = ("ASTModel", "ASTForAudioClassification")
 TIME_MODES = ("global", "same_band", "adjacent", "window")
@@ -274,17 +274,10 @@ def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode
     layout, padding = _padding(full, _lengths_list(lengths, full), drop_padding)
     per_band = _has_band_rule(constraint) and band_budget
     groups = layout.bands if per_band else 1
-    cfg = base.config
     layers = encoder_layers(base)
-    flops = transformer_layer_flops(cfg.hidden_size, cfg.intermediate_size / cfg.hidden_size)
-    try:
-        schedule = resolve_schedule(r, len(layers), layout.num_tokens, layout.protected, method=method,
-                                    multiple_of=groups, layer_flops=flops)
-    except ValueError as err:
-        if per_band:
-            raise ValueError(f"{err} (same_band shares r equally over {groups} bands; pass band_budget=False "
-                             "for one global budget under the band rule)") from None
-        raise
+    schedule = encoder_schedule(r, base.config, len(layers), layout.num_tokens, layout.protected, method, groups,
+                                f"same_band shares r equally over {groups} bands; pass band_budget=False for one "
+                                "global budget under the band rule")
     coords, rules = _coordinates(layout)
     if prop_attn is None:
         prop_attn = method != "prune"
@@ -292,18 +285,14 @@ def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode
                    trace_source=trace_source, drop_padding=drop_padding, within_band=within_band,
                    band_budget=band_budget, **hyper)
 
+    def install(ctx):
+        if padding is None:
+            return []
+        return [base.embeddings.register_forward_hook(_embeddings_hook(ctx, padding)).remove]
+
     ctx = patch_layers(model, layers, schedule=schedule, method=method, constraint=constraint, groups=groups,
                        prop_attn=prop_attn, trace_source=trace_source, protected=layout.protected, coords=coords,
-                       rules=rules, hyper=hyper)
-    if padding is not None:
-        handle = base.embeddings.register_forward_hook(_embeddings_hook(ctx, padding))
-        restore = model._mmmerge_undo
-
-        def restore_all() -> None:
-            handle.remove()
-            restore()
-
-        model._mmmerge_undo = restore_all
+                       rules=rules, hyper=hyper, install=install)
     ctx.layout = layout  # type: ignore[attr-defined]
     ctx.audio_options = options  # type: ignore[attr-defined]
     ctx.lengths = lengths  # type: ignore[attr-defined]

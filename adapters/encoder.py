@@ -24,6 +24,7 @@ from torch import Tensor
 from mmmerge.attention import size_bias
 from mmmerge.constraints import Constraint, Global
 from mmmerge.reduce import merge_tokens, plan_merge
+from mmmerge.schedule import ScheduleSpec, resolve_schedule, transformer_layer_flops
 from mmmerge.state import TokenState, init_state
 
 try:  # transformers >= 4.48
@@ -262,10 +263,12 @@ def patch_layers(model: nn.Module, layers: Sequence[nn.Module], *, schedule: Lis
                  constraint: Optional[Constraint] = None, groups: int = 1, prop_attn: bool = True,
                  trace_source: bool = False, protected: int = 0, coords: Optional[Dict[str, Tensor]] = None,
                  rules: Optional[Dict[str, str]] = None, hyper: Optional[Dict[str, Any]] = None,
-                 extra_undo: Sequence[Callable[[], None]] = ()) -> MergeContext:
+                 install: Optional[Callable[[MergeContext], Sequence[Callable[[], None]]]] = None) -> MergeContext:
     """Patch ``layers`` (one encoder's layers, in order) of ``model``; atomic and reversible.
 
     Everything is validated before the first change; any failure while patching undoes what was done.
+    ``install(ctx)`` lets an adapter add its own hooks (pooling, padding) inside the same atomic step; it
+    returns their undo callables.
     An already patched model is unpatched first (patches replace, never stack). ``mmmerge.unpatch(model)``
     restores the original forwards and attention configs exactly.
     """
@@ -313,13 +316,31 @@ def patch_layers(model: nn.Module, layers: Sequence[nn.Module], *, schedule: Lis
             p.core._mmmerge_base_attention = base
             undo.append(lambda core=p.core, cfg=old_config: (setattr(core, "config", cfg),
                                                              core.__dict__.pop("_mmmerge_base_attention", None)))
-        undo.extend(extra_undo)
+        if install is not None:
+            undo.extend(install(ctx))
         model._mmmerge = ctx
         model._mmmerge_undo = restore
     except Exception:
         restore()
         raise
     return ctx
+
+
+def encoder_schedule(r: ScheduleSpec, config: Any, num_layers: int, num_tokens: int, protected: int, method: str,
+                     groups: int = 1, group_hint: str = "") -> List[int]:
+    """Per-layer r for a ViT-style encoder (FLOPs model from its config); ``groups`` > 1 = per-group budgets.
+
+    ``group_hint`` is appended to an infeasibility error when per-group budgets are on (say how to turn
+    them off), since equal shares are the usual reason an otherwise fine r fails.
+    """
+    flops = transformer_layer_flops(config.hidden_size, config.intermediate_size / config.hidden_size)
+    try:
+        return resolve_schedule(r, num_layers, num_tokens, protected, method=method, multiple_of=groups,
+                                layer_flops=flops)
+    except ValueError as err:
+        if groups > 1 and group_hint:
+            raise ValueError(f"{err} ({group_hint})") from None
+        raise
 
 
 def weighted_mean(x: Tensor, size: Tensor, valid: Optional[Tensor] = None) -> Tensor:

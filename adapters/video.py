@@ -23,9 +23,9 @@ from torch import Tensor
 from mmmerge.constraints import Adjacent, Constraint, Global, SameSpan, Window
 from mmmerge.merge import unmerge
 from mmmerge.patching import register
-from mmmerge.schedule import ScheduleSpec, resolve_schedule, transformer_layer_flops
+from mmmerge.schedule import ScheduleSpec
 
-from .encoder import MergeInfo, encoder_layers, patch_layers, pooling_hook
+from .encoder import MergeInfo, encoder_layers, encoder_schedule, patch_layers, pooling_hook
 
 SUPPORTED = ("VivitModel", "VivitForVideoClassification", "VideoMAEModel", "VideoMAEForVideoClassification")
 TIME_MODES = ("global", "within_frame", "adjacent", "window")
@@ -128,37 +128,22 @@ def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode
     constraint = time_constraint(time_mode, window)
     per_frame = isinstance(constraint, SameSpan) and frame_budget
     groups = layout.frames if per_frame else 1
-    cfg = base.config
     layers = encoder_layers(base)
-    num_layers = len(layers)
-    flops = transformer_layer_flops(cfg.hidden_size, cfg.intermediate_size / cfg.hidden_size)
-    try:
-        schedule = resolve_schedule(r, num_layers, layout.num_tokens, layout.protected, method=method,
-                                    multiple_of=groups, layer_flops=flops)
-    except ValueError as err:
-        if per_frame:
-            raise ValueError(f"{err} (within_frame shares r equally over {groups} tubelets; pass frame_budget=False "
-                             "for one global budget under the within_frame mask)") from None
-        raise
+    schedule = encoder_schedule(r, base.config, len(layers), layout.num_tokens, layout.protected, method, groups,
+                                f"within_frame shares r equally over {groups} tubelets; pass frame_budget=False "
+                                "for one global budget under the within_frame mask")
     coords, rules = _coordinates(layout, timestamps)
     if prop_attn is None:
         prop_attn = method != "prune"
     pooled = getattr(model, "fc_norm", None) is not None and family == "videomae" and any(schedule)
 
+    def install(ctx):
+        # VideoMAE's mean pooling becomes a size-weighted mean (= the mean over the unmerged originals).
+        return pooling_hook(ctx, model.fc_norm, base) if pooled else []
+
     ctx = patch_layers(model, layers, schedule=schedule, method=method, constraint=constraint,
                        groups=groups, prop_attn=prop_attn, trace_source=trace_source,
-                       protected=layout.protected, coords=coords, rules=rules, hyper=hyper)
-    if pooled:
-        # VideoMAE's mean pooling becomes a size-weighted mean (= the mean over the unmerged originals).
-        undo_pool = pooling_hook(ctx, model.fc_norm, base)
-        restore = model._mmmerge_undo
-
-        def restore_all() -> None:
-            for step in undo_pool:
-                step()
-            restore()
-
-        model._mmmerge_undo = restore_all
+                       protected=layout.protected, coords=coords, rules=rules, hyper=hyper, install=install)
     ctx.layout = layout  # type: ignore[attr-defined]
     return model
 

@@ -14,7 +14,6 @@ mechanics (counts, timing, the API); use a real checkpoint for real answers.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import numpy as np

@@ -431,3 +431,20 @@ def test_gradient_checkpointing_still_recomputes_and_matches(method):
         assert mmmerge.last_info(model).tokens_per_layer == [65, 59, 53, 47]
     assert calls == [1, 2]  # with checkpointing the layer body really is recomputed in backward
     torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
+
+
+def test_failing_adapter_hook_install_leaves_model_untouched():
+    from mmmerge.adapters.encoder import patch_layers
+
+    model = tiny(VideoMAEForVideoClassification)
+    x = clip()
+    reference = output(model, x)
+
+    def install(ctx):
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        patch_layers(model, model.videomae.encoder.layer, schedule=[4, 4, 4, 4], install=install)
+    assert not hasattr(model, "_mmmerge")
+    assert all("forward" not in layer.__dict__ for layer in model.videomae.encoder.layer)
+    assert torch.equal(output(model, x), reference)
