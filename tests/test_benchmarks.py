@@ -55,6 +55,21 @@ def test_video_frame_order_alone_changes_the_label():
     assert (tasks.video_labels(tasks.reverse_video_params(p)) != tasks.video_labels(p)).all()
 
 
+def test_video_flashes_fill_whole_tubelets_in_opposite_halves():
+    # Each flash covers exactly one tubelet (2 frames from an even frame) and whole 4 x 4 patches, the first
+    # in frames 0-3 and the other in frames 4-7, so every token sees all of a flash or none of it.
+    p = tasks.video_params(256, seed=9)
+    for name in ("red", "green"):
+        assert (p[f"{name}_t"] % tasks.FLASH_FRAMES == 0).all()
+        assert (p[f"{name}_x"] % 4 == 0).all() and (p[f"{name}_y"] % 4 == 0).all()
+    first = torch.minimum(p["red_t"], p["green_t"])
+    second = torch.maximum(p["red_t"], p["green_t"])
+    assert (first + tasks.FLASH_FRAMES <= tasks.VIDEO_FRAMES // 2).all()
+    assert (second >= tasks.VIDEO_FRAMES // 2).all()
+    q = tasks.reverse_video_params(p)  # reversal keeps the alignment
+    assert (q["red_t"] % tasks.FLASH_FRAMES == 0).all() and (q["green_t"] % tasks.FLASH_FRAMES == 0).all()
+
+
 def test_reversed_audio_is_the_flipped_clip_with_another_label():
     p = tasks.audio_params(8, seed=5)
     q = tasks.reverse_audio_params(p)
