@@ -182,7 +182,15 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, progress: Any = Non
                     progress.update(1)
                 continue
             torch.manual_seed(0)  # the random baseline draws from the global generator
-            logits = logits_of(model, x, key)
+            try:
+                logits = logits_of(model, x, key)
+            except RuntimeError as err:  # e.g. a constraint leaves too few allowed pairs on some clips
+                row["note"] = f"failed: {str(err).splitlines()[0]}"
+                mmmerge.unpatch(model)
+                model_rows.append(row)
+                if progress is not None:
+                    progress.update(1)
+                continue
             info = mmmerge.last_info(model)
             flops = mmmerge.count_flops(model, **{key: x[:1]})
             torch.manual_seed(0)
@@ -240,7 +248,8 @@ def summary(rows: Sequence[Dict[str, Any]], targets: Sequence[float] = (0.5, 0.3
                 for t in modes:
                     r = next((r for r in sub if r["method"] == m and r["time_mode"] == t), None)
                     if r is None or "accuracy" not in r:
-                        cells.append("infeasible" if r is not None else "")
+                        cells.append(("failed" if "failed" in r.get("note", "") else "infeasible")
+                                     if r is not None else "")
                     else:
                         cells.append(f"{100 * r['accuracy']:.1f} ({r['acc_drop']:+.1f}), "
                                      f"{100 * r['agreement']:.1f}, {r['speedup']:.2f}x")
