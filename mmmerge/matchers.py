@@ -129,9 +129,11 @@ def tome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constra
         metric: ``[B, N, C]`` features used for similarity (all tokens, protected included).
         state: TokenState of the N tokens. r: tokens to remove.
     """
-    m = _normalized(metric, state.protected)
-    return _bipartite(lambda a, b: m[:, ::2] @ m[:, 1::2].transpose(1, 2), metric, state, r,
-                      constraint or Global(), "tome")
+    def scores(a: Tensor, b: Tensor) -> Tensor:
+        m = _normalized(metric, state.protected)  # called under no_grad: matching builds no graph
+        return m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+
+    return _bipartite(scores, metric, state, r, constraint or Global(), "tome")
 
 
 def random_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
@@ -145,17 +147,26 @@ def random_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional
     return _bipartite(scores, metric, state, r, constraint or Global(), "random")
 
 
-# PiToMe presets. "paper": f_m as printed, margin 0.9 - 0.9 * l / L. "official": the energy shift
-# (elu(x - m)) with the same margin schedule. ``margin=`` overrides either.
+# PiToMe presets: energy kernel and per-layer margin ``start - drop * layer_idx / num_layers``.
+#   paper           f_m as printed in the paper (Eq. 4) and its margin 0.9 - 0.9 * l / L.
+#   official        the official code's energy shift, elu(x - m, alpha), with the schedule of its MAE and
+#                   CLIP/BLIP patches (0.9 - 0.9 * l / L).
+#   official_deit   the energy shift with the schedule of its DeiT/timm-ViT patch (0.9 - 0.8 * l / L).
+# ``margin=`` overrides the schedule of any preset.
 PITOME_PRESETS: Dict[str, Dict[str, object]] = {
-    "paper": {"shift": False, "margin_start": 0.9},
-    "official": {"shift": True, "margin_start": 0.9},
+    "paper": {"shift": False, "margin_start": 0.9, "margin_drop": 0.9},
+    "official": {"shift": True, "margin_start": 0.9, "margin_drop": 0.9},
+    "official_deit": {"shift": True, "margin_start": 0.9, "margin_drop": 0.8},
 }
 
 
-def pitome_margin(layer_idx: int, num_layers: int, start: float = 0.9) -> float:
-    """Margin schedule: ``start * (1 - layer_idx / num_layers)``; loose early, strict late."""
-    return start - start * layer_idx / max(num_layers, 1)
+def pitome_margin(layer_idx: int, num_layers: int, start: float = 0.9, drop: Optional[float] = None) -> float:
+    """Margin schedule ``start - drop * layer_idx / num_layers`` (``drop`` defaults to ``start``).
+
+    Loose early, strict late: deeper layers count only very similar neighbours as redundant.
+    """
+    drop = start if drop is None else drop
+    return start - drop * layer_idx / max(num_layers, 1)
 
 
 def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
@@ -166,6 +177,12 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
     The ``2r`` highest-energy tokens are the candidates; in energy order they alternate into A and B,
     and every A token merges into its most similar B. Under a constraint an A token with no allowed
     candidate B falls back to its most similar allowed non-candidate token (never to another A).
+
+    Args:
+        metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
+        margin: energy margin m; default from the preset's schedule at ``layer_idx`` of ``num_layers``.
+        alpha: slope of the negative (dissimilar) branch of the energy kernel.
+        preset: ``"paper"`` (default), ``"official"`` or ``"official_deit"``; see ``PITOME_PRESETS``.
     """
     if preset not in PITOME_PRESETS:
         raise ValueError(f"unknown pitome preset '{preset}'; choose one of {sorted(PITOME_PRESETS)}")
@@ -177,7 +194,7 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
         return identity_plan(state)
     cfg = PITOME_PRESETS[preset]
     if margin is None:
-        margin = pitome_margin(layer_idx, num_layers, float(cfg["margin_start"]))
+        margin = pitome_margin(layer_idx, num_layers, float(cfg["margin_start"]), float(cfg["margin_drop"]))
     constraint = constraint or Global()
     device = metric.device
     with torch.no_grad():

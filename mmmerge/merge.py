@@ -69,6 +69,9 @@ def merge_weighted(x: Tensor, plan: MergePlan) -> Tensor:
     Returns:
         ``[B, plan.num_out, C]`` in the dtype of ``x``. Differentiable with respect to ``x``.
     """
+    if x.dim() != 3 or x.shape[:2] != plan.assign.shape:
+        raise ValueError(f"tokens must be [B, N, C] with [B, N] = {list(plan.assign.shape)} as in the plan, "
+                         f"got shape {tuple(x.shape)}; apply a plan only to the tokens it was made for")
     B, N, C = x.shape
     acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     w = plan.weight.to(acc_dtype).unsqueeze(-1)  # [B, N, 1]

@@ -56,6 +56,11 @@ def plan_merge(metric: Tensor, state: TokenState, r: int, method: str = "tome",
             f"into {groups} groups"
         )
     n, r_g = (N - P) // groups, r // groups
+    if hyper.get("score") is not None:  # per-token importance [B, N] (tps, prune) follows the tokens
+        score = hyper["score"]
+        if score.shape != (B, N):
+            raise ValueError(f"{method}: score must be [B, N]=[{B}, {N}], got {tuple(score.shape)}")
+        hyper = {**hyper, "score": score[:, P:].reshape(B * groups, n)}
     sub_plan = matcher(metric[:, P:].reshape(B * groups, n, C), _group_state(state, groups), r_g, constraint, **hyper)
     # Group g's outputs follow group g-1's: groups stay contiguous and in order.
     offsets = torch.arange(groups, device=metric.device).repeat(B).unsqueeze(1) * (n - r_g) + P  # [B*G, 1]
@@ -85,7 +90,7 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
     Args:
         x: ``[B, N, C]`` tokens. keep: tokens to return, ``protected + 1 <= keep <= N``.
         metric: ``[B, N, C']`` similarity features (default: ``x``); merged along with ``x``.
-        protected: leading tokens that never merge (ignored if ``state`` is given).
+        protected: leading tokens that never merge (with ``state``: leave 0 or match ``state.protected``).
         state: optional TokenState with coordinates (needed by time/band constraints).
     Returns:
         ``(tokens [B, keep, C], state)`` with ``state.size`` ``[B, keep]`` and ``state.source`` ``[B, N]``
@@ -98,6 +103,9 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
         if not isinstance(protected, int) or protected < 0 or protected >= N:
             raise ValueError(f"protected must be an int in [0, N-1]={N - 1}, got {protected}")
         state = init_state(B, N, device=x.device, protected=protected)
+    elif protected not in (0, state.protected):
+        raise ValueError(f"protected={protected} disagrees with state.protected={state.protected}; "
+                         "pass one or the other")
     state.validate(N)
     if state.source is None:
         raise ValueError("reduce_tokens needs a state with a source map (init_state(trace_source=True))")

@@ -5,7 +5,8 @@ state) and validates it against the token counts, so an infeasible r fails befor
 
 Specs:
     8                     constant r per layer
-    (8, -0.5)             ToMe's (r, inflect): r grows (inflect < 0) or shrinks (> 0) linearly with depth
+    (8, -0.5)             ToMe's (r, inflect): r changes linearly with depth around a mean of 8; inflect < 0
+                          removes more early ([12, 10, 8, 6, 4] for 5 layers), > 0 more late
     [0, 0, 16, 16, ...]   explicit list, one int per layer
     KeepRatio(0.9)        each layer keeps 90% of its mergeable tokens
     TargetTokens(200)     spread removals evenly so the last layer outputs 200 tokens
@@ -169,7 +170,10 @@ def resolve_schedule(spec: ScheduleSpec, num_layers: int, num_tokens: int, prote
     elif isinstance(spec, (list, tuple)):
         schedule = list(spec)
         if len(schedule) != num_layers:
-            raise ValueError(f"an explicit schedule needs one r per layer: got {len(schedule)} for {num_layers} layers")
+            hint = ("; for ToMe's (r, inflect) give inflect as a float, e.g. (8, -0.5)"
+                    if isinstance(spec, tuple) and len(spec) == 2 else "")
+            raise ValueError(f"an explicit schedule needs one r per layer: got {len(schedule)} for {num_layers} "
+                             f"layers{hint}")
     elif isinstance(spec, KeepRatio):
         if not 0.0 < spec.ratio <= 1.0:
             raise ValueError(f"KeepRatio must be in (0, 1], got {spec.ratio}")

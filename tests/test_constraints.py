@@ -42,9 +42,9 @@ def check_groups(constraint, state0, state, protected):
                 assert len((times // k).unique()) == 1 and times.max() - times.min() < k
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("method", METHODS)  # one property test per matcher
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    method=st.sampled_from(METHODS),
     constraint=st.sampled_from(["within_frame", "adjacent", "window(2)", "window(3)", "same_band"]),
     T=st.integers(2, 6), S=st.integers(4, 12), protected=st.integers(0, 2),
     frac=st.floats(0.2, 0.9), seed=st.integers(0, 10_000),

@@ -43,6 +43,32 @@ def test_merged_tokens_are_size_weighted_means_of_their_sources(method, protecte
         torch.testing.assert_close(y[:, p], x[:, p])
 
 
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_sizes_sum_to_n_and_source_covers_every_output(method):
+    torch.manual_seed(7)
+    x = torch.randn(2, 37, 6)
+    y, state = mm.reduce_tokens(x, keep=10, method=method, protected=1)
+    assert y.shape == (2, 10, 6) and state.size.shape == (2, 10) and state.source.shape == (2, 37)
+    assert torch.all(state.size.sum(1) == 37)
+    for b in range(2):
+        counts = torch.bincount(state.source[b], minlength=10)
+        assert torch.equal(counts.float(), state.size[b]), "size must count the originals each token holds"
+
+
+@pytest.mark.parametrize("method", BIPARTITE)
+def test_chained_reductions_stay_size_weighted_means_of_the_originals(method):
+    # The second call starts from unequal sizes: a plain (unweighted) mean would fail here.
+    torch.manual_seed(8)
+    x = torch.randn(2, 60, 5)
+    y1, s1 = mm.reduce_tokens(x, keep=25, method=method, protected=1)
+    y2, s2 = mm.reduce_tokens(y1, keep=7, method=method, state=s1)
+    assert s2.source.shape == (2, 60) and torch.all(s2.size.sum(1) == 60)
+    expected, count = group_means(x, s2.source, 7)
+    torch.testing.assert_close(y2.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s2.size.double(), count)
+    torch.testing.assert_close((s2.size.unsqueeze(-1) * y2).sum(1), x.sum(1), atol=1e-5, rtol=1e-5)
+
+
 def reference_tome(x, r, protected):
     """Plain-loop ToMe step with the documented output order (sizes all 1)."""
     B, N, C = x.shape
@@ -210,6 +236,26 @@ def test_grouped_plan_gives_each_group_its_budget():
         assert torch.all(s.coords["t_min"] == s.coords["t_max"])
 
 
+def test_grouped_plan_splits_a_given_score_with_the_tokens():
+    torch.manual_seed(6)
+    T, S = 3, 6
+    x = torch.randn(2, 1 + T * S, 4)
+    t = torch.cat([torch.tensor([-1.0]), torch.arange(T * S) // S])
+    state = mm.init_state(2, 1 + T * S, protected=1, coords={"t_min": t, "t_max": t},
+                          rules={"t_min": "min", "t_max": "max"})
+    score = torch.rand(2, 1 + T * S)
+    for method in ["tps", "prune"]:
+        plan = mm.plan_merge(x, state, 6, method, groups=T, score=score)
+        _, s = mm.merge_tokens(x, state, plan)
+        for b in range(2):
+            for f in range(T):
+                frame = 1 + f * S + torch.arange(S)
+                kept = frame[score[b, frame].argsort(descending=True)[:4]]
+                # Each frame keeps its own 4 highest-scoring tokens as the survivors (hosts).
+                hosts = {int(s.source[b, i]) for i in kept}
+                assert len(hosts) == 4 and hosts == {int(s.source[b, i]) for i in frame}
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(2, 10, 4)
@@ -237,6 +283,45 @@ def test_bad_inputs_raise_clear_errors():
         mm.unmerge(x, mm.init_state(2, 10, trace_source=False))
     with pytest.raises(ValueError, match="metric must be"):
         mm.reduce_tokens(x, keep=3, metric=torch.randn(2, 9, 4))
+
+
+def test_more_bad_inputs_name_the_problem():
+    x = torch.randn(2, 10, 4)
+    y, state = mm.reduce_tokens(x, keep=4)
+    with pytest.raises(ValueError, match="describes 4 tokens but the tokens tensor has 5"):
+        mm.unmerge(torch.randn(2, 5, 4), state)
+    with pytest.raises(ValueError, match=r"\[B, N, C\]"):
+        mm.unmerge(y[0], state)
+    with pytest.raises(ValueError, match=r"metric must be \[B, N, C\]"):
+        mm.plan_merge(torch.randn(10, 4), mm.init_state(2, 10), 1)
+    with pytest.raises(ValueError, match="describes 10 tokens but the tokens tensor has 9"):
+        mm.plan_merge(torch.randn(2, 9, 4), mm.init_state(2, 10), 1)
+    plan = mm.plan_merge(x, mm.init_state(2, 10), 2)
+    with pytest.raises(ValueError, match="as in the plan"):
+        mm.merge_tokens(torch.randn(2, 9, 4), mm.init_state(2, 10), plan)
+    with pytest.raises(ValueError, match="protected=2 disagrees with state.protected=1"):
+        mm.reduce_tokens(x, keep=3, protected=2, state=mm.init_state(2, 10, protected=1))
+    with pytest.raises(ValueError, match="protected must be an int"):
+        mm.reduce_tokens(x, keep=3, protected=10)
+    with pytest.raises(TypeError, match="r must be an int"):
+        mm.plan_merge(x, mm.init_state(2, 10), 1.5)
+    with pytest.raises(ValueError, match="r must be >= 0"):
+        mm.plan_merge(x, mm.init_state(2, 10), -2, "tps")
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        mm.plan_merge(x, mm.init_state(2, 10), 1, "bogus")
+    with pytest.raises(ValueError, match="unknown constraint 'window\\(0x\\)'"):
+        mm.plan_merge(x, mm.init_state(2, 10), 1, constraint="window(0x)")
+    with pytest.raises(TypeError, match="constraint must be a name"):
+        mm.plan_merge(x, mm.init_state(2, 10), 1, constraint=3)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_all_zero_input_gives_no_nan(method):
+    x = torch.zeros(2, 16, 4, requires_grad=True)
+    y, s = mm.reduce_tokens(x, keep=5, method=method, protected=1)
+    assert torch.equal(y, torch.zeros(2, 5, 4)) and torch.all(s.size.sum(1) == 16)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def test_infeasible_constraint_fails_loudly_instead_of_merging_forbidden_pairs():

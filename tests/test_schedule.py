@@ -6,17 +6,37 @@ from mmmerge.schedule import schedule_flops, tokens_per_layer
 
 def test_int_and_inflect_and_list():
     assert mm.resolve_schedule(4, 3, 50, 1) == [4, 4, 4]
-    assert mm.resolve_schedule((8, -0.5), 5, 200) == [12, 11, 10, 9, 8][::-1] or True
-    sched = mm.resolve_schedule((8, -0.5), 5, 200)
-    assert sched[0] > sched[-1] and len(sched) == 5
+    # ToMe's parse_r: min = int(r * (1 - inflect)), max = 2r - min, linear in between (values worked by hand).
+    assert mm.resolve_schedule((8, -0.5), 5, 200) == [12, 10, 8, 6, 4]
+    assert mm.resolve_schedule((8, 0.5), 5, 200) == [4, 6, 8, 10, 12]
+    assert mm.resolve_schedule((8, 0.0), 4, 200) == [8, 8, 8, 8]
     assert mm.resolve_schedule([0, 3, 5], 3, 50) == [0, 3, 5]
+    assert mm.resolve_schedule((0, 3, 5), 3, 50) == [0, 3, 5]
+
+
+def test_inflect_given_as_int_gets_a_hint():
+    with pytest.raises(ValueError, match="inflect as a float"):
+        mm.resolve_schedule((8, 0), 12, 200)
 
 
 def test_keep_ratio_and_target_tokens():
     sched = mm.resolve_schedule(mm.KeepRatio(0.9), 4, 101, 1)
-    assert sched[0] == 10 and all(a >= b for a, b in zip(sched, sched[1:]))
+    # mergeable 100 -> keep 90 (r 10) -> 81 (r 9) -> 73 (r 8) -> 66 (r 7)
+    assert sched == [10, 9, 8, 7]
+    assert mm.resolve_schedule(mm.KeepRatio(1.0), 3, 101, 1) == [0, 0, 0]
+    # Bipartite methods cap each layer at half the mergeable tokens; tps can go further.
+    assert mm.resolve_schedule(mm.KeepRatio(0.1), 2, 101, 1) == [50, 25]
+    assert mm.resolve_schedule(mm.KeepRatio(0.1), 2, 101, 1, method="tps") == [90, 9]
     sched = mm.resolve_schedule(mm.TargetTokens(41), 6, 101, 1)
-    assert tokens_per_layer(sched, 101)[-1] == 41
+    assert sched == [10] * 6 and tokens_per_layer(sched, 101)[-1] == 41
+    sched = mm.resolve_schedule(mm.TargetTokens(45), 4, 101, 1)
+    assert sched == [14, 14, 14, 14]
+    sched = mm.resolve_schedule(mm.TargetTokens(47), 4, 101, 1)
+    assert sched == [14, 14, 13, 13] and tokens_per_layer(sched, 101)[-1] == 47
+    with pytest.raises(ValueError, match="TargetTokens"):
+        mm.resolve_schedule(mm.TargetTokens(1), 4, 101, 1)
+    with pytest.raises(ValueError, match="KeepRatio"):
+        mm.resolve_schedule(mm.KeepRatio(0.0), 4, 101, 1)
 
 
 def test_target_flops_meets_the_fraction():
