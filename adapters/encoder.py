@@ -12,6 +12,7 @@ The layer's own submodules do all the work; only the order of calls is ours. Mod
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 import types
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from mmmerge.attention import size_bias
 from mmmerge.constraints import Constraint, Global
+from mmmerge.matchers import get_matcher
 from mmmerge.reduce import merge_tokens, plan_merge
 from mmmerge.schedule import ScheduleSpec, resolve_schedule, transformer_layer_flops
 from mmmerge.state import TokenState, init_state
@@ -109,7 +111,7 @@ class LayerParts:
 
     norm1: nn.Module
     norm2: nn.Module
-    attention: Callable[[Tensor], Tensor]  # normed x -> attention output (before the residual add)
+    attention: Callable[..., Tensor]  # (normed x, mask=None) -> attention output (before the residual add)
     feed_forward: Callable[[Tensor], Tensor]  # x -> x + mlp(norm2(x)) (residual included)
     core: nn.Module  # the module that calls the attention interface (owns config, key projection)
     key_proj: nn.Linear
@@ -142,7 +144,9 @@ def layer_parts(layer: nn.Module) -> LayerParts:
     core, key_proj, heads = found
     name = type(layer).__name__
     if hasattr(layer, "layernorm_before") and hasattr(layer, "attention"):
-        attend = lambda h: _first(layer.attention(h))  # noqa: E731
+        def attend(h: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+            # The mask goes positionally, as the encoders call their layers (ViViT, AST); VideoMAE never has one.
+            return _first(layer.attention(h) if mask is None else layer.attention(h, mask))
         dropout = getattr(layer, "dropout", None)
         if hasattr(layer, "intermediate") and hasattr(layer, "output"):
             def feed_forward(x: Tensor) -> Tensor:
@@ -152,14 +156,15 @@ def layer_parts(layer: nn.Module) -> LayerParts:
                 h = layer.mlp(layer.layernorm_after(x))
                 return (dropout(h) if dropout is not None else h) + x
             if dropout is not None:
-                attend = lambda h: dropout(_first(layer.attention(h)))  # noqa: E731
+                attend_only = attend
+                attend = lambda h, mask=None: dropout(attend_only(h, mask))  # noqa: E731
         else:
             raise TypeError(f"{name}: unrecognised MLP layout")
         return LayerParts(layer.layernorm_before, layer.layernorm_after, attend, feed_forward, core, key_proj, heads)
     if hasattr(layer, "layer_norm1") and hasattr(layer, "self_attn") and hasattr(layer, "mlp"):
         return LayerParts(
             layer.layer_norm1, layer.layer_norm2,
-            lambda h: _first(layer.self_attn(hidden_states=h, attention_mask=None)),
+            lambda h, mask=None: _first(layer.self_attn(hidden_states=h, attention_mask=mask)),
             lambda x: x + layer.mlp(layer.layer_norm2(x)),
             core, key_proj, heads,
         )
@@ -209,6 +214,21 @@ def _base_attention(core: nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
+# ------------------------------------------------------------------------------------- matcher options
+_SUPPLIED = ("metric", "state", "r", "constraint", "layer_idx", "num_layers")  # passed by the patch itself
+
+
+def check_options(method: str, hyper: Dict[str, Any]) -> None:
+    """Raise ValueError for a matcher option ``method`` does not take (a typo would be ignored silently)."""
+    params = inspect.signature(get_matcher(method)).parameters
+    known = sorted(name for name, p in params.items() if name not in _SUPPLIED
+                   and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+    unknown = sorted(set(hyper) - set(known))
+    if unknown:
+        raise ValueError(f"method '{method}' takes no option {', '.join(map(repr, unknown))}; "
+                         f"its options are: {', '.join(known) or 'none'}")
+
+
 # ---------------------------------------------------------------------------------------- patched layer
 def _merged_forward(layer: nn.Module, ctx: MergeContext, index: int, parts: LayerParts,
                     hidden_states: Tensor, *args, **kwargs) -> Tensor:
@@ -223,8 +243,11 @@ def _merged_forward(layer: nn.Module, ctx: MergeContext, index: int, parts: Laye
     if state is None or state.num_tokens != hidden_states.shape[1]:
         raise RuntimeError("mmmerge: encoder layers ran out of order; the first patched layer must run first")
     mask = args[0] if args else kwargs.get("attention_mask")
-    if mask is not None and index > ctx.first_merge_layer:
-        raise ValueError("mmmerge cannot merge tokens under an attention mask; pass attention_mask=None")
+    if mask is not None and ctx.first_merge_layer < ctx.num_layers:
+        # A padding mask is [B, 1, N0, N0]: it has no meaning for merged tokens, and merging would mix
+        # padding into real tokens. Unmerged (r=0) it is passed on, so the off switch stays exact.
+        raise ValueError("mmmerge cannot merge tokens under an attention mask; pass attention_mask=None "
+                         "(or patch with r=0 to run the model unmerged with its mask)")
     ctx.info.tokens_per_layer.append(hidden_states.shape[1])
     r = ctx.schedule[index]
     use_bias = ctx.prop_attn and index > ctx.first_merge_layer
@@ -235,7 +258,7 @@ def _merged_forward(layer: nn.Module, ctx: MergeContext, index: int, parts: Laye
         if use_bias:
             parts.core._mmmerge_bias = size_bias(state.size)
         try:
-            x = h + parts.attention(parts.norm1(h))
+            x = h + parts.attention(parts.norm1(h), mask)
         finally:
             if hook is not None:
                 hook.remove()
@@ -276,6 +299,7 @@ def patch_layers(model: nn.Module, layers: Sequence[nn.Module], *, schedule: Lis
     if len(schedule) != len(layers):
         raise ValueError(f"schedule has {len(schedule)} entries for {len(layers)} layers")
     parts = [layer_parts(layer) for layer in layers]  # raises TypeError before any change
+    check_options(method, dict(hyper or {}))
     merges = [i for i, r in enumerate(schedule) if r > 0]
     first_merge = merges[0] if merges else len(layers)
     bias_needed = prop_attn and first_merge < len(layers) - 1

@@ -184,6 +184,9 @@ def sample_indices(total: int, num_frames: int, sampling: str = "uniform", strid
         raise ValueError(f"unknown sampling '{sampling}'; choose one of {', '.join(SAMPLINGS)}")
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if stride is not None and sampling != "dense":
+        raise ValueError(f"stride={stride} applies to dense sampling only (got sampling='{sampling}'); "
+                         "pass sampling='dense' or leave stride unset")
     if sampling == "dense":
         stride = 4 if stride is None else stride
         if stride < 1:

@@ -229,7 +229,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("note: random weights, so the labels above are meaningless; token counts, FLOPs and speed are real.")
 
     if args.visualize:
-        resized = preprocess(frames, config.image_size, (0, 0, 0), (1, 1, 1))[0]  # [T, 3, S, S] in [0, 1]
+        # The model's crop, drawn at >= 224 px per frame so small inputs still show their groups.
+        scale = max(1, -(-224 // config.image_size))
+        resized = preprocess(frames, config.image_size * scale, (0, 0, 0), (1, 1, 1))[0]  # [T, 3, S, S] in [0, 1]
         image = video.visualize((resized.permute(0, 2, 3, 1) * 255).round().byte(), info, model=model)
         image.save(args.visualize)
         print(f"saved the merged groups to {args.visualize}")
