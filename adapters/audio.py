@@ -15,8 +15,9 @@ Time modes:
 ``within_band=True`` adds the band rule to ``adjacent`` / ``window`` (merging along time only).
 
 Padding: clips shorter than ``max_length`` frames are padded. Pass the real lengths (``features`` returns
-them) and padded columns are dropped right after the embeddings (``drop_padding=True``, a free speedup on
-short clips) or kept but marked invalid, so that they never merge with real tokens.
+them; ``real_lengths`` reads them off input from transformers' ASTFeatureExtractor) and padded columns are
+dropped right after the embeddings (``drop_padding=True``, a free speedup on short clips) or kept but marked
+invalid, so that they never merge with real tokens.
 """
 from __future__ import annotations
 
@@ -148,7 +149,11 @@ def same_band() -> SameSpan:
 
 def time_constraint(time_mode: str, window: int = 1, within_band: bool = False) -> Constraint:
     """The constraint for a time mode (``window(k)`` is accepted as a time_mode too)."""
+    if not isinstance(time_mode, str):
+        raise TypeError(f"time_mode must be a string ({', '.join(TIME_MODES)} or 'window(k)'), got {time_mode!r}")
     if time_mode.startswith("window(") and time_mode.endswith(")"):
+        if not time_mode[7:-1].strip().isdigit():
+            raise ValueError(f"time_mode '{time_mode}': k in window(k) must be a positive integer, e.g. 'window(4)'")
         time_mode, window = "window", int(time_mode[7:-1])
     if time_mode == "global":
         time = None
@@ -260,7 +265,8 @@ def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode
         band_budget: under a band rule every band removes ``r / F'`` tokens (r must divide).
         prop_attn: proportional attention (``log(size)`` bias); default on, except for ``prune``.
         trace_source: keep the source map for ``column_features``, ``visualize`` and ``last_info``.
-        lengths: real length in frames (int, or one per clip), as ``features`` returns; None = all real.
+        lengths: real length in frames (int, or one per clip), as ``features`` (or ``real_lengths``) returns;
+            None = all real.
         drop_padding: with ``lengths``, remove columns that are padding in every clip before layer 0 (the
             output then covers fewer columns); otherwise padded columns stay, marked invalid.
         **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``).
@@ -379,13 +385,18 @@ def load_audio(path: Union[str, os.PathLike], sample_rate: Optional[int] = 16000
         waveform float32, ``[S]`` if ``mono`` (channels averaged) else ``[channels, S]``, in [-1, 1]; and its
         rate in Hz (``sample_rate``, or the file's own rate when ``sample_rate`` is None).
     Raises:
-        FileNotFoundError (no file), ValueError (not a readable audio file, or no samples in it).
+        FileNotFoundError (no file), ValueError (not a readable audio file; an empty file: 0 bytes or no
+        samples in it).
     """
     import soundfile as sf
 
     path = os.fspath(path)
+    if sample_rate is not None and (isinstance(sample_rate, bool) or int(sample_rate) <= 0):
+        raise ValueError(f"sample_rate must be a positive rate in Hz (or None to keep the file's), got {sample_rate}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no audio file at '{path}'")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"'{path}' is an empty file (0 bytes), not audio")
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)  # [S, channels]
     except Exception as err:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
@@ -412,7 +423,8 @@ def features(waveform: Union[Tensor, Sequence[Tensor]], sample_rate: int = 16000
     ``(x - mean) / (2 * std)``). Audio at another rate is resampled to 16 kHz first.
 
     Args:
-        waveform: ``[S]`` one clip, ``[B, S]`` clips of equal length, or a list of ``[S_i]`` clips (mono).
+        waveform: ``[S]`` one clip, ``[B, S]`` clips of equal length, or a list of ``[S_i]`` clips (mono);
+            tensors or numpy arrays.
         sample_rate: rate of ``waveform`` in Hz.
     Returns:
         input_values ``[B, max_length, num_mel_bins]`` float32, and lengths ``[B]`` long: real frames per clip
@@ -421,7 +433,15 @@ def features(waveform: Union[Tensor, Sequence[Tensor]], sample_rate: int = 16000
     import torchaudio.compliance.kaldi as kaldi
     import torchaudio.functional as AF
 
-    clips = list(waveform) if isinstance(waveform, (list, tuple)) or waveform.dim() == 2 else [waveform]
+    if isinstance(sample_rate, bool) or int(sample_rate) <= 0:
+        raise ValueError(f"sample_rate must be a positive rate in Hz, got {sample_rate}")
+    if isinstance(waveform, (list, tuple)):
+        clips = list(waveform)
+    else:
+        waveform = torch.as_tensor(waveform)
+        clips = list(waveform) if waveform.dim() == 2 else [waveform]
+    if not clips:
+        raise ValueError("no clips given; pass a waveform [S], a batch [B, S] or a list of [S_i] clips")
     rows, lengths = [], []
     for clip in clips:
         clip = torch.as_tensor(clip, dtype=torch.float32)
@@ -438,6 +458,29 @@ def features(waveform: Union[Tensor, Sequence[Tensor]], sample_rate: int = 16000
         rows.append((fbank - mean) / (std * 2) if normalize else fbank)
         lengths.append(n)
     return torch.stack(rows), torch.tensor(lengths, dtype=torch.long)
+
+
+def real_lengths(input_values: Tensor, mean: float = AST_MEAN, std: float = AST_STD, normalized: bool = True,
+                 atol: float = 1e-5) -> Tensor:
+    """Real frames per clip ``[B]`` of padded AST input, e.g. from ``transformers.ASTFeatureExtractor``.
+
+    The extractor pads the fbank with zeros before normalising, so a padded frame holds ``(0 - mean) / (2 std)``
+    in every mel bin (0 when ``normalized=False``); a real frame never does (silence is log(eps), not 0). The
+    trailing run of such frames is padding. Pass the result to ``patch(..., lengths=...)``.
+
+    Args:
+        input_values: ``[frames, mel]`` or ``[B, frames, mel]``.
+    Returns:
+        long ``[B]``, each in ``1 .. frames``.
+    """
+    x = torch.as_tensor(input_values)
+    x = x.unsqueeze(0) if x.dim() == 2 else x
+    if x.dim() != 3:
+        raise ValueError(f"input_values must be [frames, mel] or [B, frames, mel], got {tuple(x.shape)}")
+    pad = (0.0 - mean) / (2 * std) if normalized else 0.0
+    is_pad = ((x.float() - pad).abs() <= atol).all(-1)  # [B, frames]
+    trailing = is_pad.flip(1).long().cumprod(1).sum(1)  # padded frames at the end
+    return (x.shape[1] - trailing).clamp_min(1)
 
 
 # ------------------------------------------------------------------------------------------ visualizing

@@ -9,8 +9,8 @@ GFLOPs (torch's counter via mmmerge.count_flops) and wall time of one forward, b
   * clips of 2, 5 and 10 s, padded to 1024 frames as transformers does: padding dropped (r=0), and
     padding dropped + tome at 50% of the remaining FLOPs.
 All ratios are against the unmerged model on the padded 1024-frame input, timed side by side in the
-same run (timing.SideBySide: warm-up, interleaved, medians; each row against the unmerged runs made
-around it), with a fixed thread count.
+same run (timing.SideBySide.compare: warm-up, interleaved, median of per-pair ratios against the unmerged
+runs made right next to each variant run), with a fixed thread count.
 Targets a constant r cannot reach use the engine's TargetFlops fallback, the largest KeepRatio schedule whose
 estimated FLOPs meet them (``schedule`` column). Goal (issue 4): at 50% FLOPs, efficiency
 (= speedup x FLOPs ratio) >= 0.85.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -76,11 +75,11 @@ def schedule_for(model, fraction: float, method: str, time_mode: str, columns: i
     return schedule, f"const r={schedule[0]}" if len(set(schedule)) == 1 else "keep-ratio"
 
 
-def settings(quick: bool) -> List[Tuple[str, str, float]]:
+def settings(quick: bool, fractions: Sequence[float] = FRACTIONS) -> List[Tuple[str, str, float]]:
     """(method, time_mode, FLOPs fraction) on the full-length input."""
     if quick:
         return [("tome", "global", 0.5), ("tome", "same_band", 0.5)]
-    grid = [("tome", mode, f) for mode in TIME_MODES for f in FRACTIONS]
+    grid = [("tome", mode, f) for mode in TIME_MODES for f in fractions]
     grid += [(m, "global", 0.5) for m in METHODS if m != "tome"]
     return grid
 
@@ -92,11 +91,14 @@ def clip_settings(quick: bool) -> List[Tuple[float, Optional[float]]]:
 
 
 def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3, threads: Optional[int] = 1,
-        sections: Sequence[str] = ("full", "clips")) -> List[Dict[str, object]]:
+        sections: Sequence[str] = ("full", "clips"), fractions: Sequence[float] = FRACTIONS,
+        progress=None) -> List[Dict[str, object]]:
     """Rows: input, tokens, method, time_mode, target, schedule, final_tokens, gflops, flops_ratio, ms, base_ms,
-    speedup, efficiency. ``speedup`` = base_ms / ms, where base_ms is the median of the unmerged runs interleaved
-    with that row's runs (robust to load changing during the run; the first row's base_ms is the whole run's).
-    ``sections``: "full" (10.24 s input sweep) and/or "clips" (2/5/10 s, padding dropped).
+    speedup, efficiency. ``speedup`` is the median of the per-pair ratios unmerged / merged over that row's
+    interleaved runs (SideBySide.compare: load changing during the run cancels out); ``base_ms`` is the median
+    of those unmerged runs (the first row's base_ms is the whole run's).
+    ``sections``: "full" (10.24 s input sweep) and/or "clips" (2/5/10 s, padding dropped); ``fractions``: the
+    FLOPs targets of the tome time-mode sweep (the other methods run at 0.5).
     ``out_dir`` is accepted for the ``python -m benchmarks`` entry point, which writes the files itself."""
     if threads:
         torch.set_num_threads(threads)
@@ -106,28 +108,33 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3, t
     full_x, _ = audio.features(clip(10.5))  # 1024 real frames (cut from 1048)
     layout = audio.ast_layout(model)
     rows: List[Dict[str, object]] = []
+    full_grid = settings(quick, fractions) if "full" in sections else []
+    clip_grid = clip_settings(quick) if "clips" in sections else []
+    if progress is not None:
+        progress.reset(total=len(full_grid) + len(clip_grid))
 
     def record(x: torch.Tensor, label: str, method: str, mode: str, target: object, described: str,
                lengths=None, **patch) -> None:
         audio.patch(model, method=method, time_mode=mode, lengths=lengths, **patch)
         flops = mmmerge.count_flops(model, input_values=x)
-        before = len(timer.baseline_times)
-        ms = timer.measure(lambda: model(input_values=x), repeats) * 1e3
-        around = statistics.median(timer.baseline_times[before:]) * 1e3  # baseline runs interleaved with these
+        timed = timer.compare(lambda: model(input_values=x), repeats)  # ms, base_ms, per-pair speedup
         info = mmmerge.last_info(model)
         rows.append({"input": label, "tokens": info.tokens_per_layer[0], "method": method, "time_mode": mode,
                      "target": target, "schedule": described,
                      "final_tokens": info.tokens_per_layer[-1] - info.schedule[-1], "gflops": flops / 1e9,
-                     "flops_ratio": flops / base_flops, "ms": ms, "base_ms": around})
+                     "flops_ratio": flops / base_flops, **timed})
         mmmerge.unpatch(model)
+        if progress is not None:
+            progress.set_postfix_str(f"{label} {method} {mode} {target}")
+            progress.update(1)
 
     with torch.no_grad():
         base_flops = mmmerge.count_flops(reference, input_values=full_x)
         timer = SideBySide(lambda: reference(input_values=full_x))
-        for method, mode, fraction in settings(quick) if "full" in sections else ():
+        for method, mode, fraction in full_grid:
             spec, described = schedule_for(model, fraction, method, mode, layout.columns)
             record(full_x, "10.24 s", method, mode, fraction, described, r=spec)
-        for seconds, fraction in clip_settings(quick) if "clips" in sections else ():
+        for seconds, fraction in clip_grid:
             x, lengths = audio.features(clip(seconds))  # padded to 1024 frames; lengths = real frames
             columns = layout.real_columns(int(lengths[0]))
             if fraction is None:
@@ -139,9 +146,9 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3, t
     base_ms = timer.baseline_median * 1e3
     rows.insert(0, {"input": "10.24 s (any clip, padded)", "tokens": layout.num_tokens, "method": "none",
                     "time_mode": "-", "target": 1.0, "schedule": "r=0", "final_tokens": layout.num_tokens,
-                    "gflops": base_flops / 1e9, "flops_ratio": 1.0, "ms": base_ms, "base_ms": base_ms})
+                    "gflops": base_flops / 1e9, "flops_ratio": 1.0, "ms": base_ms, "base_ms": base_ms,
+                    "speedup": 1.0})
     for row in rows:
-        row["speedup"] = row["base_ms"] / row["ms"]
         row["efficiency"] = row["speedup"] * row["flops_ratio"]  # speedup / (1 / flops_ratio); 1.0 = ideal
     return rows
 
@@ -170,8 +177,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                         "shared CPU a second OpenMP thread stalls on the busiest core and timings blow up)")
     parser.add_argument("--out", type=Path, default=None, help="folder for audio.md and audio.json")
     parser.add_argument("--sections", nargs="+", default=["full", "clips"], choices=["full", "clips"])
+    parser.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS),
+                        help="FLOPs targets of the tome time-mode sweep on the full input (other methods: 0.5)")
     args = parser.parse_args(argv)
-    rows = run(args.out, quick=args.quick, repeats=args.repeats, threads=args.threads, sections=args.sections)
+    from tqdm import tqdm
+
+    with tqdm(total=1, desc="audio", unit="row") as bar:
+        rows = run(args.out, quick=args.quick, repeats=args.repeats, threads=args.threads, sections=args.sections,
+                   fractions=args.fractions, progress=bar)
     if args.out is not None:
         save(rows, args.out)
     print(report(rows))

@@ -120,7 +120,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"model: {described}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.audio) if args.audio else write_sample_clip(Path(tmp) / "sample.wav")
-        waveform, rate = audio.load_audio(path)
+        try:
+            waveform, rate = audio.load_audio(path)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(f"--audio: {err}")
     mean, std = normalisation(args.model)
     x, lengths = audio.features(waveform, rate, num_mel_bins=config.num_mel_bins, max_length=config.max_length,
                                 mean=mean, std=std)
@@ -129,13 +132,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     labels = {int(k): v for k, v in (config.id2label or {}).items()}
 
     unmerged = copy.deepcopy(model)  # timed side by side with the patched model
-    with torch.no_grad():
-        base_logits, base_gflops = run_and_count(unmerged, x)
-        spec = args.r if args.r is not None else mmmerge.TargetFlops(args.flops if args.flops is not None else 0.5)
-        want_source = bool(args.visualize or args.columns)
+    spec = args.r if args.r is not None else mmmerge.TargetFlops(args.flops if args.flops is not None else 0.5)
+    try:  # patch validates everything first (infeasible r, unknown time mode) and leaves the model as it was
         audio.patch(model, r=spec, method=args.method, time_mode=args.time_mode, window=args.window,
                     within_band=args.within_band, lengths=lengths, drop_padding=not args.keep_padding,
-                    trace_source=want_source)
+                    trace_source=bool(args.visualize or args.columns))
+    except ValueError as err:
+        parser.error(str(err))
+    with torch.no_grad():
+        base_logits, base_gflops = run_and_count(unmerged, x)
         merged_logits, merged_gflops = run_and_count(model, x)
         info = mmmerge.last_info(model)
         t_base, t_merged = time_all([lambda: unmerged(input_values=x), lambda: model(input_values=x)], args.repeats)

@@ -207,6 +207,11 @@ def test_window_keeps_groups_inside_blocks():
         assert all(len(m) == 1 for m in groups_of(info.source[b], block).values())
     with pytest.raises(ValueError, match="time_mode"):
         audio.patch(model, r=2, time_mode="within_frame")
+    for bad in ("window(x)", "window(-1)"):
+        with pytest.raises(ValueError, match=r"window\(k\)"):
+            audio.patch(model, r=2, time_mode=bad)
+    with pytest.raises(ValueError, match="positive integer"):
+        audio.patch(model, r=2, time_mode="window", window=0)
 
 
 # -------------------------------------------------------------------------------------------- padding
@@ -417,3 +422,63 @@ def test_load_audio_errors(tmp_path):
     sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
     with pytest.raises(ValueError, match="no audio samples"):
         audio.load_audio(tmp_path / "empty.wav")
+
+
+def test_merged_tokens_carry_band_and_time_spans_in_columns_and_seconds():
+    model = tiny(layers=4)
+    info = merged_source(model, spectrogram(), r=8, time_mode="adjacent")
+    coords = info.state.coords
+    band, column = original("f"), original("t")
+    checked = 0
+    for b in range(2):
+        for g in range(2, info.size.shape[1]):
+            members = (info.source[b] == g).nonzero().flatten()
+            t, f = column[members], band[members]
+            assert (coords["t_min"][b, g], coords["t_max"][b, g]) == (t.min(), t.max())
+            assert (coords["f_min"][b, g], coords["f_max"][b, g]) == (f.min(), f.max())
+            assert float(coords["sec_min"][b, g]) == pytest.approx(float(t.min()) * STRIDE * 0.01)
+            assert float(coords["sec_max"][b, g]) == pytest.approx((float(t.max()) * STRIDE + PATCH) * 0.01)
+            checked += len(members) > 1
+    assert checked > 0
+    seconds = audio.ast_layout(model, columns=4).column_seconds()
+    torch.testing.assert_close(seconds, torch.tensor([[0.0, 0.16], [0.08, 0.24], [0.16, 0.32], [0.24, 0.40]]))
+
+
+def test_load_audio_zero_byte_file_and_bad_rate(tmp_path):
+    (tmp_path / "zero.wav").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        audio.load_audio(tmp_path / "zero.wav")
+    sf.write(tmp_path / "a.wav", tone(0.1).numpy(), 16000)
+    with pytest.raises(ValueError, match="sample_rate"):
+        audio.load_audio(tmp_path / "a.wav", sample_rate=0)
+    with pytest.raises(ValueError, match="sample_rate"):
+        audio.features(tone(0.1), sample_rate=-16000)
+
+
+def test_features_accept_numpy_and_resample_other_rates():
+    clip = tone(1.0)
+    values, lengths = audio.features(clip.numpy())
+    torch.testing.assert_close(values, audio.features(clip)[0])
+    batch, batch_lengths = audio.features(torch.stack([clip, tone(1.0, seed=1)]).numpy())
+    assert batch.shape == (2, 1024, 128) and batch_lengths.tolist() == [98, 98]
+    import torchaudio.functional as AF
+
+    low = tone(1.0, rate=8000)
+    resampled, length = audio.features(low, sample_rate=8000)
+    torch.testing.assert_close(resampled, audio.features(AF.resample(low, 8000, 16000))[0])
+    assert length.tolist() == [98]
+    with pytest.raises(ValueError, match="no clips"):
+        audio.features([])
+
+
+def test_real_lengths_read_padding_off_feature_extractor_output():
+    extractor = ASTFeatureExtractor()
+    clips = [tone(0.7), tone(2.0, seed=1), tone(11.0, seed=2), torch.zeros(8000)]  # silence is not padding
+    reference = extractor([c.numpy() for c in clips], sampling_rate=16000, return_tensors="pt").input_values
+    _, lengths = audio.features(clips)
+    assert audio.real_lengths(reference).tolist() == lengths.tolist() == [68, 198, 1024, 48]
+    assert audio.real_lengths(reference[0]).tolist() == [68]
+    raw, raw_lengths = audio.features(clips[:2], normalize=False)
+    assert audio.real_lengths(raw, normalized=False).tolist() == raw_lengths.tolist()
+    with pytest.raises(ValueError, match="input_values"):
+        audio.real_lengths(torch.zeros(5))
