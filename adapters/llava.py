@@ -3,6 +3,8 @@
 ``reduce_visual_tokens(model, keep=144)`` makes a LLaVA model hand the LM ``keep`` tokens per image (per
 video for LLaVA-NeXT-Video) instead of all of them (576 for LLaVA-1.5), so prefill is faster and the KV
 cache smaller; ``generate()`` works as before (KV cache, left padding, several images per prompt).
+LLaVA-NeXT and LLaVA-OneVision (anyres crops, newline tokens, a size-dependent count per image) are not
+supported: they are rejected with a TypeError before anything changes.
 
 Where the tokens are reduced (``where``):
     pre_llm       (default) the vision tower runs as usual; its selected features ``[images, N, C]`` are
@@ -55,6 +57,8 @@ from .video import TIME_MODES, time_constraint
 IMAGE_MODELS = ("LlavaForConditionalGeneration", "LlavaModel")
 VIDEO_MODELS = ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel")
 SUPPORTED = IMAGE_MODELS + VIDEO_MODELS
+UNSUPPORTED_LLAVA = ("LlavaNextForConditionalGeneration", "LlavaNextModel", "LlavaOnevisionForConditionalGeneration",
+                     "LlavaOnevisionModel")  # anyres: rejected with a clear TypeError
 METHODS = tuple(m for m in MATCHERS if m != "none") + ("dominant",)
 WHERE = ("pre_llm", "vision_tower")
 STAGES = ("pre_projector", "post_projector")
@@ -68,10 +72,13 @@ def _family(model: nn.Module) -> str:
         return "video"
     if names & set(IMAGE_MODELS):
         return "image"
-    raise TypeError(
-        f"reduce_visual_tokens supports {', '.join(SUPPORTED)}; got {type(model).__name__}. "
-        "LLaVA-NeXT (anyres) and LLaVA-OneVision are not supported yet"
-    )
+    if names & set(UNSUPPORTED_LLAVA):
+        raise TypeError(
+            f"reduce_visual_tokens does not support {type(model).__name__} yet: its anyres crops and newline tokens "
+            "give every image a different, size-dependent token count. Supported: "
+            f"{', '.join(SUPPORTED)} (LLaVA-1.5 and LLaVA-NeXT-Video checkpoints)"
+        )
+    raise TypeError(f"reduce_visual_tokens supports {', '.join(SUPPORTED)}; got {type(model).__name__}")
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -540,13 +547,15 @@ def _check_processor(processor: Any, model: nn.Module, family: str, layout: Layo
         problems.append(f"image_token_id {processor.image_token_id} vs the model's {cfg.image_token_id}")
     if family == "video" and getattr(processor, "video_token_id", cfg.video_token_id) != cfg.video_token_id:
         problems.append(f"video_token_id {processor.video_token_id} vs the model's {cfg.video_token_id}")
-    image_processor = getattr(processor, "image_processor", None)
-    crop = getattr(image_processor, "crop_size", None)
-    if family == "image" and crop is not None:
+    # The pixels the processor makes for what gets reduced: images (LLaVA) or video frames (LLaVA-NeXT-Video).
+    what = "video" if family == "video" else "image"
+    pixels_processor = getattr(processor, f"{what}_processor", None)
+    crop = getattr(pixels_processor, "crop_size", None)
+    if crop is not None:
         h, w = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop.height, crop.width)
         size = cfg.vision_config.image_size
         if (h, w) != (size, size):
-            problems.append(f"image crop {h}x{w} vs the tower's {size}x{size}")
+            problems.append(f"{what} crop {h}x{w} vs the tower's {size}x{size}")
     if problems:
         raise ValueError("processor does not match the model: " + "; ".join(problems) +
                          ". Load the processor saved with this model (AutoProcessor.from_pretrained(same path))")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from mmmerge.adapters import llava
 from .timing import machine, markdown_table, seconds
 
 PROMPT_TEXT = 40  # text tokens around the image
+SECTIONS = ("prefill", "reduction", "stage")
 
 
 def build(size: str, device: torch.device, dtype: torch.dtype):
@@ -73,8 +74,20 @@ def _median(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, flo
 
 @torch.no_grad()
 def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str] = None,
-        repeats: int = 3) -> List[Dict[str, object]]:
-    """Rows (flat dicts) of the three tables; ``table`` says which."""
+        repeats: int = 3, threads: Optional[int] = 1, sections: Sequence[str] = SECTIONS,
+        progress=None) -> List[Dict[str, object]]:
+    """Rows (flat dicts) of the tables in ``sections`` (prefill, reduction, stage); ``table`` says which.
+
+    ``threads``: torch CPU threads for the whole run (1 by default: a shared CPU; None leaves torch's choice).
+    ``progress``: optional tqdm-like bar, advanced once per section.
+    """
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    if progress is not None:
+        progress.reset(total=len(sections))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = size or ("quick" if quick else ("7b" if device.type == "cuda" else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -102,11 +115,15 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
         ids = inputs_for(keep)
         return lm.get_input_embeddings()(ids)  # the LM's cost depends on the length only
 
+    def done(section: str) -> None:
+        if progress is not None:
+            progress.set_postfix_str(section)
+            progress.update(1)
+
     # ---- prefill: whole model and LM alone, keep-all vs reduced, interleaved in one loop.
     fns: Dict[str, Callable[[], object]] = {}
-    for keep in keeps:
+    for keep in (keeps if "prefill" in sections else []):
         ids = inputs_for(keep)
-        ctx = model._mmmerge_llava
         emb = embeds_for(keep)
         llava.restore_visual_tokens(model)
 
@@ -117,18 +134,37 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
 
         fns[f"whole_{keep}"] = whole
         fns[f"lm_{keep}"] = lambda emb=emb: model(inputs_embeds=emb, logits_to_keep=1)
-        del ctx
     t = _median(fns, repeats)
     tokens = {k: PROMPT_TEXT + k for k in keeps}
-    for keep in keeps:
+    for keep in (keeps if "prefill" in sections else []):
         rows.append({"table": "prefill", **info, "keep": keep, "prefill_tokens": tokens[keep],
                      "token_ratio": tokens[N] / tokens[keep], "prefill_ms": t[f"whole_{keep}"] * 1e3,
                      "lm_ms": t[f"lm_{keep}"] * 1e3, "tokens_per_s": tokens[keep] / t[f"whole_{keep}"],
                      "speedup": t[f"whole_{N}"] / t[f"whole_{keep}"], "lm_speedup": t[f"lm_{N}"] / t[f"lm_{keep}"],
                      "lm_efficiency": (t[f"lm_{N}"] / t[f"lm_{keep}"]) / (tokens[N] / tokens[keep])})
+    if "prefill" in sections:
+        done("prefill")
 
-    # ---- reduction cost against one tower forward (with the hidden states LLaVA asks for).
+    if "reduction" in sections:
+        rows += _reduction_rows(model, pixels, keeps, quick, repeats, info)
+        done("reduction")
+    if "stage" in sections:
+        rows += _stage_rows(model, full_ids, pixels, keeps, quick, repeats, info, inputs_for)
+        done("stage")
     llava.restore_visual_tokens(model)
+    if out_dir is not None:
+        import json
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"llava_{size}.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _reduction_rows(model, pixels, keeps, quick, repeats, info) -> List[Dict[str, object]]:
+    """Cost of the reduction itself against one vision-tower forward (with the hidden states LLaVA asks for)."""
+    rows: List[Dict[str, object]] = []
+    llava.restore_visual_tokens(model)
+    lm = model.model
     layout = llava._layout(lm)
     tower = lm.vision_tower
     with llava._Capture(lm, layout, True) as cap:
@@ -152,8 +188,12 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
             method, keep = name.rsplit("_", 1)
             rows.append({"table": "reduction", **info, "method": method, "keep": int(keep), "reduce_ms": sec * 1e3,
                          "tower_ms": t["tower"] * 1e3, "fraction_of_tower": sec / t["tower"]})
+    return rows
 
-    # ---- before vs after the projector: speed and fidelity against keep-all.
+
+def _stage_rows(model, full_ids, pixels, keeps, quick, repeats, info, inputs_for) -> List[Dict[str, object]]:
+    """Before vs after the projector: speed of the image features and fidelity against keep-all."""
+    rows: List[Dict[str, object]] = []
     llava.restore_visual_tokens(model)
     ref = model(input_ids=full_ids, pixel_values=pixels, output_hidden_states=True, logits_to_keep=1)
     ref_h, ref_p = ref.hidden_states[-1][:, -1].float(), ref.logits[:, -1].float().softmax(-1)
@@ -178,12 +218,6 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
         method, keep, stage = key
         rows.append({"table": "stage", **info, "method": method, "keep": keep, "stage": stage,
                      "features_ms": sec * 1e3, "hidden_cos": fidelity[key][0], "probs_cos": fidelity[key][1]})
-    llava.restore_visual_tokens(model)
-    if out_dir is not None:
-        import json
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"llava_{size}.json").write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -201,12 +235,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--size", choices=["quick", "cpu", "7b"], default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the whole run (default 1, for "
+                        "a shared CPU; 0 leaves torch's default)")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="tables to measure (default: all three)")
     args = parser.parse_args(argv)
-    rows = run(args.out, quick=args.quick, size=args.size, repeats=args.repeats)
-    print(f"machine: {machine()}; batch 1, one image, {PROMPT_TEXT} text tokens, random weights, "
-          f"size={rows[0]['size']}, {rows[0]['dtype']}; median of interleaved runs (a shared CPU is noisy)")
-    for table, columns in COLUMNS.items():
-        print(f"\n{table}\n" + markdown_table([r for r in rows if r["table"] == table], columns))
+    rows = run(args.out, quick=args.quick, size=args.size, repeats=args.repeats, threads=args.threads or None,
+               sections=args.sections)
+    print(f"machine: {machine()}; torch threads {torch.get_num_threads()}; batch 1, one image, {PROMPT_TEXT} text "
+          f"tokens, random weights, size={rows[0]['size']}, {rows[0]['dtype']}; median of {1 if args.quick else args.repeats} "
+          "interleaved runs (a shared CPU is noisy)")
+    for table in args.sections:
+        print(f"\n{table}\n" + markdown_table([r for r in rows if r["table"] == table], COLUMNS[table]))
 
 
 if __name__ == "__main__":
