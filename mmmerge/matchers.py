@@ -216,6 +216,40 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
     return plan_from_targets(target, state.size, r, P)
 
 
+# Rounds of host repair in select-and-assign (a fixed count: shapes, not data, decide the work).
+HOST_REPAIR_ROUNDS = 4
+
+
+def _removable(importance: Tensor, r: int, allowed: Optional[Tensor]) -> Tensor:
+    """The r least important tokens ``[B, r]``, chosen so that each one keeps an allowed host.
+
+    Under a constraint the r lowest can leave a removed token with no allowed kept token (say a whole
+    window of redundant tokens). Each round, every such token nominates the most important token it
+    may merge with (itself included) to stay, and the r least important of the rest are picked again.
+    A kept token only adds hosts, so a few rounds settle it; the matcher's check catches the rest.
+    ``allowed``: ``[B, M, M]`` bool pair mask, or None when every pair may merge.
+    """
+    order = importance.argsort(dim=-1)  # least important first
+    removed = order[:, :r]
+    if allowed is None:
+        return removed
+    B, M = importance.shape
+    # Rank by importance (finite and distinct even where importance is +-inf).
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(M, device=order.device).expand(B, M))
+    keep = torch.zeros(B, M, dtype=torch.bool, device=importance.device)
+    for _ in range(HOST_REPAIR_ROUNDS):
+        is_removed = torch.zeros_like(keep).scatter_(1, removed, True)
+        hostless = is_removed & ~(allowed & ~is_removed.unsqueeze(1)).any(dim=-1)  # [B, M]
+        # Each token's most important removed partner (a token is always its own partner).
+        partner_rank = rank.unsqueeze(1).masked_fill(~(allowed & is_removed.unsqueeze(1)), -1)  # [B, M, M]
+        nominee = partner_rank.argmax(dim=-1)  # [B, M]
+        nominated = torch.zeros(B, M, device=importance.device).scatter_reduce(
+            1, nominee, hostless.float(), reduce="amax", include_self=True) > 0
+        keep = keep | nominated
+        removed = rank.masked_fill(keep, M).argsort(dim=-1)[:, :r]
+    return removed
+
+
 def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint],
                        score: Optional[Tensor], method: str):
     """Pick the r least important mergeable tokens and each one's most similar kept (allowed) token.
@@ -239,8 +273,8 @@ def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Op
         pad = ~state.valid[:, P:]
         first_pad = pad & (pad.cumsum(dim=1) == 1)
         importance = importance.masked_fill(pad, NEG_INF).masked_fill(first_pad, float("inf"))
-    removed = importance.argsort(dim=-1)[:, :r]  # [B, r]
     all_idx = _indices(B, torch.arange(M, device=device))
+    removed = _removable(importance, r, allowed_pairs(state, constraint or Global(), all_idx + P, all_idx + P))
     sims = (m.gather(1, removed.unsqueeze(-1).expand(-1, -1, m.shape[-1])) @ m.transpose(1, 2)).float()
     is_removed = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, removed, True)
     sims = sims.masked_fill(is_removed.unsqueeze(1), NEG_INF)

@@ -224,3 +224,31 @@ def test_random_merge_ignores_similarity():
     p1 = mm.plan_merge(x, state, 5, "random", generator=g1)
     p2 = mm.plan_merge(torch.randn(1, 20, 4), state, 5, "random", generator=g2)
     assert torch.equal(p1.assign, p2.assign)
+
+
+@pytest.mark.parametrize("method", ["tps", "prune"])
+@pytest.mark.parametrize("constraint", ["window(2)", "adjacent", "within_frame"])
+def test_select_and_assign_keeps_a_host_when_a_whole_block_is_least_important(method, constraint):
+    # 8 frames x 4 tokens; frames 0-1 (one window(2) block, and under adjacent everything that touches
+    # frame 0 but frame 2) are the least important. Removing the r lowest would leave them no host.
+    frames, per_frame = 8, 4
+    t = torch.arange(frames).repeat_interleave(per_frame).float()
+    state = mm.init_state(1, frames * per_frame, coords={"t_min": t, "t_max": t}, rules={"t_min": "min", "t_max": "max"})
+    score = torch.where(t < 2, 0.0, 1.0 + torch.arange(len(t)) / len(t)).unsqueeze(0)
+    r = 10
+    plan = mm.get_matcher(method)(torch.randn(1, len(t), 8), state, r, mm.parse_constraint(constraint), score=score)
+    assert plan.num_out == len(t) - r
+    groups = {}
+    for i, a in enumerate(plan.assign[0].tolist()):
+        groups.setdefault(a, []).append(int(t[i]))
+    for members in groups.values():
+        if constraint == "window(2)":
+            assert len({f // 2 for f in members}) == 1
+        elif constraint == "within_frame":
+            assert len(set(members)) == 1
+        else:
+            assert max(members) - min(members) <= 2  # spans stay contiguous; one step joins touching frames
+    if method == "prune":  # dropped tokens carry weight 0: the block gives up all but one token, the rest 3
+        dropped = plan.weight[0] == 0
+        assert int(dropped[: 2 * per_frame].sum()) == (2 * per_frame - 2 if constraint == "within_frame" else 2 * per_frame - 1)
+        assert int(dropped.sum()) == r
