@@ -152,3 +152,26 @@ def test_missing_suite_gives_a_clear_error():
 
     with pytest.raises(SystemExit, match="unknown suite"):
         load_suite("nope")
+
+
+def test_readme_results_section_is_replaced_between_markers(tmp_path):
+    from benchmarks import readme
+
+    rows = [{"model": "m", "method": "none", "time_mode": "-", "target": 1.0, "tokens": 10, "gflops": 1.0,
+             "accuracy": 0.9, "agreement": 1.0, "kl": 0.0, "speedup": 1.0, "acc_drop": 0.0},
+            {"model": "m", "method": "tome", "time_mode": "global", "target": 0.5, "tokens": 10, "gflops": 0.5,
+             "flops_ratio": 0.5, "accuracy": 0.8, "agreement": 0.85, "kl": 0.1, "speedup": 1.9, "acc_drop": 10.0}]
+    results.write_json(rows, tmp_path / "quality.json", meta={"command": "python -m benchmarks quality", "cpu": "x"})
+    (tmp_path / "ref" / "m").mkdir(parents=True)
+    (tmp_path / "ref" / "m" / "training.json").write_text(json.dumps(
+        {"held_out_accuracy": 0.9, "chance": 0.125, "steps": 5, "train_seconds": 1.0, "command": "train m"}))
+    section = readme.quality_section(tmp_path, tmp_path / "ref")
+    assert "80.0 (+10.0), 85.0, 1.90x" in section and "90.0% held-out" in section
+    text = f"intro\n{readme.START}\nold figures\n{readme.END}\noutro\n"
+    new = readme.replace_section(text, section)
+    assert "old figures" not in new and new.startswith("intro\n") and new.endswith(f"{readme.END}\noutro\n")
+    assert readme.replace_section(new, section) == new  # idempotent
+    with pytest.raises(ValueError, match="no results markers"):
+        readme.replace_section("no markers here", section)
+    with pytest.raises(FileNotFoundError, match="run python -m benchmarks quality"):
+        readme.quality_section(tmp_path / "missing", tmp_path / "ref")
