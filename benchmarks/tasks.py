@@ -16,7 +16,8 @@ Video (8 frames of 32 x 32 RGB, ``[B, T, 3, H, W]`` in [-1, 1]) - 8 classes = di
 
 Audio (2.56 s at 16 kHz, then 128-bin AST fbank ``[B, 256, 128]``) - 8 classes = order x sweep x gap:
     a low tone (250-500 Hz) and a high tone (2.5-4.5 kHz), one after the other, separated by a short
-    (0.04-0.2 s) or long (0.5-0.8 s) gap; a chirp sweeping up or down between 0.8 and 2 kHz somewhere;
+    (0.04-0.2 s) or long (0.5-0.8 s) gap; a chirp sweeping up or down between 0.8 and 2.4 kHz somewhere;
+    each is a stack of partials spanning several mel bins (``PARTIALS``, ``SPREAD``);
     label = 4 * (high tone first) + 2 * (chirp sweeps down) + (gap is long).
     Nuisance: frequencies, durations, loudness, noise bursts, background noise. Reversed: order and sweep
     flip, the gap stays.
@@ -135,6 +136,12 @@ def video_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:
 SAMPLE_RATE, AUDIO_FRAMES, MEL_BINS, AUDIO_CLASSES = 16000, 256, 128, 8
 AUDIO_SAMPLES = 400 + (AUDIO_FRAMES - 1) * 160  # exactly 256 fbank frames (25 ms window, 10 ms hop)
 RAMP = 0.02  # seconds of linear fade at each end of an event
+# Each tone and the chirp is a stack of partials from f to f * (1 + spread): a band several mel bins
+# high that fills whole 16 x 16 AST patches, not a line one bin high. (With single sine tones the small
+# ASTs here stayed at chance in 800-1500 steps, while a one-layer CNN learned the task: too little of each
+# patch changes for a from-scratch ViT to pick up.)
+PARTIALS = 8
+SPREAD = {"low": 0.8, "high": 0.5, "chirp": 0.2}
 AUDIO_LABELS = [f"{'high' if h else 'low'} tone first, chirp {'down' if d else 'up'}, {'long' if g else 'short'} gap"
                 for h in (0, 1) for d in (0, 1) for g in (0, 1)]
 
@@ -203,16 +210,20 @@ def render_audio(p: Params) -> Tensor:
     t = t.unsqueeze(0)
     p64 = {k: v.float() for k, v in p.items()}
 
-    def tone(c: Tensor, d: Tensor, f: Tensor, a: Tensor, k: Tensor | float = 0.0) -> Tensor:
+    def tone(c: Tensor, d: Tensor, f: Tensor, a: Tensor, spread: float, k: Tensor | float = 0.0) -> Tensor:
+        """A stack of PARTIALS cosine partials from f to f * (1 + spread), all sweeping k Hz/s."""
         tau = t - c.unsqueeze(-1)
         k = torch.as_tensor(k, dtype=torch.float32)
         k = k.unsqueeze(-1) if k.dim() else k
-        phase = 2 * math.pi * (f.unsqueeze(-1) * tau + 0.5 * k * tau * tau)
-        return a.unsqueeze(-1) * _envelope(tau, d) * torch.cos(phase)
+        stack = torch.zeros_like(tau)
+        for j in range(PARTIALS):
+            fj = f * (1 + spread * j / max(PARTIALS - 1, 1))
+            stack = stack + torch.cos(2 * math.pi * (fj.unsqueeze(-1) * tau + 0.5 * k * tau * tau))
+        return a.unsqueeze(-1) * _envelope(tau, d) * stack / math.sqrt(PARTIALS)
 
-    x = tone(p64["low_c"], p64["low_d"], p64["low_f"], p64["low_a"])
-    x = x + tone(p64["high_c"], p64["high_d"], p64["high_f"], p64["high_a"])
-    x = x + tone(p64["chirp_c"], p64["chirp_d"], p64["chirp_f"], p64["chirp_a"], p64["chirp_k"])
+    x = tone(p64["low_c"], p64["low_d"], p64["low_f"], p64["low_a"], SPREAD["low"])
+    x = x + tone(p64["high_c"], p64["high_d"], p64["high_f"], p64["high_a"], SPREAD["high"])
+    x = x + tone(p64["chirp_c"], p64["chirp_d"], p64["chirp_f"], p64["chirp_a"], SPREAD["chirp"], p64["chirp_k"])
     level = p64["noise_a"].unsqueeze(-1)  # background noise, louder in short bursts
     for i in range(p64["burst_c"].shape[1]):
         burst = _envelope(t - p64["burst_c"][:, i:i + 1], torch.full_like(p64["burst_c"][:, i], 0.06))

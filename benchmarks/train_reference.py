@@ -1,6 +1,6 @@
 """Train the small reference models of the quality benchmark from scratch on CPU, deterministically.
 
-    python -m benchmarks.train_reference --all            # rebuild all three (about 30 min on one CPU core)
+    python -m benchmarks.train_reference --all            # rebuild all three (about 25 min on one CPU core)
     python -m benchmarks.train_reference videomae         # one of: vivit, videomae, ast
     python -m benchmarks.train_reference --all --steps 20 --out /tmp/ref   # quick reproducibility check
 
@@ -47,6 +47,10 @@ class Recipe:
     lr: float = 1.5e-3
     weight_decay: float = 0.05
     seed: int = 0
+    # Weight of an auxiliary loss: the model's own classifier applied to the mean of the patch tokens
+    # (deep supervision for CLS-pooled models; the saved model is the plain class with its own head).
+    aux_mean_pool: float = 0.0
+    lr_schedule: str = "cosine"  # "cosine": warmup then cosine decay to 0; "constant": warmup then flat
 
 
 def _labels(names: List[str]) -> Dict[str, Dict]:
@@ -88,11 +92,11 @@ def _ast_config():
 
 RECIPES: Dict[str, Recipe] = {
     "vivit": Recipe("vivit", _vivit_config, "VivitForVideoClassification", tasks.video_batch, "pixel_values",
-                    steps=1000),
+                    steps=800, aux_mean_pool=1.0, lr_schedule="constant"),
     "videomae": Recipe("videomae", _videomae_config, "VideoMAEForVideoClassification", tasks.video_batch,
                        "pixel_values", steps=800),
     "ast": Recipe("ast", _ast_config, "ASTForAudioClassification", tasks.audio_batch, "input_values",
-                  steps=800, pool=6144),
+                  steps=1200, pool=6144, aux_mean_pool=1.0),
 }
 
 
@@ -112,18 +116,26 @@ def build_model(recipe: Recipe, seed: Optional[int] = None):
     model = getattr(transformers, recipe.model_class)(config)
     if recipe.name in ("ast", "vivit"):
         # transformers starts AST's and ViViT's CLS (and distillation) tokens and learned position embeddings
-        # at zero (they are meant to be loaded from a checkpoint); from scratch that leaves every token
-        # position-blind (AST then stalls at chance), so draw them like ViT does. ViViT's order bit still
-        # stays at chance with it (its committed checkpoint predates this; see its training.json).
+        # at zero (they are meant to be loaded from a checkpoint). From scratch that leaves every token
+        # position-blind. So the special tokens are drawn like ViT's and the patch positions start from the
+        # sinusoid table VideoMAE uses (then learned as usual). That alone was not enough: both still sat at
+        # chance on the order factors until the auxiliary mean-pool loss (Recipe.aux_mean_pool) was added,
+        # and ViViT learned the flash order only with a constant learning rate (in 800 steps).
+        from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+
         if recipe.name == "ast":
             emb = model.audio_spectrogram_transformer.embeddings
-            params = (emb.cls_token, emb.distillation_token, emb.position_embeddings)
+            special = (emb.cls_token, emb.distillation_token)
         else:
             emb = model.vivit.embeddings
-            params = (emb.cls_token, emb.position_embeddings)
+            special = (emb.cls_token,)
+        n_special = len(special)
         with torch.no_grad():
-            for p in params:
+            for p in special:
                 torch.nn.init.trunc_normal_(p, std=0.02)
+            torch.nn.init.trunc_normal_(emb.position_embeddings[:, :n_special], std=0.02)
+            n_patches = emb.position_embeddings.shape[1] - n_special
+            emb.position_embeddings[:, n_special:] = get_sinusoid_encoding_table(n_patches, config.hidden_size)
     return model
 
 
@@ -178,6 +190,20 @@ def factor_accuracy(name: str, pred: Tensor, y: Tensor) -> Dict[str, float]:
     return {f: float(((pred // d) % m == (y // d) % m).float().mean()) for f, (d, m) in factors.items()}
 
 
+def logits_and_mean_pool(model, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """The model's logits ``[B, L]`` (what ``model(x).logits`` gives) and its classifier applied to the mean of
+    the patch tokens ``[B, L]`` (VideoMAE already pools that way, so there both are the same)."""
+    name = type(model).__name__
+    if name.startswith("AST"):
+        out = model.audio_spectrogram_transformer(input_values=x)
+        return model.classifier(out.pooler_output), model.classifier(out.last_hidden_state[:, 2:].mean(1))
+    if name.startswith("Vivit"):
+        hidden = model.vivit(pixel_values=x).last_hidden_state
+        return model.classifier(hidden[:, 0]), model.classifier(hidden[:, 1:].mean(1))
+    logits = model(pixel_values=x).logits
+    return logits, logits
+
+
 def state_hash(model) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -202,8 +228,14 @@ def train(recipe: Recipe, out_dir: Path, steps: Optional[int] = None, pool: Opti
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98), fused=True)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    if recipe.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown lr_schedule '{recipe.lr_schedule}'; use 'cosine' or 'constant'")
+
+    def lr_factor(s: int) -> float:
+        decay = 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) if recipe.lr_schedule == "cosine" else 1.0
+        return min(1.0, (s + 1) / warmup) * decay
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     order = torch.Generator().manual_seed(recipe.seed + 17)
     perm = torch.randperm(len(x_pool), generator=order)
     cursor = 0
@@ -213,8 +245,10 @@ def train(recipe: Recipe, out_dir: Path, steps: Optional[int] = None, pool: Opti
             perm, cursor = torch.randperm(len(x_pool), generator=order), 0
         idx = perm[cursor:cursor + recipe.batch_size]
         cursor += recipe.batch_size
-        out = model(**{recipe.input_key: x_pool[idx].float()})
-        loss = torch.nn.functional.cross_entropy(out.logits, y_pool[idx])
+        logits, pooled = logits_and_mean_pool(model, x_pool[idx].float())
+        loss = torch.nn.functional.cross_entropy(logits, y_pool[idx])
+        if recipe.aux_mean_pool:
+            loss = loss + recipe.aux_mean_pool * torch.nn.functional.cross_entropy(pooled, y_pool[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -175,3 +175,20 @@ def test_readme_results_section_is_replaced_between_markers(tmp_path):
         readme.replace_section("no markers here", section)
     with pytest.raises(FileNotFoundError, match="run python -m benchmarks quality"):
         readme.quality_section(tmp_path / "missing", tmp_path / "ref")
+
+
+@pytest.mark.parametrize("name", ["vivit", "videomae", "ast"])
+def test_training_logits_are_the_models_own(name):
+    # The training loop computes logits through the base model and head (to also get the mean-pooled
+    # auxiliary logits); they must be exactly what the saved model's forward gives.
+    from benchmarks import train_reference as tr
+
+    recipe = tr.RECIPES[name]
+    model = tr.build_model(recipe).eval()
+    x, _ = recipe.batch(2, 3)
+    logits, pooled = tr.logits_and_mean_pool(model, x)
+    with torch.no_grad():
+        assert torch.equal(logits, model(**{recipe.input_key: x}).logits)
+    assert pooled.shape == logits.shape
+    if name != "videomae":
+        assert not torch.allclose(pooled, logits)
