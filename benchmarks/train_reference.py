@@ -232,8 +232,9 @@ def train(recipe: Recipe, out_dir: Path, steps: Optional[int] = None, pool: Opti
         raise ValueError(f"unknown lr_schedule '{recipe.lr_schedule}'; use 'cosine' or 'constant'")
 
     def lr_factor(s: int) -> float:
-        decay = 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) if recipe.lr_schedule == "cosine" else 1.0
-        return min(1.0, (s + 1) / warmup) * decay
+        if recipe.lr_schedule == "constant":
+            return min(1.0, (s + 1) / warmup)
+        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     order = torch.Generator().manual_seed(recipe.seed + 17)
