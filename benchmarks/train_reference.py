@@ -273,6 +273,7 @@ def train(recipe: Recipe, out_dir: Path, steps: Optional[int] = None, pool: Opti
               metadata={"format": "pt"})
     record = {"name": recipe.name, "class": recipe.model_class, "steps": steps, "batch_size": recipe.batch_size,
               "pool": len(x_pool), "seed": recipe.seed, "threads": THREADS, "lr": recipe.lr,
+              "lr_schedule": recipe.lr_schedule, "aux_mean_pool": recipe.aux_mean_pool,
               "parameters": sum(p.numel() for p in model.parameters()),
               "held_out_accuracy": acc, "held_out_factor_accuracy": factors, "held_out_clips": len(x_test), "train_accuracy": train_acc,
               "chance": 1.0 / model.config.num_labels, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
