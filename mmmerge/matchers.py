@@ -176,7 +176,8 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
 
     The ``2r`` highest-energy tokens are the candidates; in energy order they alternate into A and B,
     and every A token merges into its most similar B. Under a constraint an A token with no allowed
-    candidate B falls back to its most similar allowed non-candidate token (never to another A).
+    candidate B falls back to its most similar allowed non-candidate token (never to another A); each
+    token's lowest-energy allowed partner is kept out of the candidates, so such a fallback always exists.
 
     Args:
         metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
@@ -201,9 +202,12 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
         m = _normalized(metric, P)
         valid = None if state.valid is None else state.valid[:, P:]
         energy = energy_score(m, margin, alpha, bool(cfg["shift"]), valid)  # [B, M]
+        all_idx = _indices(B, torch.arange(M, device=device))
+        allowed = allowed_pairs(state, constraint, all_idx + P, all_idx + P)  # [B, M, M] or None
+        if allowed is not None:  # each neighbourhood's lowest-energy token is never a candidate: a fallback host
+            energy = energy.masked_fill(neighbourhood_best(-energy, allowed), NEG_INF)
         cand = energy.argsort(dim=-1, descending=True)[:, : 2 * r]  # [B, 2r]
         src, cand_b = cand[:, 0::2], cand[:, 1::2]  # [B, r] each
-        all_idx = _indices(B, torch.arange(M, device=device))
         scores = (m.gather(1, src.unsqueeze(-1).expand(-1, -1, m.shape[-1])) @ m.transpose(1, 2)).float()
         # Prefer candidate B tokens: others get a -4 penalty (cosine lies in [-1, 1]), A tokens are excluded.
         role = torch.full((B, M), -4.0, device=device)
@@ -216,38 +220,22 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
     return plan_from_targets(target, state.size, r, P)
 
 
-# Rounds of host repair in select-and-assign (a fixed count: shapes, not data, decide the work).
-HOST_REPAIR_ROUNDS = 4
+def neighbourhood_best(importance: Tensor, allowed: Tensor) -> Tensor:
+    """``[B, M]`` bool: tokens that are the most important of everything they may merge with.
 
-
-def _removable(importance: Tensor, r: int, allowed: Optional[Tensor]) -> Tensor:
-    """The r least important tokens ``[B, r]``, chosen so that each one keeps an allowed host.
-
-    Under a constraint the r lowest can leave a removed token with no allowed kept token (say a whole
-    window of redundant tokens). Each round, every such token nominates the most important token it
-    may merge with (itself included) to stay, and the r least important of the rest are picked again.
-    A kept token only adds hosts, so a few rounds settle it; the matcher's check catches the rest.
-    ``allowed``: ``[B, M, M]`` bool pair mask, or None when every pair may merge.
+    Each token's "anchor" is the most important token it is allowed to merge with (itself included);
+    anchors are kept. Then every other token has a kept, allowed host however many are removed around
+    it: a whole window or silent stretch of redundant tokens keeps its best one. Without a constraint
+    the only anchor is the most important token overall.
+    ``importance``: ``[B, M]`` (ties and +-inf allowed). ``allowed``: ``[B, M, M]`` bool pair mask.
     """
-    order = importance.argsort(dim=-1)  # least important first
-    removed = order[:, :r]
-    if allowed is None:
-        return removed
     B, M = importance.shape
-    # Rank by importance (finite and distinct even where importance is +-inf).
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(M, device=order.device).expand(B, M))
-    keep = torch.zeros(B, M, dtype=torch.bool, device=importance.device)
-    for _ in range(HOST_REPAIR_ROUNDS):
-        is_removed = torch.zeros_like(keep).scatter_(1, removed, True)
-        hostless = is_removed & ~(allowed & ~is_removed.unsqueeze(1)).any(dim=-1)  # [B, M]
-        # Each token's most important removed partner (a token is always its own partner).
-        partner_rank = rank.unsqueeze(1).masked_fill(~(allowed & is_removed.unsqueeze(1)), -1)  # [B, M, M]
-        nominee = partner_rank.argmax(dim=-1)  # [B, M]
-        nominated = torch.zeros(B, M, device=importance.device).scatter_reduce(
-            1, nominee, hostless.float(), reduce="amax", include_self=True) > 0
-        keep = keep | nominated
-        removed = rank.masked_fill(keep, M).argsort(dim=-1)[:, :r]
-    return removed
+    order = importance.argsort(dim=-1)
+    # Rank by importance: finite and distinct even where importance is +-inf or tied.
+    rank = torch.empty(B, M, device=importance.device).scatter_(
+        1, order, torch.arange(M, device=importance.device, dtype=torch.float32).expand(B, M))
+    anchor = rank.unsqueeze(1).masked_fill(~allowed, -1.0).argmax(dim=-1)  # [B, M]
+    return torch.zeros(B, M, dtype=torch.bool, device=importance.device).scatter_(1, anchor, True)
 
 
 def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint],
@@ -274,7 +262,10 @@ def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Op
         first_pad = pad & (pad.cumsum(dim=1) == 1)
         importance = importance.masked_fill(pad, NEG_INF).masked_fill(first_pad, float("inf"))
     all_idx = _indices(B, torch.arange(M, device=device))
-    removed = _removable(importance, r, allowed_pairs(state, constraint or Global(), all_idx + P, all_idx + P))
+    allowed = allowed_pairs(state, constraint or Global(), all_idx + P, all_idx + P)  # [B, M, M] or None
+    if allowed is not None:  # keep each neighbourhood's best token, so every removed token has a host
+        importance = importance.masked_fill(neighbourhood_best(importance, allowed), float("inf"))
+    removed = importance.argsort(dim=-1)[:, :r]  # [B, r]
     sims = (m.gather(1, removed.unsqueeze(-1).expand(-1, -1, m.shape[-1])) @ m.transpose(1, 2)).float()
     is_removed = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, removed, True)
     sims = sims.masked_fill(is_removed.unsqueeze(1), NEG_INF)

@@ -252,3 +252,20 @@ def test_select_and_assign_keeps_a_host_when_a_whole_block_is_least_important(me
         dropped = plan.weight[0] == 0
         assert int(dropped[: 2 * per_frame].sum()) == (2 * per_frame - 2 if constraint == "within_frame" else 2 * per_frame - 1)
         assert int(dropped.sum()) == r
+
+
+@pytest.mark.parametrize("constraint", ["window(2)", "within_frame"])
+def test_pitome_under_a_constraint_always_finds_an_allowed_host(constraint):
+    # 8 frames x 4 tokens, r=12: up to 24 candidates. Each frame (window) keeps its lowest-energy token out
+    # of the candidates, so every A token has an allowed destination whatever the energies are.
+    frames, per_frame = 8, 4
+    t = torch.arange(frames).repeat_interleave(per_frame).float()
+    state = mm.init_state(2, frames * per_frame, coords={"t_min": t, "t_max": t}, rules={"t_min": "min", "t_max": "max"})
+    for seed in range(25):
+        metric = torch.randn(2, len(t), 6, generator=torch.Generator().manual_seed(seed))
+        plan = mm.pitome(metric, state, 12, mm.parse_constraint(constraint))
+        for b in range(2):
+            blocks = {}
+            for i, a in enumerate(plan.assign[b].tolist()):
+                blocks.setdefault(a, set()).add(int(t[i]) // (2 if constraint == "window(2)" else 1))
+            assert all(len(v) == 1 for v in blocks.values())
