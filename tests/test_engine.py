@@ -220,13 +220,18 @@ def test_gradients_flow_through_merging(method):
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+def frame_state(T: int, S: int):
+    """State of a CLS token plus T frames of S tokens each (t_min = t_max = frame), batch of 2."""
+    t = torch.cat([torch.tensor([-1.0]), torch.arange(T * S) // S])
+    return mm.init_state(2, 1 + T * S, protected=1, coords={"t_min": t, "t_max": t},
+                         rules={"t_min": "min", "t_max": "max"})
+
+
 def test_grouped_plan_gives_each_group_its_budget():
     torch.manual_seed(5)
     T, S = 4, 10
     x = torch.randn(2, 1 + T * S, 8)
-    t = torch.cat([torch.tensor([-1.0]), torch.arange(T * S) // S])
-    state = mm.init_state(2, 1 + T * S, protected=1, coords={"t_min": t, "t_max": t},
-                          rules={"t_min": "min", "t_max": "max"})
+    state = frame_state(T, S)
     for method in ["tome", "pitome", "tps"]:
         plan = mm.plan_merge(x, state, 8, method, groups=T)
         y, s = mm.merge_tokens(x, state, plan)
@@ -240,9 +245,7 @@ def test_grouped_plan_splits_a_given_score_with_the_tokens():
     torch.manual_seed(6)
     T, S = 3, 6
     x = torch.randn(2, 1 + T * S, 4)
-    t = torch.cat([torch.tensor([-1.0]), torch.arange(T * S) // S])
-    state = mm.init_state(2, 1 + T * S, protected=1, coords={"t_min": t, "t_max": t},
-                          rules={"t_min": "min", "t_max": "max"})
+    state = frame_state(T, S)
     score = torch.rand(2, 1 + T * S)
     for method in ["tps", "prune"]:
         plan = mm.plan_merge(x, state, 6, method, groups=T, score=score)

@@ -229,8 +229,8 @@ def test_random_merge_ignores_similarity():
 @pytest.mark.parametrize("method", ["tps", "prune"])
 @pytest.mark.parametrize("constraint", ["window(2)", "adjacent", "within_frame"])
 def test_select_and_assign_keeps_a_host_when_a_whole_block_is_least_important(method, constraint):
-    # 8 frames x 4 tokens; frames 0-1 (one window(2) block, and under adjacent everything that touches
-    # frame 0 but frame 2) are the least important. Removing the r lowest would leave them no host.
+    # 8 frames x 4 tokens; the 8 tokens of frames 0-1 (one window(2) block) are the least important, so
+    # removing the r=10 lowest would leave frame 0's tokens with no allowed kept host in any of these modes.
     frames, per_frame = 8, 4
     t = torch.arange(frames).repeat_interleave(per_frame).float()
     state = mm.init_state(1, frames * per_frame, coords={"t_min": t, "t_max": t}, rules={"t_min": "min", "t_max": "max"})
