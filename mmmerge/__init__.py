@@ -4,6 +4,7 @@ The engine (this package) knows tensors, never a model class:
     state.py        TokenState: size, source, coordinates, protected, valid
     matchers.py     where tokens are chosen (tome, pitome, tps, random, prune)
     merge.py        MergePlan and the one merge operation; unmerge
+    info.py         MergeInfo: what a merged forward did (one type for every adapter)
     constraints.py  which pairs may merge (global, within_frame, adjacent, window(k), same_band)
     schedule.py     r per layer
     attention.py    proportional attention bias
@@ -14,6 +15,7 @@ Adapters for Hugging Face models live in ``mmmerge.adapters``.
 from .attention import size_bias
 from .constraints import Adjacent, Constraint, Global, SameSpan, Window, parse_constraint
 from .flops import count_flops
+from .info import MergeInfo
 from .matchers import MATCHERS, energy_score, get_matcher, pitome, prune, random_merge, tome, tps
 from .merge import MergePlan, merge_state, merge_weighted, unmerge
 from .patching import last_info, patch, supported_models, unpatch
@@ -26,7 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adjacent", "Constraint", "count_flops", "Global", "KeepRatio", "MATCHERS", "MergePlan", "SameSpan", "TargetFlops",
     "TargetTokens", "TokenState", "Window", "energy_score", "get_matcher", "init_state", "last_info",
-    "merge_state", "merge_tokens", "merge_weighted", "parse_constraint", "patch", "pitome", "plan_merge",
+    "MergeInfo", "merge_state", "merge_tokens", "merge_weighted", "parse_constraint", "patch", "pitome", "plan_merge",
     "prune", "random_merge", "reduce_tokens", "resolve_schedule", "size_bias", "supported_models", "tome",
     "tps", "transformer_layer_flops", "unmerge", "unpatch",
 ]
