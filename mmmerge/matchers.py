@@ -351,3 +351,230 @@ def max_r(method: str, mergeable: int) -> int:
     if method == "none":
         return 0
     return mergeable // 2 if method in HALF_LIMITED else max(mergeable - 1, 0)
+
+
+# ------------------------------------------------------------------ diversity and question-aware selection
+# DivPrune (Alvar et al., CVPR 2025) and CDPruner (Zhang et al., 2025) select the ``keep = M - r`` mergeable
+# tokens to keep with a greedy loop of ``keep`` batched steps (no loop over tokens or batch, no host sync); every
+# other token then merges into its most similar kept token (size-weighted, so sizes and the source map stay
+# exact) or, with ``drop_unselected=True``, only its bookkeeping moves there (its value is dropped, as in the
+# papers). Under a constraint the greedy takes, before anything else, tokens that no kept token may host yet
+# (each gives its neighbourhood a host: the most diverse such token first), so every removed token has an
+# allowed host whenever ``keep`` allows; without a constraint this changes nothing. Padding (``state.valid``)
+# is taken only to host other padding (one kept token per padded stretch) or when no real token is left.
+_TIER = 4.0  # larger than any gain (cosine distance <= 2, DPP gain <= 1): one tier of priority
+
+
+def _pairwise_cosine(metric: Tensor, protected: int) -> Tensor:
+    """``[B, M, M]`` float32 cosine similarity of the mergeable tokens (zero vectors: 0, never NaN)."""
+    m = _normalized(metric, protected).float()
+    return m @ m.transpose(1, 2)
+
+
+def _coverage(state: TokenState, constraint: Optional[Constraint], M: int) -> Optional[Tensor]:
+    """``[B, M, M]`` bool ``allowed[i, j]``: token i may merge into token j (None: every pair may)."""
+    B = state.size.shape[0]
+    idx = _indices(B, torch.arange(M, device=state.size.device)) + state.protected
+    return allowed_pairs(state, constraint or Global(), idx, idx)
+
+
+def _pick(score: Tensor, taken: Tensor, covered: Optional[Tensor], valid: Optional[Tensor]) -> Tensor:
+    """``[B]`` the best token not taken yet, by tiers: real tokens without an allowed kept host, padding without
+    one (so padding costs one kept token), real tokens, padding; by ``score`` inside a tier."""
+    if covered is not None:
+        score = score + 2 * _TIER * (~covered).float()
+    if valid is not None:
+        score = score - _TIER * (~valid).float()
+    return score.masked_fill(taken, NEG_INF).argmax(dim=-1)
+
+
+def _take(j: Tensor, taken: Tensor, covered: Optional[Tensor], allowed: Optional[Tensor]) -> Optional[Tensor]:
+    """Mark the picked tokens ``j`` ``[B]`` as taken (in place) and return the updated coverage."""
+    taken.scatter_(1, j.unsqueeze(1), True)
+    if covered is None:
+        return None
+    B, M = taken.shape
+    hosts_j = allowed.gather(2, j.view(B, 1, 1).expand(B, M, 1)).squeeze(2)  # [B, M] may merge into j
+    return covered | hosts_j
+
+
+def max_min_select(sim: Tensor, keep: int, allowed: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Tensor:
+    """DivPrune's greedy max-min selection: ``[B, keep]`` indices (in the order picked).
+
+    First the token whose nearest other token is farthest (cosine distance ``1 - sim``), then, ``keep - 1``
+    times, the token farthest from everything picked so far (largest minimum distance to the picked set).
+
+    Args:
+        sim: ``[B, M, M]`` cosine similarity. keep: tokens to pick, ``1 <= keep <= M``.
+        allowed: ``[B, M, M]`` host mask (see the block comment): hostless tokens are picked first.
+        valid: ``[B, M]`` bool, False for padding (taken only to host other padding, or when nothing else is left).
+    """
+    B, M, _ = sim.shape
+    eye = torch.eye(M, dtype=torch.bool, device=sim.device)
+    nearest = 1.0 - sim.masked_fill(eye, NEG_INF).amax(dim=-1)  # [B, M] distance to the nearest other token
+    taken = torch.zeros(B, M, dtype=torch.bool, device=sim.device)
+    covered = None if allowed is None else torch.zeros_like(taken)
+    picks = []
+    j = _pick(nearest, taken, covered, valid)
+    for step in range(keep):
+        if step:
+            j = _pick(min_dist, taken, covered, valid)
+        picks.append(j)
+        covered = _take(j, taken, covered, allowed)
+        dist_j = 1.0 - sim.gather(1, j.view(B, 1, 1).expand(B, 1, M)).squeeze(1)  # [B, M]
+        min_dist = dist_j if step == 0 else torch.minimum(min_dist, dist_j)
+    return torch.stack(picks, dim=1)
+
+
+def dpp_select(sim: Tensor, keep: int, quality: Optional[Tensor] = None, allowed: Optional[Tensor] = None,
+               valid: Optional[Tensor] = None, eps: float = 1e-10) -> Tensor:
+    """Greedy MAP of the DPP with kernel ``L = diag(q) S diag(q)``: ``[B, keep]`` indices (in the order picked).
+
+    The fast greedy of Chen et al. (NeurIPS 2018): each step takes the token with the largest marginal gain
+    ``d_j^2`` (the log-det increase) and updates every gain with one Cholesky row, ``O(keep^2 M)`` in all.
+    Once the gains are exhausted (``keep`` above the kernel's rank) the rest have zero gain and are taken in
+    order of their residual.
+
+    Args:
+        sim: ``[B, M, M]`` cosine similarity S (positive semi-definite). quality: ``[B, M]`` q >= 0, or None (1).
+        allowed: ``[B, M, M]`` host mask (see the block comment): hostless tokens are picked first.
+        valid: ``[B, M]`` bool, False for padding (taken only to host other padding, or when nothing else is left).
+    """
+    B, M, _ = sim.shape
+    q = torch.ones(B, M, device=sim.device) if quality is None else quality.float()
+    unit = (sim.diagonal(dim1=1, dim2=2) > 0.5).float()  # S_jj: exactly 1 (0 for zero vectors), ties stay ties
+    gain = q * q * unit  # [B, M] d_j^2 = L_jj
+    rows = sim.new_zeros(B, keep, M)  # Cholesky rows of the picked tokens
+    taken = torch.zeros(B, M, dtype=torch.bool, device=sim.device)
+    covered = None if allowed is None else torch.zeros_like(taken)
+    picks = []
+    for step in range(keep):
+        j = _pick(gain, taken, covered, valid)
+        picks.append(j)
+        covered = _take(j, taken, covered, allowed)
+        q_j = q.gather(1, j.unsqueeze(1))  # [B, 1]
+        kernel_j = q_j * sim.gather(1, j.view(B, 1, 1).expand(B, 1, M)).squeeze(1) * q  # [B, M] row L_j
+        if step:
+            c_j = rows[:, :step].gather(2, j.view(B, 1, 1).expand(B, step, 1))  # [B, step, 1]
+            kernel_j = kernel_j - (c_j * rows[:, :step]).sum(1)
+        d_j = gain.gather(1, j.unsqueeze(1))  # [B, 1]
+        e = torch.where(d_j > eps, kernel_j / d_j.clamp_min(eps).sqrt(), torch.zeros_like(kernel_j))
+        rows[:, step] = e
+        gain = gain - e * e
+    return torch.stack(picks, dim=1)
+
+
+def query_relevance(metric: Tensor, query: Tensor, query_mask: Optional[Tensor] = None,
+                    valid: Optional[Tensor] = None) -> Tensor:
+    """CDPruner's relevance: each token's best cosine to the query tokens, min-max normalised per sample.
+
+    Args:
+        metric: ``[B, M, C]`` tokens. query: ``[Bq, Q, C]`` (``B`` a multiple of ``Bq``: each query row serves
+            ``B / Bq`` consecutive rows, e.g. the per-frame sub-batches of a per-group budget).
+        query_mask: ``[Bq, Q]`` bool, False for query tokens to ignore (padding). valid: ``[B, M]`` bool.
+    Returns:
+        ``[B, M]`` float32 in [0, 1] (1: the most relevant token of its sample; padding tokens 0).
+    """
+    B, M, C = metric.shape
+    if query.dim() != 3 or query.shape[-1] != C or B % query.shape[0]:
+        raise ValueError(f"query must be [B, Q, C] with C={C} (the metric's width) and a batch dividing {B}, got "
+                         f"{tuple(query.shape)}; for LLaVA pass text embeddings of the projected width")
+    if query_mask is not None and tuple(query_mask.shape) != tuple(query.shape[:2]):
+        raise ValueError(f"query_mask must be [Bq, Q]={list(query.shape[:2])}, got {tuple(query_mask.shape)}")
+    repeat = B // query.shape[0]
+    qn = F.normalize(query.float(), dim=-1, eps=1e-6).repeat_interleave(repeat, dim=0)  # [B, Q, C]
+    cos = F.normalize(metric.float(), dim=-1, eps=1e-6) @ qn.transpose(1, 2)  # [B, M, Q]
+    if query_mask is not None:
+        cos = cos.masked_fill(~query_mask.repeat_interleave(repeat, dim=0).unsqueeze(1), NEG_INF)
+    rel = cos.amax(dim=-1).clamp_min(-1.0)  # [B, M]; an all-masked query gives -1 everywhere
+    real = torch.ones_like(rel, dtype=torch.bool) if valid is None else valid
+    lo = rel.masked_fill(~real, float("inf")).amin(dim=-1, keepdim=True)
+    hi = rel.masked_fill(~real, NEG_INF).amax(dim=-1, keepdim=True)
+    out = (rel - lo) / (hi - lo).clamp_min(1e-6)
+    # The least relevant real token keeps a small quality (as in the official code), so it can still be taken.
+    return out.clamp(0.0, 1.0).clamp_min(1e-6).masked_fill(~real, 0.0)
+
+
+def _select_plan(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint], method: str,
+                 select: Callable[..., Tensor], drop_unselected: bool) -> MergePlan:
+    """Shared body: select ``M - r`` tokens, every other one joins its most similar allowed selected token."""
+    P = state.protected
+    B, N = metric.shape[:2]
+    M = N - P
+    _check_r(r, M, M - 1, method)
+    if not isinstance(drop_unselected, bool):
+        raise TypeError(f"{method}: drop_unselected must be True or False, got {drop_unselected!r}")
+    if r == 0:
+        return identity_plan(state)
+    keep = M - r
+    with torch.no_grad():
+        sim = _pairwise_cosine(metric, P)  # [B, M, M]
+        allowed = _coverage(state, constraint, M)  # [B, M, M] or None
+        valid = None if state.valid is None else state.valid[:, P:]
+        selected = select(sim, keep, allowed, valid)  # [B, keep]
+        is_kept = torch.zeros(B, M, dtype=torch.bool, device=metric.device).scatter_(1, selected, True)
+        host_sim = sim.gather(2, selected.unsqueeze(1).expand(B, M, keep))  # [B, M, keep]
+        if allowed is not None:
+            host_sim = host_sim.masked_fill(~allowed.gather(2, selected.unsqueeze(1).expand(B, M, keep)), NEG_INF)
+        best, slot = host_sim.max(dim=-1)  # [B, M]
+        _assert_allowed(best.masked_fill(is_kept, 0.0), method)
+        own = _indices(B, torch.arange(M, device=metric.device))
+        target = torch.where(is_kept, own, selected.gather(1, slot))
+        weight = state.size
+        if drop_unselected:
+            weight = torch.cat([state.size[:, :P], state.size[:, P:] * is_kept], dim=1)
+    return plan_from_targets(target, weight, r, P)
+
+
+def divprune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
+             drop_unselected: bool = False, **_) -> MergePlan:
+    """DivPrune: keep the ``M - r`` most diverse tokens (greedy max-min cosine distance, ``max_min_select``).
+
+    Every other token merges into its most similar kept token (size-weighted mean), or with
+    ``drop_unselected=True`` is dropped as in the paper (its size and source still go to that token).
+    Any r up to M - 1 in one step.
+
+    Args:
+        metric: ``[B, N, C]`` similarity features (all tokens, protected included). state: TokenState of the
+            N tokens. r: tokens to remove. constraint: merge constraint (hostless tokens are selected first).
+    """
+    def select(sim: Tensor, keep: int, allowed: Optional[Tensor], valid: Optional[Tensor]) -> Tensor:
+        return max_min_select(sim, keep, allowed, valid)
+
+    return _select_plan(metric, state, r, constraint, "divprune", select, drop_unselected)
+
+
+def cdpruner(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
+             query: Optional[Tensor] = None, query_mask: Optional[Tensor] = None,
+             drop_unselected: bool = False, **_) -> MergePlan:
+    """CDPruner: keep the ``M - r`` tokens of the greedy MAP of a conditional DPP (``dpp_select``).
+
+    Kernel ``L = diag(q) S diag(q)``: S the cosine similarity of ``metric``, q each token's relevance to
+    ``query`` (``query_relevance``: best cosine to the query tokens, min-max normalised per sample). Without a
+    query q = 1: plain DPP diversity. Unselected tokens merge into their most similar kept token, or with
+    ``drop_unselected=True`` are dropped as in the paper. Any r up to M - 1 in one step.
+
+    Args:
+        metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
+        query: ``[B, Q, C]`` query tokens of the metric's width (e.g. a prompt's text embeddings against
+            projected visual tokens). query_mask: ``[B, Q]`` bool, False for query tokens to ignore.
+    """
+    P = state.protected
+    quality = None
+    if query is not None:
+        if not isinstance(query, Tensor):
+            raise TypeError(f"cdpruner: query must be a [B, Q, C] tensor, got {type(query).__name__}")
+        valid = None if state.valid is None else state.valid[:, P:]
+        with torch.no_grad():
+            quality = query_relevance(metric[:, P:], query, query_mask, valid)
+    elif query_mask is not None:
+        raise ValueError("cdpruner: query_mask given without a query")
+
+    def select(sim: Tensor, keep: int, allowed: Optional[Tensor], valid: Optional[Tensor]) -> Tensor:
+        return dpp_select(sim, keep, quality, allowed, valid)
+
+    return _select_plan(metric, state, r, constraint, "cdpruner", select, drop_unselected)
+
+
+MATCHERS["divprune"] = divprune
+MATCHERS["cdpruner"] = cdpruner
