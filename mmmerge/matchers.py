@@ -351,3 +351,76 @@ def max_r(method: str, mergeable: int) -> int:
     if method == "none":
         return 0
     return mergeable // 2 if method in HALF_LIMITED else max(mergeable - 1, 0)
+
+
+# ------------------------------------------------------------------------------------------ dominant
+# Self-contained block (added with the LLaVA adapter): VisionZip-style selection as an engine matcher.
+def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
+             score: Optional[Tensor] = None, contextual: Optional[int] = None, **_) -> MergePlan:
+    """VisionZip-style (Yang et al., CVPR 2025): keep the most important tokens as they are, merge the rest
+    into a few contextual tokens.
+
+    Of the ``K = M - r`` mergeable tokens that remain, ``D = K - C`` are the "dominant" ones (highest
+    ``score``, kept unchanged) and ``C`` are contextual targets spread evenly, in position order, over the
+    tokens that are not dominant; every other token joins its most similar allowed target (cosine of
+    ``metric``), size-weighted. Under a constraint (or padding) each token's best allowed partner is kept
+    (as for tps), so every removed token has an allowed host: a token with no allowed target joins its most
+    similar allowed dominant token instead. Without a constraint this is VisionZip's rule exactly.
+
+    Args:
+        metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
+        score: ``[B, N]`` importance, higher stays ([CLS] attention in VisionZip; the LLaVA adapter passes the
+            [CLS] attention or, for towers without [CLS], the mean attention each token receives).
+            Default: minus the PiToMe energy (margin 0), as ``tps``.
+        contextual: C, the number of contextual tokens (default ``max(1, round(10 / 64 * K))``, VisionZip's
+            10 contextual of 64 kept); ``1 <= C <= K``.
+    """
+    if contextual is not None and (isinstance(contextual, bool) or not isinstance(contextual, int) or contextual < 1):
+        raise ValueError(f"dominant: contextual must be a positive int (contextual tokens), got {contextual!r}")
+    P = state.protected
+    B, N = metric.shape[:2]
+    M = N - P
+    _check_r(r, M, M - 1, "dominant")
+    if r == 0:
+        return identity_plan(state)
+    K = M - r
+    C = max(1, round(K * 10 / 64)) if contextual is None else contextual
+    if C > K:
+        raise ValueError(f"dominant: contextual={C} is more than the {K} mergeable tokens kept; use contextual <= {K}")
+    D = K - C
+    device = metric.device
+    with torch.no_grad():
+        m = _normalized(metric, P)
+        if score is None:
+            importance = -energy_score(m, margin=0.0, valid=None if state.valid is None else state.valid[:, P:])
+        else:
+            if score.shape != (B, N):
+                raise ValueError(f"dominant: score must be [B, N]=[{B}, {N}], got {tuple(score.shape)}")
+            importance = score[:, P:].float()
+        all_idx = _indices(B, torch.arange(M, device=device))
+        allowed = allowed_pairs(state, constraint or Global(), all_idx + P, all_idx + P)  # [B, M, M] or None
+        anchor = neighbourhood_best(importance, allowed) if allowed is not None else None
+        if anchor is not None:  # each neighbourhood's best token stays: dominant first, else a contextual target
+            importance = importance.masked_fill(anchor, float("inf"))
+        dom = importance.topk(D, dim=-1).indices  # [B, D]
+        is_dom = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, dom, True)
+        rest = torch.argsort(is_dom.to(torch.int8), dim=1, stable=True)[:, : M - D]  # [B, M - D] position order
+        step = (M - D) // C
+        priority = torch.zeros(B, M - D, device=device)
+        priority[:, : step * C : step] = 1.0  # evenly spread picks
+        if anchor is not None:
+            priority = priority + 2.0 * anchor.gather(1, rest).float()
+        targets = rest.gather(1, priority.topk(C, dim=-1).indices)  # [B, C]
+        is_target = torch.zeros_like(is_dom).scatter_(1, targets, True)
+        hosts = targets if anchor is None else torch.cat([targets, dom], dim=1)  # [B, C (+ D)]
+        sim = (m @ m.gather(1, hosts.unsqueeze(-1).expand(-1, -1, m.shape[-1])).transpose(1, 2)).float()
+        if anchor is not None:
+            sim[:, :, C:] -= 4.0  # cosine lies in [-1, 1]: an allowed target always wins over a dominant host
+            sim = _mask_scores(sim, state, constraint or Global(), all_idx, hosts)
+        best, choice = sim.max(dim=-1)
+        _assert_allowed(best.masked_fill(is_dom | is_target, 0.0), "dominant")
+        target = torch.where(is_dom | is_target, all_idx, hosts.gather(1, choice))
+    return plan_from_targets(target, state.size, r, P)
+
+
+MATCHERS["dominant"] = dominant
