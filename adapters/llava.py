@@ -229,10 +229,14 @@ def _resolve_keep(keep: KeepSpec, available: int, what: str = "image") -> int:
 class ImageLayout:
     """One anyres image as the LM sees it, unreduced: ``[base (n)] + crop rows, each followed by a newline``."""
 
+    key: Tuple  # (size, cropped, aspect): what the layout was made for
     length: int  # packed tokens, newlines included
     base: int  # base-view tokens: the first ``base`` packed tokens
     newlines: Tuple[int, ...]  # packed positions of the newline tokens
     tiles: int  # tower inputs of this image (base view + crops)
+    # Tower token (tile * n + token) behind each packed position (newlines: 0), or None where the model
+    # resamples the crop grid (OneVision's downsampling of very large grids).
+    origin: Optional[Tensor] = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def features(self) -> int:
@@ -296,6 +300,7 @@ class RaggedPlan:
 
     groups: List[Tuple[Tensor, int]]  # (global packed positions [G, length], keep)
     newlines: Tensor  # [NL] global packed positions of the newline tokens
+    origin: Optional[Tensor]  # [L] tower token (over all tiles) behind each packed position, None if resampled
     lengths_out: List[int]  # tokens per image after the reduction
     items: List[Tuple[int, int]]  # (tokens in, tokens out) per image
 
@@ -331,9 +336,11 @@ class LlavaContext:
             if not torch.equal(packed[:n], torch.arange(n, dtype=torch.float64)):
                 raise RuntimeError("mmmerge.llava: this transformers version packs anyres images differently (the "
                                    "base view does not come first); please report it")
+            exact = bool((packed == packed.round()).all())
+            origin = packed.clamp_min(0).long() if exact else None
             if len(self.image_layouts) > 256:
                 self.image_layouts.clear()
-            self.image_layouts[key] = ImageLayout(packed.shape[0], n, newlines, tiles)
+            self.image_layouts[key] = ImageLayout(key, packed.shape[0], n, newlines, tiles, origin)
         return self.image_layouts[key]
 
 
@@ -495,9 +502,12 @@ def _ragged_plan(ctx: LlavaContext, images: Sequence[ImageLayout], device: torch
     if plan is not None:
         return plan
     rows: Dict[Tuple[int, int], List[Tensor]] = {}
-    newlines, lengths_out, items = [], [], []
-    offset = 0
+    newlines, lengths_out, items, origins = [], [], [], []
+    offset = tile_offset = 0
     for image in images:
+        if image.origin is not None:
+            origins.append(image.origin + tile_offset * image.base)
+        tile_offset += image.tiles
         k_base, k_crops = anyres_budget(ctx.keep, image)
         positions = torch.arange(offset, offset + image.length)
         is_crop = torch.ones(image.length, dtype=torch.bool)
@@ -511,7 +521,8 @@ def _ragged_plan(ctx: LlavaContext, images: Sequence[ImageLayout], device: torch
         items.append((image.length, lengths_out[-1]))
         offset += image.length
     groups = [(_to_device(torch.stack(r), device), keep) for (_, keep), r in rows.items()]
-    plan = RaggedPlan(groups, _to_device(torch.cat(newlines), device), lengths_out, items)
+    origin = _to_device(torch.cat(origins), device) if len(origins) == len(images) else None
+    plan = RaggedPlan(groups, _to_device(torch.cat(newlines), device), origin, lengths_out, items)
     if len(ctx.plans) > 64:
         ctx.plans.clear()
     ctx.plans[key] = plan
@@ -565,7 +576,7 @@ def _anyres_image_features(lm: nn.Module, ctx: LlavaContext, original: Callable,
     cropped = _cropped(sizes, kwargs.get("batch_num_images"))
     aspect = _aspect(lm, kwargs.get("vision_aspect_ratio"))
     images = [ctx.image_layout(lm, s, c, aspect) for s, c in zip(sizes, cropped)]  # host bookkeeping, cached
-    host_sizes = torch.tensor(sizes, dtype=torch.long)  # the model reads them per image: keep them on the host
+    host_sizes = [list(s) for s in sizes]  # the model reads them per image: hand it host values
     if all(reduced_length(ctx.keep, image) == image.length for image in images):
         ctx.info = MergeInfo(schedule=[0], tokens_per_layer=[sum(i.length for i in images)] * 2,
                              items=[(i.length, i.length) for i in images])
@@ -578,17 +589,18 @@ def _anyres_image_features(lm: nn.Module, ctx: LlavaContext, original: Callable,
                        vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True, **kwargs)
         tiles = [i.tiles for i in images]
         keys, score = cap.keys_and_scores(sum(tiles), need_score)
-    lengths = [p.shape[0] for p in out.pooler_output]
-    if lengths != [i.length for i in images]:
-        raise RuntimeError(f"mmmerge.llava: the model packed {lengths} tokens per image, the layout says "
+    tokens = torch.cat(list(out.pooler_output))  # [L, C]: every image's packed tokens
+    if tokens.shape[0] != sum(i.length for i in images):
+        raise RuntimeError(f"mmmerge.llava: the model packed {tokens.shape[0]} tokens, the layouts say "
                            f"{[i.length for i in images]}; this transformers version packs anyres images differently")
     d = ctx.layout.drop
     extras = keys[:, d:] if score is None else torch.cat([keys[:, d:], score[:, d:, None].to(keys.dtype)], -1)
-    # Metric and score per packed position, by the model's own packing (unpadding, OneVision's downsampling).
-    packed = torch.cat(_pack(lm, extras.split(tiles), host_sizes, extras.new_zeros(extras.shape[-1]),
-                             ctx.layout.strategy, aspect))
     plan = _ragged_plan(ctx, images, keys.device)
-    tokens = torch.cat(list(out.pooler_output))
+    if plan.origin is not None:  # metric and score of the tower token behind each packed position
+        packed = extras.flatten(0, 1)[plan.origin]
+    else:  # a resampled grid: pack them with the model's own code (its loop over images), as the features
+        packed = torch.cat(_pack(lm, extras.split(tiles), torch.tensor(sizes), extras.new_zeros(extras.shape[-1]),
+                                 ctx.layout.strategy, aspect))
     width = keys.shape[-1]
     y, state = _reduce_ragged(ctx, tokens, packed[:, :width], None if score is None else packed[:, width].float(),
                               plan)
