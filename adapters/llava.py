@@ -497,7 +497,7 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 def _ragged_plan(ctx: LlavaContext, images: Sequence[ImageLayout], device: torch.device) -> RaggedPlan:
     """Row groups of a batch of anyres images: every image gives a base row and (if cropped) a crop row; rows
     with the same (length, keep) form one group. Host arithmetic only, cached per batch layout and device."""
-    key = (tuple(images), str(device))
+    key = (ctx.keep, tuple(images), str(device))
     plan = ctx.plans.get(key)
     if plan is not None:
         return plan
@@ -1119,6 +1119,9 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
     if processor is not None:
         _check_processor(processor, model, kind, layout)
 
+    previous = model.__dict__.get("_mmmerge_llava")
+    if previous is not None and previous.layout == layout:  # host-side caches outlive a re-patch
+        ctx.image_layouts, ctx.plans = previous.image_layouts, previous.plans
     # Everything is validated: replace any previous patch, then apply; any failure undoes what was done.
     restore_visual_tokens(model)
     undo = ctx.undo

@@ -275,3 +275,74 @@ def test_mismatched_image_processor_leaves_both_untouched(name, spoil, message):
         llava.reduce_visual_tokens(model, keep=16, processor=proc)
     assert_same_snapshot(before, snapshot(model))
     assert set(proc.__dict__) == proc_attrs
+
+
+# ------------------------------------------------------------------------------------------- the example
+@pytest.mark.parametrize("args,message", [(["--keep", "1.5"], "a fraction must lie in (0, 1]"),
+                                          (["--image", "missing.png"], "no such file"),
+                                          (["--method", "dominant", "--where", "vision_tower"], "post_projector")])
+def test_example_rejects_bad_arguments_in_one_line(args, message, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "llava_vqa.py"
+    done = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------- the engine's dominant
+def frame_state(B, frames, per_frame, valid=None):
+    t = torch.arange(frames, dtype=torch.float32).repeat_interleave(per_frame)
+    return mmmerge.init_state(B, frames * per_frame, coords={"t": t, "t_min": t, "t_max": t},
+                              rules={"t_min": "min", "t_max": "max"}, valid=valid)
+
+
+def test_dominant_keeps_the_top_scores_and_merges_the_rest_into_contextual_tokens():
+    g = torch.Generator().manual_seed(0)
+    x, score = torch.randn(3, 40, 8, generator=g), torch.rand(3, 40, generator=g)
+    K, C = 12, 3
+    y, state = mmmerge.reduce_tokens(x, K, "dominant", score=score, contextual=C)
+    assert y.shape == (3, K, 8) and torch.all(state.size.sum(1) == 40)
+    top = score.topk(K - C, dim=-1).indices
+    for b in range(3):
+        singles = {int(i) for i in torch.nonzero(state.size[b] == 1).flatten()}
+        kept_alone = {int(state.source[b, i]) for i in top[b]}
+        assert kept_alone <= singles  # the dominant tokens pass through unmerged
+        torch.testing.assert_close(y[b, state.source[b, top[b]]], x[b, top[b]])
+    assert torch.all((state.size > 1).sum(1) <= C)
+
+
+@pytest.mark.parametrize("constraint", ["within_frame", "adjacent", "window(2)"])
+def test_dominant_respects_time_constraints(constraint):
+    g = torch.Generator().manual_seed(1)
+    frames, per_frame = 4, 10
+    x, score = torch.randn(2, frames * per_frame, 8, generator=g), torch.rand(2, frames * per_frame, generator=g)
+    _, state = mmmerge.reduce_tokens(x, 8, "dominant", score=score, state=frame_state(2, frames, per_frame),
+                                     constraint=constraint, contextual=2)
+    lo, hi = state.coords["t_min"], state.coords["t_max"]
+    if constraint == "within_frame":
+        assert torch.equal(lo, hi)
+    if constraint == "window(2)":
+        assert torch.equal(torch.div(lo, 2, rounding_mode="floor"), torch.div(hi, 2, rounding_mode="floor"))
+    frame = torch.arange(frames * per_frame) // per_frame
+    for b in range(2):
+        for j in range(8):
+            members = sorted(set(frame[state.source[b] == j].tolist()))
+            assert members == list(range(members[0], members[-1] + 1))  # contiguous in every mode here
+
+
+def test_dominant_keeps_padding_apart_and_rejects_bad_options():
+    g = torch.Generator().manual_seed(2)
+    x, score = torch.randn(2, 20, 8, generator=g), torch.rand(2, 20, generator=g)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, 14:] = False
+    _, state = mmmerge.reduce_tokens(x, 6, "dominant", score=score, state=mmmerge.init_state(2, 20, valid=valid))
+    assert not bool(torch.isin(state.source[1, 14:], state.source[1, :14]).any())
+    for bad, message in [(dict(contextual=0), "positive int"), (dict(contextual=True), "positive int"),
+                         (dict(contextual=7), "more than the 6"), (dict(score=torch.rand(2, 19)), "score must be")]:
+        with pytest.raises(ValueError, match=message):
+            mmmerge.reduce_tokens(x, 6, "dominant", **{"score": score, **bad})
