@@ -360,6 +360,15 @@ def _host_sizes(image_sizes: Any) -> List[Tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------- scores and metric
+def _attention_module(layer: nn.Module) -> nn.Module:
+    """The self-attention of a CLIP / SigLIP encoder layer (the module with ``q_proj``, ``k_proj``, ``num_heads``)."""
+    for module in layer.modules():
+        if all(isinstance(getattr(module, name, None), nn.Linear) for name in ("q_proj", "k_proj")) and \
+                hasattr(module, "num_heads"):
+            return module
+    raise TypeError(f"{type(layer).__name__} has no self-attention with q_proj/k_proj that mmmerge knows")
+
+
 class _Capture:
     """Forward hooks on the feature layer's query/key projections, registered for one call only."""
 
@@ -372,7 +381,7 @@ class _Capture:
         if need:
             # The layer that produced hidden_states[f] is layer f-1 (layer 0 for the embeddings).
             layer = _tower_layers(lm)[max(layout.feature_layers[-1] - 1, 0)]
-            self.attn = layer_parts(layer).core
+            self.attn = _attention_module(layer)
             self.handles = [self.attn.q_proj.register_forward_hook(lambda m, i, o: self.q.append(o)),
                             self.attn.k_proj.register_forward_hook(lambda m, i, o: self.k.append(o))]
 

@@ -354,7 +354,8 @@ def max_r(method: str, mergeable: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ dominant
-# Self-contained block (added with the LLaVA adapter): VisionZip-style selection as an engine matcher.
+# Self-contained block (added with the LLaVA adapter): VisionZip-style selection as an engine matcher. It uses
+# only plan_from_targets, allowed_pairs, energy_score, identity_plan and _normalized from the engine.
 def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
              score: Optional[Tensor] = None, contextual: Optional[int] = None, **_) -> MergePlan:
     """VisionZip-style (Yang et al., CVPR 2025): keep the most important tokens as they are, merge the rest
@@ -363,9 +364,11 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
     Of the ``K = M - r`` mergeable tokens that remain, ``D = K - C`` are the "dominant" ones (highest
     ``score``, kept unchanged) and ``C`` are contextual targets spread evenly, in position order, over the
     tokens that are not dominant; every other token joins its most similar allowed target (cosine of
-    ``metric``), size-weighted. Under a constraint (or padding) each token's best allowed partner is kept
-    (as for tps), so every removed token has an allowed host: a token with no allowed target joins its most
-    similar allowed dominant token instead. Without a constraint this is VisionZip's rule exactly.
+    ``metric``), size-weighted. Under a constraint (or padding) each token's best allowed partner (highest
+    score among the tokens it may merge with, itself included) is kept, as dominant or else as a target, so
+    every removed token has an allowed host: a token with no allowed target joins its most similar allowed
+    dominant token instead. Needs ``K`` at least the number of such anchors (at most one per frame for the
+    time modes). Without a constraint this is VisionZip's rule exactly.
 
     Args:
         metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
@@ -380,7 +383,8 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
     P = state.protected
     B, N = metric.shape[:2]
     M = N - P
-    _check_r(r, M, M - 1, "dominant")
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= M - 1:
+        raise ValueError(f"dominant: r={r!r} must be an int in [0, {M - 1}] for {M} mergeable tokens")
     if r == 0:
         return identity_plan(state)
     K = M - r
@@ -397,10 +401,14 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
             if score.shape != (B, N):
                 raise ValueError(f"dominant: score must be [B, N]=[{B}, {N}], got {tuple(score.shape)}")
             importance = score[:, P:].float()
-        all_idx = _indices(B, torch.arange(M, device=device))
+        all_idx = torch.arange(M, device=device).unsqueeze(0).expand(B, -1)
         allowed = allowed_pairs(state, constraint or Global(), all_idx + P, all_idx + P)  # [B, M, M] or None
-        anchor = neighbourhood_best(importance, allowed) if allowed is not None else None
-        if anchor is not None:  # each neighbourhood's best token stays: dominant first, else a contextual target
+        anchor = None
+        if allowed is not None:  # each token's best allowed partner stays: dominant first, else a target
+            rank = torch.empty(B, M, device=device).scatter_(  # finite, distinct ranks (ties and +-inf allowed)
+                1, importance.argsort(dim=-1), torch.arange(M, device=device, dtype=torch.float32).expand(B, M))
+            best = rank.unsqueeze(1).masked_fill(~allowed, -1.0).argmax(dim=-1)  # [B, M]
+            anchor = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, best, True)
             importance = importance.masked_fill(anchor, float("inf"))
         dom = importance.topk(D, dim=-1).indices  # [B, D]
         is_dom = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, dom, True)
@@ -416,9 +424,9 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
         sim = (m @ m.gather(1, hosts.unsqueeze(-1).expand(-1, -1, m.shape[-1])).transpose(1, 2)).float()
         if anchor is not None:
             sim[:, :, C:] -= 4.0  # cosine lies in [-1, 1]: an allowed target always wins over a dominant host
-            sim = _mask_scores(sim, state, constraint or Global(), all_idx, hosts)
-        best, choice = sim.max(dim=-1)
-        _assert_allowed(best.masked_fill(is_dom | is_target, 0.0), "dominant")
+            mask = allowed_pairs(state, constraint or Global(), all_idx + P, hosts + P)
+            sim = sim.masked_fill(~mask, NEG_INF)
+        choice = sim.argmax(dim=-1)
         target = torch.where(is_dom | is_target, all_idx, hosts.gather(1, choice))
     return plan_from_targets(target, state.size, r, P)
 
