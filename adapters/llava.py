@@ -603,16 +603,19 @@ def _anyres_image_features(lm: nn.Module, ctx: LlavaContext, original: Callable,
         raise RuntimeError(f"mmmerge.llava: the model packed {tokens.shape[0]} tokens, the layouts say "
                            f"{[i.length for i in images]}; this transformers version packs anyres images differently")
     d = ctx.layout.drop
-    extras = keys[:, d:] if score is None else torch.cat([keys[:, d:], score[:, d:, None].to(keys.dtype)], -1)
+    keys = keys[:, d:]
+    score = None if score is None else score[:, d:]
     plan = _ragged_plan(ctx, images, keys.device)
     if plan.origin is not None:  # metric and score of the tower token behind each packed position
-        packed = extras.flatten(0, 1)[plan.origin]
+        metric = keys.flatten(0, 1)[plan.origin]
+        score = None if score is None else score.flatten()[plan.origin]
     else:  # a resampled grid: pack them with the model's own code (its loop over images), as the features
+        extras = keys.float() if score is None else torch.cat([keys.float(), score[..., None]], -1)
         packed = torch.cat(_pack(lm, extras.split(tiles), torch.tensor(sizes), extras.new_zeros(extras.shape[-1]),
                                  ctx.layout.strategy, aspect))
-    width = keys.shape[-1]
-    y, state = _reduce_ragged(ctx, tokens, packed[:, :width], None if score is None else packed[:, width].float(),
-                              plan)
+        width = keys.shape[-1]
+        metric, score = packed[:, :width].to(keys.dtype), None if score is None else packed[:, width]
+    y, state = _reduce_ragged(ctx, tokens, metric, score, plan)
     total_in = sum(i.length for i in images)
     ctx.info = MergeInfo(schedule=[total_in - y.shape[0]], tokens_per_layer=[total_in, y.shape[0]], state=state,
                          items=plan.items)
@@ -1015,15 +1018,17 @@ def _check_method_options(method: str, hyper: Dict[str, Any], device: torch.devi
     contextual = hyper.get("contextual")
     kept = contextual if isinstance(contextual, int) and not isinstance(contextual, bool) and contextual > 4 else 4
     state = generator.get_state() if generator is not None else None
-    try:
-        x = torch.linspace(-1.0, 1.0, 2 * kept * 4, device=device).view(1, 2 * kept, 4)
-        extra = {"score": x[..., 0]} if method in SCORED else {}
-        reduce_tokens(x, kept, method, metric=x, **extra, **hyper)
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"method '{method}' rejects its options {sorted(hyper)}: {err}") from None
-    finally:
-        if generator is not None:
-            generator.set_state(state)
+    # The trial call must not move any random stream: the user's generator, or torch's default ones.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            x = torch.linspace(-1.0, 1.0, 2 * kept * 4, device=device).view(1, 2 * kept, 4)
+            extra = {"score": x[..., 0]} if method in SCORED else {}
+            reduce_tokens(x, kept, method, metric=x, **extra, **hyper)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"method '{method}' rejects its options {sorted(hyper)}: {err}") from None
+        finally:
+            if generator is not None:
+                generator.set_state(state)
 
 
 def _where(where: str, hyper: Dict[str, Any]) -> str:

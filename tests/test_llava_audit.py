@@ -346,3 +346,17 @@ def test_dominant_keeps_padding_apart_and_rejects_bad_options():
                          (dict(contextual=7), "more than the 6"), (dict(score=torch.rand(2, 19)), "score must be")]:
         with pytest.raises(ValueError, match=message):
             mmmerge.reduce_tokens(x, 6, "dominant", **{"score": score, **bad})
+
+
+def test_patch_time_option_check_moves_no_random_stream():
+    """The options are tried on a tiny input at patch time; that trial draws from no random stream."""
+    model = tiny_llava()
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    expected_user = torch.rand(4, generator=torch.Generator(device=DEVICE).manual_seed(3), device=DEVICE)
+    torch.manual_seed(5)
+    expected_global = torch.rand(4)
+    torch.manual_seed(5)
+    llava.reduce_visual_tokens(model, keep=16, method="random")
+    llava.reduce_visual_tokens(model, keep=16, method="random", generator=g)
+    assert torch.equal(torch.rand(4), expected_global)
+    assert torch.equal(torch.rand(4, generator=g, device=DEVICE), expected_user)
