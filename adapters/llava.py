@@ -935,6 +935,9 @@ def _check_processor(processor: Any, model: nn.Module, kind: ModelKind, layout: 
         tile = _tile_size(getattr(processor, f"{what}_processor", None)) if reduced else None
         if tile is not None and tile != (size, size):
             problems.append(f"{what} crop {tile[0]}x{tile[1]} vs the tower's {size}x{size}")
+    aspect = getattr(processor, "vision_aspect_ratio", None)
+    if aspect is not None and getattr(cfg, "vision_aspect_ratio", aspect) != aspect:
+        problems.append(f"vision_aspect_ratio '{aspect}' vs the model's '{cfg.vision_aspect_ratio}'")
     if kind.images == "anyres":
         pinpoints = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
         if pinpoints is not None and [list(p) for p in pinpoints] != [list(p) for p in cfg.image_grid_pinpoints]:
@@ -965,7 +968,7 @@ def _patch_processor(processor: Any, ctx: LlavaContext, lm: nn.Module) -> Callab
             full = len(cls.replace_image_token(self, image_inputs, image_idx, **kwargs)) // len(self.image_token)
             size = image_inputs["image_sizes"][image_idx]
             size = size.tolist() if isinstance(size, Tensor) else list(size)
-            aspect = getattr(self, "vision_aspect_ratio", None) or _aspect(lm)
+            aspect = _aspect(lm)  # the model's (checked against the processor's at patch time)
             # OneVision does not crop an image of a prompt with several images: its base view and one newline.
             cropped = full != ctx.layout.num_features + 1
             image = ctx.image_layout(lm, size, cropped, aspect)

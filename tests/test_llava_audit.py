@@ -16,9 +16,9 @@ from transformers.models.llava_next_video.video_processing_llava_next_video impo
 
 import mmmerge
 from mmmerge.adapters import llava
-from test_llava import (DEVICE, DTYPE, EXACT, FRAMES, IMAGE, N, PAD, PATCH, SIZE, TOL, VIDEO, assert_same_snapshot,
-                        generate, lm_input, logits, pictures, pixels, processor, prompt, snapshot, text_config,
-                        tiny_llava, tiny_video, video_pixels, video_prompt, vision_config)
+from test_llava import (DEVICE, DTYPE, EXACT, FRAMES, PATCH, SIZE, TOL, VIDEO, assert_same_snapshot, generate,
+                        lm_input, logits, pictures, pixels, processor, prompt, snapshot, tiny_llava, tiny_video,
+                        video_pixels, video_prompt)
 
 PER_FRAME = ((SIZE // PATCH) // 2) ** 2  # 16 tokens per frame after the 2 x 2 pooling
 

@@ -316,3 +316,34 @@ def test_mmmerge_patch_dispatch_and_compact_needs_sizes():
     assert logits(model, **{**full, "input_ids": ids, "attention_mask": mask}).shape[1] == ids.shape[1]
     mmmerge.unpatch(model)
     assert copy.deepcopy(model) is not None
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="torch.cuda.set_sync_debug_mode needs a CUDA device")
+@pytest.mark.parametrize("method", ["tome", "pitome", "tps", "dominant"])
+def test_reductions_run_under_sync_debug_mode_error(method):
+    """The reductions themselves (anyres rows and uniform images) never synchronise with the host. (The models'
+    own forwards do: LLaVA-NeXT reads image sizes on the host and builds feature_lens there.)"""
+    from test_llava import tiny_llava
+
+    model, proc = tiny_next(), next_processor()
+    inputs = batch(proc, [picture(WIDE), picture(TALL, 1)], ["w5 <image> <image>"])
+    llava.reduce_visual_tokens(model, keep=0.25, method=method)
+    ctx, lm = model._mmmerge_llava, model.model
+    images = [ctx.image_layout(lm, s, True, None) for s in inputs["image_sizes"].tolist()]
+    plan = llava._ragged_plan(ctx, images, DEVICE)
+    L = sum(i.length for i in images)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(L, 32, generator=g).to(DEVICE, DTYPE)
+    metric = torch.randn(L, 8, generator=g).to(DEVICE, DTYPE)
+    score = torch.rand(L, generator=g).to(DEVICE)
+    small = tiny_llava()
+    llava.reduce_visual_tokens(small, keep=16, method=method)
+    images = torch.randn(3, 64, 32, generator=g).to(DEVICE, DTYPE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, _ = llava._reduce_ragged(ctx, x, metric, score, plan)
+        z, _ = llava._reduce(small._mmmerge_llava, images, images[..., :8], score[:192].view(3, 64), 16, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y.shape[0] == sum(plan.lengths_out) and z.shape == (3, 16, 32)

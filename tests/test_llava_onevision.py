@@ -217,3 +217,18 @@ def test_video_fraction_restore_and_bad_options():
     assert torch.equal(logits(model, **video), ref)
     assert_same_snapshot(before, snapshot(model))
     assert torch.equal(videos_batch(proc, clips(1), ["w5 <video>"])["input_ids"], video["input_ids"])
+
+
+def test_mismatched_processor_is_rejected_untouched():
+    model = tiny_onevision()
+    before = snapshot(model)
+    for proc, message in [(onevision_processor(aspect="anyres_max_1"), "vision_aspect_ratio"),
+                          (LlavaOnevisionProcessor(image_processor=onevision_processor().image_processor,
+                                                   video_processor=onevision_processor().video_processor,
+                                                   tokenizer=tokenizer(), num_image_tokens=BASE // 4,
+                                                   vision_feature_select_strategy="full"), "num_image_tokens")]:
+        attrs = set(proc.__dict__)
+        with pytest.raises(ValueError, match=message):
+            llava.reduce_visual_tokens(model, keep=0.25, processor=proc)
+        assert set(proc.__dict__) == attrs
+    assert_same_snapshot(before, snapshot(model))
