@@ -5,6 +5,7 @@
     python -m benchmarks.llava --size 7b       # LLaVA-1.5-7B size in bf16 (needs a GPU)
     python -m benchmarks.llava --size next-7b  # LLaVA-NeXT-7B size in bf16, one 672x672 image (needs a GPU)
     python -m benchmarks.llava --size next-quick  # tiny LLaVA-NeXT (smoke test of the anyres path)
+    python -m benchmarks.llava --size next-cpu    # LLaVA-NeXT tower at real size + the small LM (CPU, minutes)
 
 Three tables, all measured in one process, interleaved rounds, one warm-up, median of ``repeats``:
     prefill    LLaVA-1.5: keep 576 / 192 / 144 / 64; LLaVA-NeXT: 2880 / 640 / 320 / 160 feature tokens of one
@@ -38,14 +39,15 @@ PROMPT_TEXT = 40  # text tokens around the image
 SECTIONS = ("prefill", "reduction", "stage")
 
 
-SIZES = ("quick", "cpu", "7b", "next-quick", "next-7b")
+SIZES = ("quick", "cpu", "7b", "next-quick", "next-cpu", "next-7b")
 NEXT_PINPOINTS = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]  # llava-v1.6 grids, in tiles
 
 
 def build(size: str, device: torch.device, dtype: torch.dtype):
     """LLaVA model from configs (random weights), built on ``device``. ``quick``: tiny; ``cpu``: ViT-L/336 +
     8-layer 1024-wide LM; ``7b``: ViT-L/336 + LLaMA-7B (LLaVA-1.5-7B); ``next-quick``: tiny LLaVA-NeXT;
-    ``next-7b``: ViT-L/336 + LLaMA-7B with llava-v1.6's anyres grids (LLaVA-NeXT-7B)."""
+    ``next-cpu``: ViT-L/336 with llava-v1.6's anyres grids + the ``cpu`` LM; ``next-7b``: ViT-L/336 + LLaMA-7B
+    with llava-v1.6's anyres grids (LLaVA-NeXT-7B)."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaNextConfig, LlavaNextForConditionalGeneration)
 
@@ -60,7 +62,7 @@ def build(size: str, device: torch.device, dtype: torch.dtype):
     else:
         vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                                   num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
-        if size == "cpu":
+        if size in ("cpu", "next-cpu"):
             text = LlamaConfig(vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                                num_attention_heads=16, num_key_value_heads=16)
         else:
