@@ -477,34 +477,46 @@ def max_r(method: str, mergeable: int, guarantee: Guarantee = Guarantee()) -> in
 
 
 # ------------------------------------------------------------------------------------------ options
-def _number(name: str, positive: bool = False) -> Callable[[Any], Optional[str]]:
-    def check(value: Any) -> Optional[str]:
+def _number(name: str, positive: bool = False) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"{name} must be a number, got {value!r}"
+            raise TypeError(f"{name} must be a number, got {value!r}")
         if positive and not value > 0:
-            return f"{name} must be > 0, got {value}"
-        return None
+            raise ValueError(f"{name} must be > 0, got {value}")
     return check
 
 
-def _choice(name: str, choices: Sequence[str]) -> Callable[[Any], Optional[str]]:
-    def check(value: Any) -> Optional[str]:
-        return None if value in choices else f"unknown {name} {value!r}; choose one of {', '.join(choices)}"
+def _choice(name: str, choices: Sequence[str]) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
     return check
 
 
-def _optional(check: Callable[[Any], Optional[str]]) -> Callable[[Any], Optional[str]]:
-    return lambda value: None if value is None else check(value)
+def _optional(check: Callable[[Any], None]) -> Callable[[Any], None]:
+    def optional(value: Any) -> None:
+        if value is not None:
+            check(value)
+    return optional
 
 
-def _instance(name: str, cls: type, what: str) -> Callable[[Any], Optional[str]]:
-    def check(value: Any) -> Optional[str]:
-        return None if value is None or isinstance(value, cls) else f"{name} must be {what}, got {type(value).__name__}"
+def _instance(name: str, cls: type, what: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value is not None and not isinstance(value, cls):
+            raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
     return check
 
 
-# Value checks of every matcher option (the names come from the matcher's signature).
-OPTION_CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
+def _positive_int(name: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return check
+
+
+# Value checks of every matcher option (the names come from the matcher's signature); each raises
+# TypeError (wrong type) or ValueError (bad value).
+OPTION_CHECKS: Dict[str, Callable[[Any], None]] = {
     "margin": _optional(_number("margin")),
     "alpha": _number("alpha", positive=True),
     "preset": _choice("pitome preset", tuple(PITOME_PRESETS)),
@@ -514,6 +526,7 @@ OPTION_CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     "noise": _instance("noise", Tensor, "a [B, N] tensor of uniform draws"),
     "layer_idx": _number("layer_idx"),
     "num_layers": _number("num_layers", positive=True),
+    "contextual": _positive_int("contextual"),
 }
 # Passed by the caller (plan_merge, the encoder patch), never options of their own.
 SUPPLIED = ("metric", "state", "r", "constraint", "partition")
@@ -527,8 +540,9 @@ def matcher_options(method: str) -> Tuple[str, ...]:
 
 
 def check_options(method: str, options: Mapping[str, Any], supplied: Sequence[str] = ()) -> None:
-    """The one validation path of matcher options: unknown names and bad values raise ValueError (a typo
-    such as ``margn=`` is never ignored). ``supplied``: names the caller fills in itself (not the user's)."""
+    """The one validation path of matcher options: unknown names raise ValueError (a typo such as ``margn=``
+    is never ignored), bad values ValueError, values of the wrong type TypeError. ``supplied``: names the
+    caller fills in itself (not offered to the user in the message)."""
     known = matcher_options(method)
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -537,6 +551,81 @@ def check_options(method: str, options: Mapping[str, Any], supplied: Sequence[st
                          f"its options are: {', '.join(users) or 'none'}")
     for name, value in options.items():
         check = OPTION_CHECKS.get(name)
-        problem = check(value) if check is not None else None
-        if problem:
-            raise ValueError(f"method '{method}': {problem}")
+        if check is not None:
+            try:
+                check(value)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"method '{method}': {err}") from None
+
+
+# --------------------------------------------------------------------------------- selection: dominant
+def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+             partition: Optional[Partition] = None, *, score: Optional[Tensor] = None,
+             contextual: Optional[int] = None) -> MergePlan:
+    """VisionZip-style (Yang et al., CVPR 2025): keep the most important tokens as they are, merge the rest
+    into a few contextual tokens.
+
+    Of the ``K = M - r`` mergeable tokens that remain, ``D = K - C`` are the "dominant" ones (highest
+    ``score``, kept unchanged) and ``C`` are contextual targets spread evenly, in position order, over the
+    tokens that are not dominant; every other token joins its most similar allowed target (cosine of
+    ``metric``), size-weighted. Under a rule (or padding) each clique's most important token is kept, as
+    dominant or else as a target, so every removed token has an allowed host: a token with no allowed target
+    joins its most similar allowed dominant token instead. Without a rule this is VisionZip's rule exactly.
+
+    Args:
+        metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
+        score: ``[B, N]`` importance, higher stays ([CLS] attention in VisionZip; the LLaVA adapter passes the
+            [CLS] attention or, for towers without [CLS], the mean attention each token receives).
+            Default: minus the PiToMe energy (margin 0), as ``tps``.
+        contextual: C, the number of contextual tokens (default ``max(1, round(10 / 64 * K))``, VisionZip's
+            10 contextual of 64 kept); ``1 <= C <= K``.
+    """
+    if partition is not None:
+        raise ValueError("method 'dominant' selects over all tokens at once; it takes no per-group budgets "
+                         "(use a time rule as the constraint instead)")
+    if r == 0:
+        return identity_plan(state)
+    constraint = constraint or Global()
+    P = state.protected
+    B, N = metric.shape[:2]
+    M = N - P
+    K = M - r
+    C = max(1, round(K * 10 / 64)) if contextual is None else contextual
+    if C > K:
+        raise ValueError(f"dominant: contextual={C} is more than the {K} mergeable tokens kept; use contextual <= {K}")
+    D = K - C
+    device = metric.device
+    with torch.no_grad():
+        m = _normalized(metric, P)
+        if score is None:
+            importance = -energy_score(m, margin=0.0, valid=None if state.valid is None else state.valid[:, P:])
+        else:
+            importance = score[:, P:].float()
+        importance = importance.nan_to_num(nan=0.0, posinf=1e30, neginf=-1e30)
+        all_idx = _arange(B, 0, M, 1, device)
+        anchor = None
+        if _needs_anchors(state, constraint):  # each clique's best token stays: dominant first, else a target
+            anchor = _anchors(importance, state, constraint, None)
+            importance = importance.masked_fill(anchor, POS_INF)
+        dom = importance.topk(D, dim=-1).indices  # [B, D]
+        is_dom = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, dom, True)
+        rest = torch.argsort(is_dom.to(torch.int8), dim=1, stable=True)[:, : M - D]  # [B, M - D] position order
+        step = (M - D) // C
+        priority = torch.zeros(B, M - D, device=device)
+        priority[:, : step * C : step] = 1.0  # evenly spread picks
+        if anchor is not None:
+            priority = priority + 2.0 * anchor.gather(1, rest).float()
+        targets = rest.gather(1, priority.topk(C, dim=-1).indices)  # [B, C]
+        is_target = torch.zeros_like(is_dom).scatter_(1, targets, True)
+        hosts = targets if anchor is None else torch.cat([targets, dom], dim=1)  # [B, C (+ D)]
+        sim = torch.bmm(m, _rows(m, hosts).transpose(1, 2)).float()
+        if anchor is not None:
+            sim[:, :, C:] -= 4.0  # cosine lies in [-1, 1]: an allowed target always wins over a dominant host
+            sim = _mask(sim, state, constraint, None, all_idx, hosts)
+        choice = sim.argmax(dim=-1)
+        target = torch.where(is_dom | is_target, all_idx, hosts.gather(1, choice))
+    return plan_from_targets(target, state.size, r, P)
+
+
+MATCHERS["dominant"] = dominant
+METHOD_KINDS["dominant"] = "select"

@@ -389,7 +389,7 @@ def test_unknown_matcher_option_is_refused():
         mmmerge.patch(model, r=4, method="pitome", preset="offical")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         mmmerge.patch(model, r=4, method="tps", temperature=0.0)
-    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         mmmerge.patch(model, r=4, method="random", generator=3)
     with pytest.raises(ValueError, match="set by the encoder patch itself"):
         mmmerge.patch(model, r=4, method="pitome", layer_idx=2)
