@@ -2,7 +2,6 @@
 only at patch time, isolates non-finite clips, and stays lean (dispatched ops per merging layer)."""
 from __future__ import annotations
 
-import collections
 import copy
 import io
 import pickle
@@ -10,7 +9,6 @@ import threading
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import VideoMAEForVideoClassification, VideoMAEModel, VivitForVideoClassification
 
 import mmmerge
@@ -290,20 +288,8 @@ def test_output_order_keeps_representatives_in_order():
 
 
 # --------------------------------------------------------------------------------------------- op counts
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _ops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), _CountOps() as counter:
-        model(pixel_values=x)
-    return sum(counter.count.values())
+    return sum(mmmerge.count_ops(model, pixel_values=x).values())
 
 
 @pytest.mark.parametrize("method, mode, budget", [("tome", "global", 45), ("tome", "within_frame", 60),
