@@ -381,9 +381,11 @@ def _merging_forward(self: nn.Module, hidden_states: Any, *args: Any, **kwargs: 
         raise RuntimeError(f"mmmerge: patched encoder layer {spec.index} received plain hidden states; the "
                            f"encoder's layers ran out of order (layer {patch.first} starts the patch)")
     mask = args[0] if args else kwargs.get("attention_mask")
-    if mask is not None:
+    if mask is not None and not torch.compiler.is_compiling():
         # A padding mask is [B, 1, N0, N0]: it has no meaning for merged tokens, and merging would mix
-        # padding into real tokens. Unmerged (r=0) nothing is patched and the mask works as usual.
+        # padding into real tokens. Unmerged (r=0) nothing is patched and the mask works as usual. (While
+        # compiling, older transformers (5.17) build an all-ones mask even without one, which cannot be told
+        # apart from a user's without reading it: it is left out. Eager calls refuse a mask here.)
         raise ValueError("mmmerge cannot merge tokens under an attention mask; pass attention_mask=None "
                          "(or patch with r=0 to run the model unmerged with its mask)")
     x, state = carry
