@@ -1,88 +1,148 @@
 """LLaVA adapter: fewer visual tokens reach the language model.
 
-``reduce_visual_tokens(model, keep=144)`` makes a LLaVA model hand the LM ``keep`` tokens per image (per
-video for LLaVA-NeXT-Video) instead of all of them (576 for LLaVA-1.5), so prefill is faster and the KV
-cache smaller; ``generate()`` works as before (KV cache, left padding, several images per prompt).
-LLaVA-NeXT and LLaVA-OneVision (anyres crops, newline tokens, a size-dependent count per image) are not
-supported: they are rejected with a TypeError before anything changes.
+``reduce_visual_tokens(model, keep=...)`` makes a LLaVA model hand its language model fewer visual tokens per
+image (per video), so prefill is faster and the KV cache smaller; ``generate()`` works as before (KV cache, left
+padding, several images per prompt). Supported models (the ``...ForConditionalGeneration`` and ``...Model``):
 
-Where the tokens are reduced (``where``):
-    pre_llm       (default) the vision tower runs as usual; its selected features ``[images, N, C]`` are
-                  reduced to ``[images, keep, C]`` with the core engine (``mmmerge.reduce_tokens``), in
-                  original raster order. ``stage="post_projector"`` (default) reduces the projected tokens, so
-                  a merged token is exactly the size-weighted mean of the LM inputs it replaces;
-                  ``"pre_projector"`` reduces the CLIP features and projects only ``keep`` tokens. Measured
-                  (benchmarks/llava.py, ViT-L/336, random weights): same speed within noise (the projector
-                  is ~1% of the tower), clearly closer to keep-all after the projector (cosine of the LM's
-                  last hidden state 0.93 vs 0.74 at keep=144 with tome), hence the default.
-    vision_tower  ToMe/PiToMe-style merging inside the CLIP layers (the shared encoder patch), spread over
-                  the layers up to the feature layer so that it outputs ``keep`` tokens.
+    LLaVA-1.5          ``Llava*``          every image has N = 576 tokens (336 px); ``keep`` tokens per image
+    LLaVA-NeXT         ``LlavaNext*``      anyres: a base view + crops + newline tokens, a count per image size
+    LLaVA-NeXT-Video   ``LlavaNextVideo*`` videos (frames x pooled tokens); its images are left as they are
+    LLaVA-OneVision    ``LlavaOnevision*`` SigLIP (no [CLS]), anyres images as NeXT, videos pooled per frame
 
-Methods: the engine's ``tome``, ``pitome``, ``tps``, ``random``, ``prune``, and ``dominant`` (VisionZip-style:
-keep the tokens with the highest [CLS] attention, merge the rest into a few contextual tokens). The [CLS]
-attention and the keys used as the similarity metric are computed from the feature layer's own query/key
-projections, captured by hooks: the tower keeps its attention backend (sdpa, flash), nothing is forced eager.
+``keep``: an int is a token budget per image (per video), a float in (0, 1] a fraction: an item with F feature
+tokens keeps ``ceil(keep * F)`` of them (up to float rounding). ``keep = 1.0`` (or an int >= every count) is an
+exact no-op: generation is token-for-token the unpatched model's.
+
+Where the tokens are reduced (``where``, one knob):
+    post_projector  (default) the vision tower and the projector run as usual; the projected tokens of each image
+                    are reduced with the core engine (``mmmerge.reduce_tokens``), so a merged token is exactly the
+                    size-weighted mean of the LM inputs it replaces. Measured (benchmarks/llava.py, ViT-L/336,
+                    random weights): same speed as pre_projector within noise (the projector is ~1% of the tower),
+                    clearly closer to keep-all (cosine of the LM's last hidden state 0.93 vs 0.74 at keep=144).
+    pre_projector   LLaVA-1.5 only: reduce the tower's features and project only ``keep`` tokens.
+    vision_tower    LLaVA-1.5 only: ToMe/PiToMe-style merging inside the CLIP layers (the shared encoder patch),
+                    spread over the layers up to the feature layer so that it outputs ``keep`` tokens.
+The old pair ``where="pre_llm"`` + ``stage=...`` is gone: ``where="pre_llm"`` maps to ``"post_projector"`` with a
+FutureWarning, ``stage=`` is rejected with the new spelling.
+
+Anyres images (LLaVA-NeXT, OneVision). The model packs each image as ``[base view (n tokens)] + [crop grid rows,
+each followed by a newline token]`` (unpadded to the image's aspect ratio; OneVision also downsamples very
+large grids). The feature tokens are F = n + crop tokens; the newline tokens are kept, unchanged, and stay
+after the last token of their row: after the reduction each output token sits at the position of its earliest
+original token, so the rows (and the newline between them) keep their order. The LM sees
+``k_base + k_crops + newlines`` tokens per image; the budget K (``ceil(keep * F)`` or ``min(keep, F)``) is spread
+over the two parts in proportion to their tokens: ``k_base = ceil(K * n / F)`` (at least 1, and at least one
+token is left for the crops), ``k_crops = K - k_base``. Base and crop tokens never merge with each other (two
+views at two scales). An image that OneVision does not crop (several images in one prompt) is its base view
+plus one newline. The processor (when passed) emits exactly this count per image, computed by the model's own
+packing code for that image size, and ``compact_image_tokens`` rewrites inputs that are already expanded.
+
+Videos (NeXT-Video, OneVision): the projected, pooled tokens ``[videos, frames * n, C]`` are reduced to ``keep``
+per video with the video adapter's time modes (``global``, ``within_frame``, ``adjacent``, ``window(k)``);
+OneVision's one newline token per video is kept at its end.
+
+Methods: the engine's ``tome``, ``pitome``, ``tps``, ``random``, ``prune`` and ``dominant`` (VisionZip-style: keep
+the most important tokens, merge the rest into a few contextual tokens; ``contextual=`` sets how many). The
+similarity metric is the feature layer's head-averaged keys; the importance score (``dominant``, ``tps``,
+``prune``) is the [CLS] attention of the feature layer for CLIP towers, and for towers without [CLS] (SigLIP,
+OneVision) the mean attention each token receives in the feature layer (averaged over heads and queries).
+Both come from the feature layer's own query/key projections, captured for one call by hooks: the tower keeps
+its attention backend (sdpa, flash), nothing is forced eager.
+
+On device, batched, no host sync: every reduction is one batched engine call per distinct row shape. For
+LLaVA-1.5 and videos that is one call for the whole batch. For anyres images the rows are the base views (all
+images together: n tokens each) and the crop parts; images of the same size share one call, images of different
+sizes (different crop counts) get one call each, so a batch of k distinct sizes makes 1 + k calls (the engine
+has no per-row budget yet). The per-image bookkeeping (counts, index maps) is host arithmetic on the image sizes,
+cached per size; the image sizes are read on the host once per call (the model itself reads them per image).
 
 How it is wired: the model's own ``get_image_features`` / ``get_video_features`` is wrapped by an instance
-attribute (the class is untouched); the projector gets a pre-hook only for the duration of that call.
-``restore_visual_tokens`` removes every attribute and hook, so outputs are bit-identical to before.
-
-The LM must see exactly ``keep`` placeholders per image: pass ``processor=`` and it emits that count, or
-rewrite already expanded inputs with ``compact_image_tokens``. While patched, every forward checks on device
-(``torch._assert_async``: no host sync on GPU) that each run of placeholders is a whole number of images.
+attribute (the class is untouched); the projector gets a pre-hook only for the duration of a pre_projector call.
+``restore_visual_tokens`` removes every attribute and hook, so outputs are bit-identical to before. While patched,
+a LLaVA-1.5 or video forward checks on device (``torch._assert_async``) that each run of placeholders is a whole
+number of reduced items; transformers itself checks the total for every model.
 """
 from __future__ import annotations
 
 import functools
+import inspect
+import math
+import sys
 import types
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmmerge.info import MergeInfo
 from mmmerge.matchers import MATCHERS
-from mmmerge.merge import merge_weighted, plan_from_targets
-from mmmerge.merge import merge_state
 from mmmerge.patching import register
 from mmmerge.reduce import reduce_tokens
 from mmmerge.schedule import TargetTokens, resolve_schedule
 from mmmerge.state import TokenState, init_state
 
-from .encoder import encoder_layers, layer_parts, patch_layers
-from .video import TIME_MODES, time_constraint
+from mmmerge.matchers import check_options
 
-IMAGE_MODELS = ("LlavaForConditionalGeneration", "LlavaModel")
-VIDEO_MODELS = ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel")
-SUPPORTED = IMAGE_MODELS + VIDEO_MODELS
-UNSUPPORTED_LLAVA = ("LlavaNextForConditionalGeneration", "LlavaNextModel", "LlavaOnevisionForConditionalGeneration",
-                     "LlavaOnevisionModel")  # anyres: rejected with a clear TypeError
-METHODS = tuple(m for m in MATCHERS if m != "none") + ("dominant",)
-WHERE = ("pre_llm", "vision_tower")
-STAGES = ("pre_projector", "post_projector")
+from .encoder import TokenGrid, encoder_layers, layer_parts, patch_encoder, plan_layout, unpatch_encoder
+from .video import TIME_MODES
+
+
+def time_constraint(time_mode: str, window: int = 1, frames: Optional[int] = None):
+    """The engine constraint of a video time mode over ``frames`` frames (``window(k)``, or "window" and k)."""
+    from mmmerge.constraints import parse_constraint, parse_time_mode
+
+    if time_mode == "window":
+        return parse_constraint(f"window({window})", steps=None if frames is None else {"t": frames})
+    mode, k = parse_time_mode(time_mode, TIME_MODES)
+    spec = f"window({k})" if mode == "window" else mode
+    return parse_constraint(spec, steps=None if frames is None else {"t": frames})
+
 KeepSpec = Union[int, float]
+METHODS = tuple(m for m in MATCHERS if m != "none")
+SCORED = ("tps", "prune", "dominant")  # methods that take a per-token importance score
+WHERE = ("post_projector", "pre_projector", "vision_tower")
 
 
-# ------------------------------------------------------------------------------------------------ model
-def _family(model: nn.Module) -> str:
-    names = {c.__name__ for c in type(model).__mro__}
-    if names & set(VIDEO_MODELS):
-        return "video"
-    if names & set(IMAGE_MODELS):
-        return "image"
-    if names & set(UNSUPPORTED_LLAVA):
-        raise TypeError(
-            f"reduce_visual_tokens does not support {type(model).__name__} yet: its anyres crops and newline tokens "
-            "give every image a different, size-dependent token count. Supported: "
-            f"{', '.join(SUPPORTED)} (LLaVA-1.5 and LLaVA-NeXT-Video checkpoints)"
-        )
+# ------------------------------------------------------------------------------------------------ models
+@dataclass(frozen=True)
+class ModelKind:
+    """What ``reduce_visual_tokens`` reduces for one model family."""
+
+    name: str
+    images: Optional[str]  # "uniform" (N per image), "anyres" (a count per image size) or None (left as they are)
+    videos: bool
+    processor: str  # the processor class that matches
+    video_newline: int = 0  # newline tokens the model appends to every video (OneVision: 1)
+
+
+KINDS = {
+    "llava": ModelKind("llava", "uniform", False, "LlavaProcessor"),
+    "llava_next": ModelKind("llava_next", "anyres", False, "LlavaNextProcessor"),
+    "llava_next_video": ModelKind("llava_next_video", None, True, "LlavaNextVideoProcessor"),
+    "llava_onevision": ModelKind("llava_onevision", "anyres", True, "LlavaOnevisionProcessor", video_newline=1),
+}
+CLASSES = {
+    "LlavaForConditionalGeneration": "llava", "LlavaModel": "llava",
+    "LlavaNextForConditionalGeneration": "llava_next", "LlavaNextModel": "llava_next",
+    "LlavaNextVideoForConditionalGeneration": "llava_next_video", "LlavaNextVideoModel": "llava_next_video",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision", "LlavaOnevisionModel": "llava_onevision",
+}
+SUPPORTED = tuple(CLASSES)
+
+
+def _kind(model: nn.Module) -> ModelKind:
+    for cls in type(model).__mro__:
+        if cls.__name__ in CLASSES:
+            return KINDS[CLASSES[cls.__name__]]
     raise TypeError(f"reduce_visual_tokens supports {', '.join(SUPPORTED)}; got {type(model).__name__}")
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    """The ``LlavaModel`` / ``LlavaNextVideoModel`` that owns the vision tower, projector and LM."""
+    """The ``Llava*Model`` that owns the vision tower, projector and LM."""
     return model.model if hasattr(model, "model") and hasattr(model.model, "vision_tower") else model
 
 
@@ -96,12 +156,12 @@ def _feature_index(layer: int, num_layers: int) -> int:
 
 @dataclass
 class Layout:
-    """Token layout of one image as the vision tower sees it."""
+    """Token layout of one tower input (an image, a crop or a frame) as the vision tower sees it."""
 
     rows: int
     cols: int
-    cls: int  # leading [CLS] tokens in the tower (1 for CLIP)
-    strategy: str  # "default" drops [CLS] from the features, "full" keeps it
+    cls: int  # leading [CLS] tokens in the tower (1 for CLIP, 0 for SigLIP)
+    strategy: str  # "default" drops the first token from the features, "full" keeps every token
     feature_layers: Tuple[int, ...]  # hidden_states indices, non-negative
     num_layers: int  # layers in the tower
 
@@ -111,8 +171,8 @@ class Layout:
 
     @property
     def num_features(self) -> int:
-        """Feature tokens per image handed to the projector (N)."""
-        return self.rows * self.cols + (self.cls if self.strategy == "full" else 0)
+        """Feature tokens per tower input handed to the projector (N)."""
+        return self.tower_tokens - self.drop
 
     @property
     def protected(self) -> int:
@@ -121,8 +181,13 @@ class Layout:
 
     @property
     def drop(self) -> int:
-        """Leading tower tokens not in the features."""
-        return self.cls if self.strategy == "default" else 0
+        """Leading tower tokens not in the features: "default" drops the first token ([CLS] for CLIP)."""
+        return 1 if self.strategy == "default" else 0
+
+    @property
+    def square(self) -> bool:
+        """The features are exactly the rows x cols grid (what anyres packing and video pooling need)."""
+        return self.num_features == self.rows * self.cols and self.protected == 0
 
 
 def _layout(lm: nn.Module) -> Layout:
@@ -146,60 +211,177 @@ def _tower_layers(lm: nn.Module) -> nn.ModuleList:
     return encoder_layers(getattr(tower, "vision_model", tower))
 
 
-def _resolve_keep(keep: KeepSpec, available: int, what: str = "image") -> int:
-    """``keep`` as a token count: an int as is, a float in (0, 1] as a fraction of ``available``."""
+def _ceil_fraction(keep: float, count: int) -> int:
+    """``ceil(keep * count)``, forgiving float rounding (0.1 * 30 is 3, not 4), at least 1."""
+    return max(1, math.ceil(keep * count - 1e-9))
+
+
+def _check_keep(keep: KeepSpec, what: str) -> None:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be an int (tokens per {what}) or a float fraction, got {type(keep).__name__}")
-    if isinstance(keep, float):
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep={keep}: a fraction must lie in (0, 1]")
-        return max(1, round(keep * available))
-    if keep < 1:
+        raise TypeError(f"keep must be an int (tokens per {what}) or a float fraction in (0, 1], got "
+                        f"{type(keep).__name__}")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep={keep}: a fraction must lie in (0, 1]")
+    if isinstance(keep, int) and keep < 1:
         raise ValueError(f"keep={keep}: at least one visual token per {what} must remain (keep >= 1)")
+
+
+def _resolve_keep(keep: KeepSpec, available: int, what: str = "image") -> int:
+    """``keep`` as a token count: an int as is (at most ``available``), a fraction as ``ceil(keep * available)``."""
+    _check_keep(keep, what)
+    if isinstance(keep, float):
+        return _ceil_fraction(keep, available)
     if keep > available:
         raise ValueError(f"keep={keep} is larger than the {available} visual tokens per {what} this model makes; "
                          f"use keep <= {available} or a fraction such as keep=0.25")
     return keep
 
 
+# ------------------------------------------------------------------------------------------- anyres layout
+@dataclass(frozen=True)
+class ImageLayout:
+    """One anyres image as the LM sees it, unreduced: ``[base (n)] + crop rows, each followed by a newline``."""
+
+    key: Tuple  # (size, cropped, aspect): what the layout was made for
+    length: int  # packed tokens, newlines included
+    base: int  # base-view tokens: the first ``base`` packed tokens
+    newlines: Tuple[int, ...]  # packed positions of the newline tokens
+    tiles: int  # tower inputs of this image (base view + crops)
+    # Tower token (tile * n + token) behind each packed position (newlines: 0), or None where the model
+    # resamples the crop grid (OneVision's downsampling of very large grids).
+    origin: Optional[Tensor] = field(default=None, compare=False, hash=False, repr=False)
+
+    @property
+    def features(self) -> int:
+        """F: feature tokens (base + crops), newlines excluded."""
+        return self.length - len(self.newlines)
+
+    @property
+    def crops(self) -> int:
+        return self.features - self.base
+
+
+def anyres_budget(keep: KeepSpec, image: ImageLayout) -> Tuple[int, int]:
+    """``(k_base, k_crops)``: feature tokens an anyres image keeps in its base view and in its crops.
+
+    K = ``ceil(keep * F)`` for a fraction, ``min(keep, F)`` for an int; spread in proportion to the parts' tokens:
+    ``k_base = ceil(K * n / F)``, clipped so that each part that exists keeps at least one token.
+    """
+    F_, n = image.features, image.base
+    K = _ceil_fraction(keep, F_) if isinstance(keep, float) else min(keep, F_)
+    if image.crops == 0:
+        return K, 0
+    K = max(K, 2)
+    k_base = min(max(-(-K * n // F_), 1), K - 1)
+    return k_base, K - k_base
+
+
+def reduced_length(keep: KeepSpec, image: ImageLayout) -> int:
+    """Tokens the LM sees for one anyres image after the reduction (newlines included)."""
+    return sum(anyres_budget(keep, image)) + len(image.newlines)
+
+
+def _pack(lm: nn.Module, features: Sequence[Tensor], image_sizes: Tensor, newline: Tensor, strategy: str,
+          aspect: Optional[str]) -> List[Tensor]:
+    """The model's own ``pack_image_features`` (NeXT and OneVision name their arguments differently)."""
+    params = inspect.signature(lm.pack_image_features).parameters
+    kwargs: Dict[str, Any] = {"image_newline": newline}
+    if "vision_feature_select_strategy" in params:
+        kwargs["vision_feature_select_strategy"] = strategy
+    if "vision_aspect_ratio" in params:
+        kwargs["vision_aspect_ratio"] = aspect
+    return list(lm.pack_image_features(list(features), image_sizes, **kwargs)[0])
+
+
+def _tiles(lm: nn.Module, size: Tuple[int, int], cropped: bool) -> int:
+    """Tower inputs of one image: the model's own ``image_size_to_num_patches``, or 1 when it is not cropped."""
+    if not cropped:
+        return 1
+    module = sys.modules[type(lm).__module__]
+    return int(module.image_size_to_num_patches(image_size=list(size), grid_pinpoints=lm.config.image_grid_pinpoints,
+                                                 patch_size=lm.config.vision_config.image_size))
+
+
+def _aspect(lm: nn.Module, given: Optional[str] = None) -> Optional[str]:
+    return given if given is not None else getattr(lm.config, "vision_aspect_ratio", None)
+
+
 # ------------------------------------------------------------------------------------------ the context
 @dataclass
-class LlavaInfo:
-    """What the last reduction did: ``tokens_in``/``tokens_out`` per image (per video), and the engine
-    state of the reduced tokens (``size`` ``[images, keep]``, ``source`` ``[images, N]``) for unmerging."""
+class RaggedPlan:
+    """Index maps that reduce a batch of anyres images: one row group per distinct (length, keep)."""
 
-    tokens_in: int = 0
-    tokens_out: int = 0
-    state: Optional[TokenState] = None
-
-    @property
-    def size(self) -> Optional[Tensor]:
-        return None if self.state is None else self.state.size
-
-    @property
-    def source(self) -> Optional[Tensor]:
-        return None if self.state is None else self.state.source
+    groups: List[Tuple[Tensor, int]]  # (global packed positions [G, length], keep)
+    newlines: Tensor  # [NL] global packed positions of the newline tokens
+    origin: Optional[Tensor]  # [L] tower token (over all tiles) behind each packed position, None if resampled
+    lengths_out: List[int]  # tokens per image after the reduction
+    items: List[Tuple[int, int]]  # (tokens in, tokens out) per image
 
 
 @dataclass
 class LlavaContext:
-    family: str
-    keep: KeepSpec  # as given (a fraction of video tokens resolves per forward: frames vary)
-    keep_tokens: Optional[int]  # resolved per image; None for video fractions
+    kind: ModelKind
+    keep: KeepSpec  # as given (fractions of anyres images and videos resolve per item)
+    keep_tokens: Optional[int]  # uniform images: resolved per image
     method: str
     where: str
-    stage: str
     layout: Layout
     time_mode: str
     window: int
-    contextual: Optional[int]
     hyper: Dict[str, Any]
-    info: LlavaInfo = field(default_factory=LlavaInfo)
+    info: MergeInfo = field(default_factory=MergeInfo)
     processors: List[Any] = field(default_factory=list)
     undo: List[Callable[[], None]] = field(default_factory=list)
+    image_layouts: Dict[Tuple, ImageLayout] = field(default_factory=dict)  # cache: (size, cropped, aspect) -> layout
+    plans: Dict[Tuple, RaggedPlan] = field(default_factory=dict)  # cache: (layouts, device) -> plan
+
+    def image_layout(self, lm: nn.Module, size: Sequence[int], cropped: bool, aspect: Optional[str]) -> ImageLayout:
+        """The packed layout of one anyres image, found by running the model's own packing on token indices."""
+        key = (tuple(int(s) for s in size), bool(cropped), aspect)
+        if key not in self.image_layouts:
+            tiles = _tiles(lm, key[0], cropped)
+            n = self.layout.num_features
+            index = torch.arange(tiles * n, dtype=torch.float64).view(tiles, n, 1)
+            with torch.no_grad():
+                packed = _pack(lm, [index], torch.tensor([key[0]]), torch.tensor([-1.0], dtype=torch.float64),
+                               self.layout.strategy, aspect)[0][:, 0]
+            newlines = tuple(torch.nonzero(packed == -1.0).flatten().tolist())
+            if not torch.equal(packed[:n], torch.arange(n, dtype=torch.float64)):
+                raise RuntimeError("mmmerge.llava: this transformers version packs anyres images differently (the "
+                                   "base view does not come first); please report it")
+            exact = bool((packed == packed.round()).all())
+            origin = packed.clamp_min(0).long() if exact else None
+            if len(self.image_layouts) > 256:
+                self.image_layouts.clear()
+            self.image_layouts[key] = ImageLayout(key, packed.shape[0], n, newlines, tiles, origin)
+        return self.image_layouts[key]
+
+
+def _cropped(sizes: Sequence, batch_num_images: Any) -> List[bool]:
+    """Which images the model crops: all of them, except OneVision's images in prompts with several images."""
+    if batch_num_images is None:
+        return [True] * len(sizes)
+    counts = batch_num_images.tolist() if isinstance(batch_num_images, Tensor) else list(batch_num_images)
+    return [int(n) == 1 for n in counts for _ in range(int(n))]
+
+
+def _host_sizes(image_sizes: Any) -> List[Tuple[int, int]]:
+    if image_sizes is None:
+        raise ValueError("anyres models need image_sizes (the processor returns them with pixel_values)")
+    rows = image_sizes.tolist() if isinstance(image_sizes, Tensor) else list(image_sizes)
+    return [(int(r[0]), int(r[1])) for r in rows]
 
 
 # ------------------------------------------------------------------------------------- scores and metric
+def _attention_module(layer: nn.Module) -> nn.Module:
+    """The self-attention of a CLIP / SigLIP encoder layer (the module with ``q_proj``, ``k_proj``, ``num_heads``)."""
+    for module in layer.modules():
+        if all(isinstance(getattr(module, name, None), nn.Linear) for name in ("q_proj", "k_proj")) and \
+                hasattr(module, "num_heads"):
+            return module
+    raise TypeError(f"{type(layer).__name__} has no self-attention with q_proj/k_proj that mmmerge knows")
+
+
 class _Capture:
     """Forward hooks on the feature layer's query/key projections, registered for one call only."""
 
@@ -208,10 +390,11 @@ class _Capture:
         self.k: List[Tensor] = []
         self.handles = []
         self.attn = None
+        self.cls = layout.cls
         if need:
             # The layer that produced hidden_states[f] is layer f-1 (layer 0 for the embeddings).
             layer = _tower_layers(lm)[max(layout.feature_layers[-1] - 1, 0)]
-            self.attn = layer_parts(layer).core
+            self.attn = _attention_module(layer)
             self.handles = [self.attn.q_proj.register_forward_hook(lambda m, i, o: self.q.append(o)),
                             self.attn.k_proj.register_forward_hook(lambda m, i, o: self.k.append(o))]
 
@@ -222,73 +405,59 @@ class _Capture:
         for h in self.handles:
             h.remove()
 
-    def keys_and_cls_attention(self, images: int) -> Tuple[Tensor, Tensor]:
-        """Head-averaged keys ``[images, T, d]`` and head-averaged [CLS] attention ``[images, T]`` (float32) of
-        the last ``images`` tower inputs (T = tower tokens)."""
+    def keys_and_scores(self, items: int, need_score: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        """Head-averaged keys ``[items, T, d]`` and an importance score ``[items, T]`` (float32) of the last
+        ``items`` tower inputs (T = tower tokens).
+
+        Score: the head-averaged [CLS] attention for towers with [CLS]; for towers without it, the mean attention
+        each token receives (averaged over heads and all queries) in the feature layer.
+        """
         if not self.k:
             raise RuntimeError("mmmerge.llava: the feature layer's key projection did not run")
-        q, k = self.q[-1][-images:], self.k[-1][-images:]
+        q, k = self.q[-1][-items:], self.k[-1][-items:]
         B, T, D = k.shape
         heads = self.attn.num_heads
         kh = k.detach().view(B, T, heads, D // heads)
-        qh = q.detach()[:, :1].view(B, 1, heads, D // heads)
-        logits = torch.einsum("bqhd,bthd->bht", qh.float(), kh.float()) * (D // heads) ** -0.5
-        return kh.mean(2), logits.softmax(-1).mean(1)
+        keys = kh.mean(2)
+        if not need_score:
+            return keys, None
+        queries = q.detach()[:, : self.cls] if self.cls else q.detach()
+        qh = queries.reshape(B, queries.shape[1], heads, D // heads)
+        logits = torch.einsum("bqhd,bthd->bhqt", qh.float(), kh.float()) * (D // heads) ** -0.5
+        return keys, logits.softmax(-1).mean((1, 2))
 
 
-def _dominant(x: Tensor, metric: Tensor, score: Tensor, keep: int, protected: int,
-              contextual: Optional[int]) -> Tuple[Tensor, TokenState]:
-    """VisionZip-style selection: the ``keep - protected - C`` tokens with the highest ``score`` stay as they
-    are; the others are merged into ``C`` contextual tokens (targets spread evenly over the remaining tokens
-    in raster order, every other token joins its most similar target by cosine of ``metric``).
-
-    Args:
-        x: ``[B, N, C]`` tokens. metric: ``[B, N, c]``. score: ``[B, N]`` ([CLS] attention, higher stays).
-        keep: output tokens, protected included. contextual: C (default ``max(1, round(10 / 64 * keep))``).
-    Returns:
-        ``([B, keep, C], state)``; output order as everywhere in mmmerge (earliest original position).
-    """
-    B, N, _ = x.shape
-    P = protected
-    M, K = N - P, keep - P
-    state = init_state(B, N, device=x.device, protected=P)
-    if keep == N:
+def _raster_order(x: Tensor, state: TokenState) -> Tuple[Tensor, TokenState]:
+    """Sort reduced tokens ``[B, K, C]`` by their earliest original position (a grid keeps its raster order)."""
+    B, K = state.size.shape
+    N0 = state.source.shape[1]
+    if K == N0:
         return x, state
-    C = max(1, round(K * 10 / 64)) if contextual is None else int(contextual)
-    if not 1 <= C <= K:
-        raise ValueError(f"dominant: contextual={C} must lie in [1, keep - protected = {K}]")
-    D = K - C
-    device = x.device
-    with torch.no_grad():
-        dom = score[:, P:].float().topk(D, dim=-1).indices if D > 0 else torch.zeros(B, 0, dtype=torch.long,
-                                                                                      device=device)
-        is_dom = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, dom, True)
-        rest = torch.argsort(is_dom.to(torch.int8), dim=1, stable=True)[:, : M - D]  # remaining, raster order
-        step = (M - D) // C
-        targets = rest[:, ::step][:, :C]  # [B, C]
-        is_target = torch.zeros_like(is_dom).scatter_(1, targets, True)
-        m = F.normalize(metric[:, P:].float(), dim=-1, eps=1e-6)
-        sim = m @ m.gather(1, targets.unsqueeze(-1).expand(-1, -1, m.shape[-1])).transpose(1, 2)  # [B, M, C]
-        host = targets.gather(1, sim.argmax(-1))
-        own = torch.arange(M, device=device).unsqueeze(0).expand(B, -1)
-        target = torch.where(is_dom | is_target, own, host)
-    plan = plan_from_targets(target, state.size, M - D - C, P)
-    return merge_weighted(x, plan), merge_state(state, plan)
+    positions = torch.arange(N0, device=x.device).expand(B, N0)
+    first = torch.full((B, K), N0, device=x.device, dtype=torch.long).scatter_reduce(
+        1, state.source, positions, reduce="amin")
+    order = first.argsort(dim=1)  # [B, K]
+    inverse = torch.empty_like(order).scatter_(1, order, torch.arange(K, device=x.device).expand(B, K))
+    x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    state = state.replace(size=state.size.gather(1, order), source=inverse.gather(1, state.source),
+                          coords={n: c.gather(1, order) for n, c in state.coords.items()},
+                          valid=None if state.valid is None else state.valid.gather(1, order))
+    return x, state
 
 
 def _reduce(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor], keep: int, protected: int,
             state: Optional[TokenState] = None, constraint=None) -> Tuple[Tensor, TokenState]:
-    """Reduce ``x`` ``[B, N, C]`` to ``[B, keep, C]`` with ``ctx.method`` (all batched, no host sync)."""
-    if ctx.method == "dominant":
-        return _dominant(x, metric, score, keep, protected, ctx.contextual)
+    """Reduce ``x`` ``[B, N, C]`` to ``[B, keep, C]`` with ``ctx.method``, in raster order (batched, no host sync)."""
     hyper = dict(ctx.hyper)
-    if ctx.method in ("tps", "prune") and score is not None and "score" not in hyper:
-        hyper["score"] = score  # [CLS] attention decides what stays, as in TPS
-    return reduce_tokens(x, keep, ctx.method, metric=metric, protected=protected, state=state,
-                         constraint=constraint, **hyper)
+    if ctx.method in SCORED and score is not None:
+        hyper["score"] = score
+    y, state = reduce_tokens(x, keep, ctx.method, metric=metric, protected=protected if state is None else 0,
+                             state=state, constraint=constraint, check_layout=False,  # time-major by construction
+                             **hyper)
+    return _raster_order(y, state)
 
 
-# ------------------------------------------------------------------------------------- image wrapper
+# ------------------------------------------------------------------------------- LLaVA-1.5 image wrapper
 def _image_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_values: Tensor,
                     vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
     """Replacement of ``LlavaModel.get_image_features``: the original call, with ``keep`` tokens per image.
@@ -298,21 +467,23 @@ def _image_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_
     """
     _check_call(ctx, vision_feature_layer, vision_feature_select_strategy)
     if kwargs.get("image_sizes") is not None:
-        raise ValueError("mmmerge.llava: image_sizes (variable-resolution towers) is not supported")
+        raise ValueError("mmmerge.llava: image_sizes (variable-resolution towers) is not supported for LLaVA-1.5")
     return_dict = kwargs.pop("return_dict", True)
     keep, layout = ctx.keep_tokens, ctx.layout
     images = pixel_values.shape[0]
-    ctx.info = LlavaInfo(tokens_in=layout.num_features, tokens_out=keep)
-    needs_capture = keep < layout.num_features
+    N = layout.num_features
+    ctx.info = MergeInfo(schedule=[N - keep], tokens_per_layer=[N, keep])
+    needs_capture = keep < N
     handle = None
     with _Capture(lm, layout, needs_capture) as cap:
         def reduce(x: Tensor) -> Tensor:
-            keys, cls_attn = cap.keys_and_cls_attention(images)
+            keys, score = cap.keys_and_scores(images, ctx.method in SCORED)
             d = layout.drop
-            out, ctx.info.state = _reduce(ctx, x, keys[:, d:], cls_attn[:, d:], keep, layout.protected)
+            out, ctx.info.state = _reduce(ctx, x, keys[:, d:], None if score is None else score[:, d:], keep,
+                                          layout.protected)
             return out
 
-        if needs_capture and ctx.stage == "pre_projector":
+        if needs_capture and ctx.where == "pre_projector":
             handle = lm.multi_modal_projector.register_forward_pre_hook(lambda m, args: (reduce(args[0]),))
         try:
             out = original(pixel_values, vision_feature_layer=vision_feature_layer,
@@ -320,7 +491,7 @@ def _image_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_
         finally:
             if handle is not None:
                 handle.remove()
-        if needs_capture and ctx.stage == "post_projector":
+        if needs_capture and ctx.where == "post_projector":
             out.pooler_output = list(reduce(torch.stack(list(out.pooler_output))))
     return out if return_dict else out.to_tuple()
 
@@ -338,54 +509,198 @@ def _check_call(ctx: LlavaContext, layer, strategy) -> None:
                              f"hidden_states indices); this call asks for {layer}: re-run reduce_visual_tokens")
 
 
+# ------------------------------------------------------------------------------ anyres image wrapper
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host-built index tensor to ``device`` without a synchronising copy (pinned memory on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _ragged_plan(ctx: LlavaContext, images: Sequence[ImageLayout], device: torch.device) -> RaggedPlan:
+    """Row groups of a batch of anyres images: every image gives a base row and (if cropped) a crop row; rows
+    with the same (length, keep) form one group. Host arithmetic only, cached per batch layout and device."""
+    key = (ctx.keep, tuple(images), str(device))
+    plan = ctx.plans.get(key)
+    if plan is not None:
+        return plan
+    rows: Dict[Tuple[int, int], List[Tensor]] = {}
+    newlines, lengths_out, items, origins = [], [], [], []
+    offset = tile_offset = 0
+    for image in images:
+        if image.origin is not None:
+            origins.append(image.origin + tile_offset * image.base)
+        tile_offset += image.tiles
+        k_base, k_crops = anyres_budget(ctx.keep, image)
+        positions = torch.arange(offset, offset + image.length)
+        is_crop = torch.ones(image.length, dtype=torch.bool)
+        is_crop[: image.base] = False
+        is_crop[list(image.newlines)] = False
+        rows.setdefault((image.base, k_base), []).append(positions[: image.base])
+        if image.crops:
+            rows.setdefault((image.crops, k_crops), []).append(positions[is_crop])
+        newlines.append(positions[list(image.newlines)])
+        lengths_out.append(k_base + k_crops + len(image.newlines))
+        items.append((image.length, lengths_out[-1]))
+        offset += image.length
+    groups = [(_to_device(torch.stack(r), device), keep) for (_, keep), r in rows.items()]
+    origin = _to_device(torch.cat(origins), device) if len(origins) == len(images) else None
+    plan = RaggedPlan(groups, _to_device(torch.cat(newlines), device), origin, lengths_out, items)
+    if len(ctx.plans) > 64:
+        ctx.plans.clear()
+    ctx.plans[key] = plan
+    return plan
+
+
+def _reduce_ragged(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor], plan: RaggedPlan
+                   ) -> Tuple[Tensor, TokenState]:
+    """Reduce the packed tokens of a batch of anyres images ``[L, C]`` (all images concatenated).
+
+    One batched engine call per row group (a handful: base views, and one per distinct crop layout). The kept
+    tokens and the untouched newline tokens are then ordered by the position of their earliest original token,
+    which keeps images, parts and rows in order. Returns ``([L', C], state)`` with one state row over the whole
+    batch: ``size`` ``[1, L']``, ``source`` ``[1, L]`` (packed position -> output token).
+    """
+    L = x.shape[0]
+    device = x.device
+    outs, firsts, sizes, sources = [], [], [], []
+    for idx, keep in plan.groups:  # a few static row shapes; each step is one batched reduction
+        y, state = _reduce(ctx, x[idx], metric[idx], None if score is None else score[idx], keep, 0)
+        first = torch.full_like(state.size, L, dtype=torch.long).scatter_reduce(1, state.source, idx, reduce="amin")
+        outs.append(y.flatten(0, 1))
+        firsts.append(first.flatten())
+        sizes.append(state.size.flatten())
+        sources.append(state.source)
+    outs.append(x[plan.newlines])
+    firsts.append(plan.newlines)
+    sizes.append(torch.ones(plan.newlines.shape[0], device=device))
+    order = torch.cat(firsts).argsort()
+    total = order.shape[0]
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(total, device=device))
+    source = torch.empty(L, dtype=torch.long, device=device)
+    start = 0
+    for (idx, keep), src in zip(plan.groups, sources):
+        slots = start + src + torch.arange(idx.shape[0], device=device).unsqueeze(1) * keep  # [G, length]
+        source.scatter_(0, idx.flatten(), inverse[slots.flatten()])
+        start += idx.shape[0] * keep
+    source.scatter_(0, plan.newlines, inverse[start + torch.arange(plan.newlines.shape[0], device=device)])
+    state = TokenState(size=torch.cat(sizes)[order].unsqueeze(0), source=source.unsqueeze(0))
+    return torch.cat(outs)[order], state
+
+
+def _anyres_image_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_values: Tensor,
+                           image_sizes: Optional[Tensor] = None, vision_feature_layer=None,
+                           vision_feature_select_strategy=None, **kwargs):
+    """Replacement of ``LlavaNextModel`` / ``LlavaOnevisionModel.get_image_features``: each image's packed tokens
+    (base view, crops, newlines) are reduced to its budget (see the module docstring); newlines stay."""
+    _check_call(ctx, vision_feature_layer, vision_feature_select_strategy)
+    return_dict = kwargs.pop("return_dict", True)
+    sizes = _host_sizes(image_sizes)
+    cropped = _cropped(sizes, kwargs.get("batch_num_images"))
+    aspect = _aspect(lm, kwargs.get("vision_aspect_ratio"))
+    images = [ctx.image_layout(lm, s, c, aspect) for s, c in zip(sizes, cropped)]  # host bookkeeping, cached
+    host_sizes = [list(s) for s in sizes]  # the model reads them per image: hand it host values
+    if all(reduced_length(ctx.keep, image) == image.length for image in images):
+        ctx.info = MergeInfo(schedule=[0], tokens_per_layer=[sum(i.length for i in images)] * 2,
+                             items=[(i.length, i.length) for i in images])
+        out = original(pixel_values, host_sizes, vision_feature_layer=vision_feature_layer,
+                       vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True, **kwargs)
+        return out if return_dict else out.to_tuple()
+    need_score = ctx.method in SCORED
+    with _Capture(lm, ctx.layout, True) as cap:
+        out = original(pixel_values, host_sizes, vision_feature_layer=vision_feature_layer,
+                       vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True, **kwargs)
+        tiles = [i.tiles for i in images]
+        keys, score = cap.keys_and_scores(sum(tiles), need_score)
+    tokens = torch.cat(list(out.pooler_output))  # [L, C]: every image's packed tokens
+    if tokens.shape[0] != sum(i.length for i in images):
+        raise RuntimeError(f"mmmerge.llava: the model packed {tokens.shape[0]} tokens, the layouts say "
+                           f"{[i.length for i in images]}; this transformers version packs anyres images differently")
+    d = ctx.layout.drop
+    keys = keys[:, d:]
+    score = None if score is None else score[:, d:]
+    plan = _ragged_plan(ctx, images, keys.device)
+    if plan.origin is not None:  # metric and score of the tower token behind each packed position
+        metric = keys.flatten(0, 1)[plan.origin]
+        score = None if score is None else score.flatten()[plan.origin]
+    else:  # a resampled grid: pack them with the model's own code (its loop over images), as the features
+        extras = keys.float() if score is None else torch.cat([keys.float(), score[..., None]], -1)
+        packed = torch.cat(_pack(lm, extras.split(tiles), torch.tensor(sizes), extras.new_zeros(extras.shape[-1]),
+                                 ctx.layout.strategy, aspect))
+        width = keys.shape[-1]
+        metric, score = packed[:, :width].to(keys.dtype), None if score is None else packed[:, width]
+    y, state = _reduce_ragged(ctx, tokens, metric, score, plan)
+    total_in = sum(i.length for i in images)
+    ctx.info = MergeInfo(schedule=[total_in - y.shape[0]], tokens_per_layer=[total_in, y.shape[0]], state=state,
+                         items=plan.items)
+    out.pooler_output = list(y.split(plan.lengths_out))
+    return out if return_dict else out.to_tuple()
+
+
 # ------------------------------------------------------------------------------------- video wrapper
+def _video_tokens(ctx: LlavaContext, lm: nn.Module) -> int:
+    """Pooled tokens per frame: NeXT-Video's ``spatial_pool_stride`` pooling, OneVision's 2x bilinear one."""
+    rows, cols = ctx.layout.rows, ctx.layout.cols
+    if ctx.kind.name == "llava_onevision":
+        return math.ceil(rows / 2) * math.ceil(cols / 2)
+    stride = lm.config.spatial_pool_stride
+    return (rows // stride) * (cols // stride)
+
+
 def _video_keep(ctx: LlavaContext, frames: int, per_frame: int) -> int:
     available = frames * per_frame
     keep = _resolve_keep(ctx.keep, available, "video")
     if ctx.time_mode == "within_frame" and keep % frames:
         raise ValueError(f"time_mode='within_frame' keeps the same count in every frame: keep={keep} must be a "
                          f"multiple of the {frames} frames (e.g. keep={keep - keep % frames or frames})")
+    if ctx.time_mode not in ("global", "within_frame") and ctx.method in SCORED and keep < frames:
+        raise ValueError(f"method '{ctx.method}' with time_mode='{ctx.time_mode}' keeps each frame's best token so "
+                         f"that every token has an allowed host: keep={keep} must be at least the {frames} frames")
     return keep
+
+
+def _pool_frames(ctx: LlavaContext, lm: nn.Module, x: Tensor) -> Tensor:
+    """Pool per-frame tower tokens ``[B*T, rows*cols, c]`` like the model pools its video features."""
+    if ctx.kind.name == "llava_onevision":
+        return lm.apply_pooling(x)  # the model's own bilinear pooling (channel-agnostic)
+    stride = lm.config.spatial_pool_stride
+    grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], ctx.layout.rows, ctx.layout.cols)
+    return F.avg_pool2d(grid, stride).flatten(2).transpose(1, 2)
 
 
 def _video_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_values_videos: Tensor,
                     vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
-    """Replacement of ``LlavaNextVideoModel.get_video_features``: ``keep`` tokens per video.
+    """Replacement of ``get_video_features`` (NeXT-Video, OneVision): ``keep`` tokens per video.
 
-    The projected features ``[videos, frames * n, C]`` (n tokens per frame after the spatial pooling) are
-    reduced to ``[videos, keep, C]``. Metric: the pooled vision features (a one-call hook on the resampler);
-    score: [CLS] attention of the feature layer, pooled like the features. Time modes as in the video
-    adapter: ``within_frame`` reduces every frame to ``keep / frames`` on its own; ``adjacent``, ``window``
-    and ``global`` merge across frames under the matching constraint (frame spans stay contiguous).
+    The projected, pooled features ``[videos, frames * n, C]`` are reduced to ``[videos, keep, C]`` (OneVision's
+    trailing newline token stays). Metric: the feature layer's keys, pooled like the features; score: [CLS]
+    attention (CLIP) or the mean attention received (SigLIP), pooled likewise. ``within_frame`` reduces every
+    frame to ``keep / frames`` on its own; ``adjacent``, ``window`` and ``global`` merge across frames under the
+    matching constraint (frame spans stay contiguous).
     """
     _check_call(ctx, vision_feature_layer, vision_feature_select_strategy)
     return_dict = kwargs.pop("return_dict", True)
     B, T = pixel_values_videos.shape[:2]
-    layout = ctx.layout
-    stride = lm.config.spatial_pool_stride
-    rows, cols = layout.rows // stride, layout.cols // stride
-    n = rows * cols
+    n = _video_tokens(ctx, lm)
     keep = _video_keep(ctx, T, n)
-    ctx.info = LlavaInfo(tokens_in=T * n, tokens_out=keep)
+    ctx.info = MergeInfo(schedule=[T * n - keep], tokens_per_layer=[T * n, keep])
+    call = functools.partial(original, pixel_values_videos, vision_feature_layer=vision_feature_layer,
+                             vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True, **kwargs)
     if keep == T * n:
-        out = original(pixel_values_videos, vision_feature_layer=vision_feature_layer,
-                       vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True, **kwargs)
+        out = call()
         return out if return_dict else out.to_tuple()
-    pooled: List[Tensor] = []
-    handle = lm.vision_resampler.register_forward_hook(lambda m, i, o: pooled.append(o))
-    with _Capture(lm, layout, ctx.method in ("dominant", "tps", "prune")) as cap:
-        try:
-            out = original(pixel_values_videos, vision_feature_layer=vision_feature_layer,
-                           vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True, **kwargs)
-        finally:
-            handle.remove()
-        x = out.pooler_output  # [B, T * n, C_text]
-        metric = pooled[-1].detach()  # [B * T, n, C_vision]
-        score = None
-        if cap.handles:
-            _, cls_attn = cap.keys_and_cls_attention(B * T)
-            grid = cls_attn[:, layout.cls:].view(B * T, 1, layout.rows, layout.cols)
-            score = F.avg_pool2d(grid, stride).view(B * T, n)
+    with _Capture(lm, ctx.layout, True) as cap:
+        out = call()
+        keys, score = cap.keys_and_scores(B * T, ctx.method in SCORED)
+    pooled = out.pooler_output
+    split = isinstance(pooled, (tuple, list))  # transformers 5.17: one [T, n, C] tensor per video
+    x = torch.stack(list(pooled)).flatten(1, 2) if split else pooled
+    newline = x[:, T * n:]  # OneVision (transformers >= 5.24) appends one newline per video
+    x = x[:, : T * n]
+    d = ctx.layout.drop
+    metric = _pool_frames(ctx, lm, keys[:, d:])  # [B*T, n, c]
+    if score is not None:
+        score = _pool_frames(ctx, lm, score[:, d:, None])[..., 0]  # [B*T, n]
     if ctx.time_mode == "within_frame":
         y, state = _reduce(ctx, x.reshape(B * T, n, -1), metric, score, keep // T, 0)
         y = y.reshape(B, keep, -1)
@@ -398,9 +713,10 @@ def _video_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_
                            rules={"t_min": "min", "t_max": "max"})
         y, state = _reduce(ctx, x, metric.reshape(B, T * n, -1),
                            None if score is None else score.reshape(B, T * n), keep, 0, state=state,
-                           constraint=time_constraint(ctx.time_mode, ctx.window))
+                           constraint=time_constraint(ctx.time_mode, ctx.window, T))
     ctx.info.state = state
-    out.pooler_output = y
+    y = torch.cat([y, newline], 1)
+    out.pooler_output = y.unsqueeze(1).unbind(0) if split else y
     return out if return_dict else out.to_tuple()
 
 
@@ -415,23 +731,32 @@ def _runs(ids: Tensor, token_id: int) -> Tuple[Tensor, Tensor, Tensor]:
     return m, pos - start, m & ~nxt
 
 
+def _video_counts(ctx: LlavaContext, lm: nn.Module, frames: int) -> Tuple[int, int]:
+    """(placeholders of one unreduced video, of one reduced video), newline included."""
+    n = _video_tokens(ctx, lm)
+    return frames * n + ctx.kind.video_newline, _video_keep(ctx, frames, n) + ctx.kind.video_newline
+
+
 def _count_check(ctx: LlavaContext, lm: nn.Module) -> Callable:
-    """Forward pre-hook on the inner model: every placeholder run is a whole number of reduced images
-    (transformers only compares totals). Device-side assert: no host sync on GPU."""
+    """Forward pre-hook on the inner model: every placeholder run is a whole number of reduced images (videos)
+    of LLaVA-1.5 and the video models (transformers only compares totals). Device-side assert: no host sync on
+    GPU. Anyres images have a count per image size; their totals are checked by transformers, their split by
+    ``check_placeholder_counts``."""
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return None
         checks = []
         encoded = kwargs.get("mm_encoder_outputs") or {}  # generate() runs the tower before the prefill
-        if ctx.family == "image" and (kwargs.get("pixel_values") is not None or encoded.get("image") is not None):
+        if ctx.kind.images == "uniform" and (kwargs.get("pixel_values") is not None or encoded.get("image") is not None):
             checks.append((lm.config.image_token_id, ctx.keep_tokens, "image"))
         videos = kwargs.get("pixel_values_videos")
-        if ctx.family == "video" and videos is not None:
-            n = (ctx.layout.rows // lm.config.spatial_pool_stride) * (ctx.layout.cols // lm.config.spatial_pool_stride)
-            checks.append((lm.config.video_token_id, _video_keep(ctx, videos.shape[1], n), "video"))
-        elif ctx.family == "video" and encoded.get("video") is not None:
-            checks.append((lm.config.video_token_id, encoded["video"].pooler_output.shape[1], "video"))
+        if ctx.kind.videos and videos is not None:
+            checks.append((lm.config.video_token_id, _video_counts(ctx, lm, videos.shape[1])[1], "video"))
+        elif ctx.kind.videos and encoded.get("video") is not None:
+            pooled = encoded["video"].pooler_output
+            count = pooled[0].flatten(0, 1).shape[0] if isinstance(pooled, (tuple, list)) else pooled.shape[1]
+            checks.append((lm.config.video_token_id, count, "video"))
         for token_id, keep, what in checks:
             m, pos, end = _runs(ids, token_id)
             torch._assert_async((((pos + 1) % keep == 0) | ~end).all(),
@@ -442,74 +767,131 @@ def _count_check(ctx: LlavaContext, lm: nn.Module) -> Callable:
     return hook
 
 
-def check_placeholder_counts(input_ids: Tensor, model: nn.Module, num_frames: Optional[int] = None) -> None:
-    """Raise ValueError unless every image (video) has exactly the reduced count of placeholders.
-
-    Host-side check (one sync), for use outside the forward path. Checks that each run of placeholders is
-    a whole number of ``keep`` blocks.
-    """
-    ctx = _context(model)
-    lm = _inner(model)
-    token_id, keep, what = _placeholder(ctx, lm, num_frames)
-    m, pos, end = _runs(input_ids, token_id)
-    lengths = (pos + 1)[end]
-    bad = lengths[lengths % keep != 0]
-    if bad.numel():
-        raise ValueError(f"input_ids hold a run of {int(bad[0])} {what} placeholders, not a multiple of keep={keep}; "
-                         "use the patched processor or compact_image_tokens")
+def _anyres_counts(ctx: LlavaContext, lm: nn.Module, image_sizes: Any, batch_num_images: Any
+                   ) -> Tuple[List[int], List[int]]:
+    """Per anyres image, in batch order: (unreduced placeholders, reduced placeholders)."""
+    if image_sizes is None:
+        raise ValueError(f"{type(lm).__name__} has a token count per image size: pass image_sizes= (and, for "
+                         "OneVision prompts with several images, batch_num_images=) from the processor's output")
+    sizes = _host_sizes(image_sizes)
+    images = [ctx.image_layout(lm, s, c, _aspect(lm)) for s, c in zip(sizes, _cropped(sizes, batch_num_images))]
+    return [i.length for i in images], [reduced_length(ctx.keep, i) for i in images]
 
 
-def _placeholder(ctx: LlavaContext, lm: nn.Module, num_frames: Optional[int]) -> Tuple[int, int, str]:
-    if ctx.family == "image":
-        return lm.config.image_token_id, ctx.keep_tokens, "image"
-    if num_frames is None:
-        raise ValueError("this is a video model: pass num_frames= (frames per video) to count video placeholders")
-    n = (ctx.layout.rows // lm.config.spatial_pool_stride) * (ctx.layout.cols // lm.config.spatial_pool_stride)
-    return lm.config.video_token_id, _video_keep(ctx, num_frames, n), "video"
-
-
-def compact_image_tokens(input_ids: Tensor, attention_mask: Optional[Tensor], model: nn.Module,
-                         num_frames: Optional[int] = None, pad_token_id: Optional[int] = None
-                         ) -> Tuple[Tensor, Tensor]:
-    """Rewrite inputs expanded for the unpatched model so every image (video) has ``keep`` placeholders.
-
-    Each run of placeholders must hold a whole number of full images (N each, 576 for LLaVA-1.5; frames x
-    tokens per frame for video); of every image's N placeholders the first ``keep`` remain. Rows are then
-    re-padded on the side the input was padded on (left if any row starts with padding).
-
-    Args:
-        input_ids: ``[B, L]`` long. attention_mask: ``[B, L]`` or None (no padding). model: a model patched
-            by ``reduce_visual_tokens``. num_frames: frames per video (video models only).
-        pad_token_id: id for new padding (default: the model's pad id, else 0).
-    Returns:
-        ``(input_ids [B, L'], attention_mask [B, L'])`` on the input's device. One host sync (L' is data
-        dependent): call it once per batch, outside the model's forward.
-    Raises:
-        ValueError if the model is not patched or a run is not a whole number of unreduced images.
-    """
-    ctx = _context(model)
-    lm = _inner(model)
-    token_id, keep, what = _placeholder(ctx, lm, num_frames)
-    if ctx.family == "image":
-        full = ctx.layout.num_features
-    else:
-        n = (ctx.layout.rows // lm.config.spatial_pool_stride) * (ctx.layout.cols // lm.config.spatial_pool_stride)
-        full = num_frames * n
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
-    m, pos, end = _runs(input_ids, token_id)
+def _uniform_keep_mask(ids: Tensor, token_id: int, full: int, keep: int, what: str) -> Tensor:
+    """``[B, L]``: False for the placeholders past ``keep`` in each item of ``full`` placeholders."""
+    m, pos, end = _runs(ids, token_id)
     lengths = (pos + 1)[end]
     bad = lengths[lengths % full != 0]
     if bad.numel():
         raise ValueError(f"input_ids hold a run of {int(bad[0])} {what} placeholders, not a multiple of the {full} "
                          f"an unreduced {what} has; compact_image_tokens expects inputs from the unpatched "
                          "processor (already compacted inputs need no rewrite)")
+    return ~m | (pos % full < keep)
+
+
+def _ragged_keep_mask(ids: Tensor, token_id: int, full: Sequence[int], keep: Sequence[int]) -> Tensor:
+    """``[B, L]``: False for the placeholders past ``keep[i]`` in image i (images in row-major order)."""
+    m = ids == token_id
+    total = int(m.sum())
+    if total != sum(full):
+        raise ValueError(f"input_ids hold {total} image placeholders, but these images make {sum(full)} unreduced "
+                         f"({list(full)} per image); compact_image_tokens expects inputs from the unpatched processor "
+                         "and the image_sizes of the same batch")
+    flat = m.flatten()
+    rank = flat.long().cumsum(0) - 1  # placeholder index in the batch
+    ends = torch.tensor(list(full), device=ids.device).cumsum(0)
+    image = torch.searchsorted(ends, rank.clamp_min(0), right=True).clamp_max(len(full) - 1)
+    position = rank - (ends - torch.tensor(list(full), device=ids.device))[image]
+    kept = position < torch.tensor(list(keep), device=ids.device)[image]
+    return (~flat | kept).view_as(ids)
+
+
+def check_placeholder_counts(input_ids: Tensor, model: nn.Module, num_frames: Optional[int] = None,
+                             image_sizes: Any = None, batch_num_images: Any = None) -> None:
+    """Raise ValueError unless every image (video) has exactly its reduced count of placeholders.
+
+    Host-side check (one sync), for use outside the forward path. LLaVA-1.5 and videos: each run of placeholders
+    is a whole number of reduced items. Anyres images (pass ``image_sizes``, and ``batch_num_images`` for
+    OneVision prompts with several images): the placeholders split, in order, into one contiguous run per image
+    of exactly its reduced count.
+    """
+    ctx = _context(model)
+    lm = _inner(model)
+    checks = []
+    if ctx.kind.images == "uniform":
+        checks.append((lm.config.image_token_id, ctx.keep_tokens, "image"))
+    if ctx.kind.videos and bool((input_ids == lm.config.video_token_id).any()):
+        if num_frames is None:
+            raise ValueError("this is a video model: pass num_frames= (frames per video) to count video placeholders")
+        checks.append((lm.config.video_token_id, _video_counts(ctx, lm, num_frames)[1], "video"))
+    for token_id, keep, what in checks:
+        m, pos, end = _runs(input_ids, token_id)
+        lengths = (pos + 1)[end]
+        bad = lengths[lengths % keep != 0]
+        if bad.numel():
+            raise ValueError(f"input_ids hold a run of {int(bad[0])} {what} placeholders, not a multiple of "
+                             f"keep={keep}; use the patched processor or compact_image_tokens")
+    if ctx.kind.images == "anyres" and bool((input_ids == lm.config.image_token_id).any()):
+        _, reduced = _anyres_counts(ctx, lm, image_sizes, batch_num_images)
+        where = torch.nonzero((input_ids == lm.config.image_token_id).flatten()).flatten()
+        if where.numel() != sum(reduced):
+            raise ValueError(f"input_ids hold {where.numel()} image placeholders, these images need {sum(reduced)} "
+                             f"({reduced} per image); use the patched processor or compact_image_tokens")
+        counts = torch.tensor(reduced)
+        starts = counts.cumsum(0) - counts
+        first, last = where[starts], where[starts + counts - 1]
+        L = input_ids.shape[1]
+        broken = ((last - first + 1) != counts) | (first // L != last // L)
+        if bool(broken.any()):
+            i = int(torch.nonzero(broken)[0])
+            raise ValueError(f"image {i}'s {reduced[i]} placeholders are not one contiguous run in one row; use the "
+                             "patched processor or compact_image_tokens")
+
+
+def compact_image_tokens(input_ids: Tensor, attention_mask: Optional[Tensor], model: nn.Module,
+                         num_frames: Optional[int] = None, pad_token_id: Optional[int] = None,
+                         image_sizes: Any = None, batch_num_images: Any = None) -> Tuple[Tensor, Tensor]:
+    """Rewrite inputs expanded for the unpatched model so every image (video) has its reduced placeholder count.
+
+    Of every item's placeholders the first ``count`` remain (the LM fills them in order, so only the count
+    matters). LLaVA-1.5 and videos: each run must hold a whole number of unreduced items (N each, 576 for
+    LLaVA-1.5; frames x tokens per frame (+1 newline, OneVision) for video). Anyres images: pass the batch's
+    ``image_sizes`` (and ``batch_num_images`` for OneVision prompts with several images); the placeholders are
+    assigned to the images in order. Rows are re-padded on the side the input was padded on (left if any row
+    starts with padding).
+
+    Args:
+        input_ids: ``[B, L]`` long. attention_mask: ``[B, L]`` or None (no padding). model: a model patched
+            by ``reduce_visual_tokens``. num_frames: frames per video (videos only).
+        pad_token_id: id for new padding (default: the model's pad id, else 0).
+    Returns:
+        ``(input_ids [B, L'], attention_mask [B, L'])`` on the input's device. Host syncs (L' is data
+        dependent): call it once per batch, outside the model's forward.
+    Raises:
+        ValueError if the model is not patched or the placeholders do not match unreduced items.
+    """
+    ctx = _context(model)
+    lm = _inner(model)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     real = attention_mask.bool()
-    kept = real & (~m | (pos % full < keep))  # [B, L]
+    kept = real
+    if ctx.kind.images == "uniform":
+        kept = kept & _uniform_keep_mask(input_ids, lm.config.image_token_id, ctx.layout.num_features,
+                                         ctx.keep_tokens, "image")
+    elif ctx.kind.images == "anyres" and bool((input_ids == lm.config.image_token_id).any()):
+        full, reduced = _anyres_counts(ctx, lm, image_sizes, batch_num_images)
+        kept = kept & _ragged_keep_mask(input_ids, lm.config.image_token_id, full, reduced)
+    if ctx.kind.videos and bool((input_ids == lm.config.video_token_id).any()):
+        if num_frames is None:
+            raise ValueError("this is a video model: pass num_frames= (frames per video) to count video placeholders")
+        full, keep = _video_counts(ctx, lm, num_frames)
+        kept = kept & _uniform_keep_mask(input_ids, lm.config.video_token_id, full, keep, "video")
     counts = kept.sum(1)
     width = int(counts.max()) if counts.numel() else 0
     left = bool((~real[:, 0]).any()) and bool(real[:, -1].all())
@@ -528,66 +910,155 @@ def compact_image_tokens(input_ids: Tensor, attention_mask: Optional[Tensor], mo
 
 
 # ------------------------------------------------------------------------------------------- processors
-def _check_processor(processor: Any, model: nn.Module, family: str, layout: Layout) -> None:
-    lm = _inner(model)
-    cfg = lm.config
-    expected = "LlavaNextVideoProcessor" if family == "video" else "LlavaProcessor"
+def _tile_size(sub: Any) -> Optional[Tuple[int, int]]:
+    """The pixel size a sub-processor (image or video) hands the tower: its crop, or a fixed height x width."""
+    for name in ("crop_size", "size"):
+        value = getattr(sub, name, None)
+        if value is None:
+            continue
+        h, w = (value.get("height"), value.get("width")) if isinstance(value, dict) else (
+            getattr(value, "height", None), getattr(value, "width", None))
+        if h is not None and w is not None:
+            return int(h), int(w)
+    return None
+
+
+def _check_processor(processor: Any, model: nn.Module, kind: ModelKind, layout: Layout) -> None:
+    cfg = _inner(model).config
     names = [c.__name__ for c in type(processor).__mro__]
-    if expected not in names:
-        raise TypeError(f"processor is a {type(processor).__name__}, but a {type(model).__name__} needs a {expected}")
+    if kind.processor not in names:
+        raise TypeError(f"processor is a {type(processor).__name__}, but a {type(model).__name__} needs a "
+                        f"{kind.processor}")
     problems = []
     patch = cfg.vision_config.patch_size
-    if getattr(processor, "patch_size", None) != patch:
-        problems.append(f"patch_size {getattr(processor, 'patch_size', None)} vs the tower's {patch}")
+    if hasattr(processor, "patch_size") and processor.patch_size != patch:
+        problems.append(f"patch_size {processor.patch_size} vs the tower's {patch}")
+    if getattr(processor, "num_image_tokens", None) not in (None, layout.num_features):
+        problems.append(f"num_image_tokens {processor.num_image_tokens} vs the tower's {layout.num_features}")
     strategy = getattr(processor, "vision_feature_select_strategy", None)
     if strategy is not None and strategy != cfg.vision_feature_select_strategy:
         problems.append(f"vision_feature_select_strategy '{strategy}' vs the model's "
                         f"'{cfg.vision_feature_select_strategy}'")
     if getattr(processor, "image_token_id", cfg.image_token_id) != cfg.image_token_id:
         problems.append(f"image_token_id {processor.image_token_id} vs the model's {cfg.image_token_id}")
-    if family == "video" and getattr(processor, "video_token_id", cfg.video_token_id) != cfg.video_token_id:
+    if kind.videos and getattr(processor, "video_token_id", cfg.video_token_id) != cfg.video_token_id:
         problems.append(f"video_token_id {processor.video_token_id} vs the model's {cfg.video_token_id}")
-    # The pixels the processor makes for what gets reduced: images (LLaVA) or video frames (LLaVA-NeXT-Video).
-    what = "video" if family == "video" else "image"
-    pixels_processor = getattr(processor, f"{what}_processor", None)
-    crop = getattr(pixels_processor, "crop_size", None)
-    if crop is not None:
-        h, w = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop.height, crop.width)
-        size = cfg.vision_config.image_size
-        if (h, w) != (size, size):
-            problems.append(f"{what} crop {h}x{w} vs the tower's {size}x{size}")
+    # The pixels the processor makes for what gets reduced: images and/or video frames.
+    size = cfg.vision_config.image_size
+    for what, reduced in (("image", kind.images is not None), ("video", kind.videos)):
+        tile = _tile_size(getattr(processor, f"{what}_processor", None)) if reduced else None
+        if tile is not None and tile != (size, size):
+            problems.append(f"{what} crop {tile[0]}x{tile[1]} vs the tower's {size}x{size}")
+    aspect = getattr(processor, "vision_aspect_ratio", None)
+    if aspect is not None and getattr(cfg, "vision_aspect_ratio", aspect) != aspect:
+        problems.append(f"vision_aspect_ratio '{aspect}' vs the model's '{cfg.vision_aspect_ratio}'")
+    if kind.images == "anyres":
+        pinpoints = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
+        if pinpoints is not None and [list(p) for p in pinpoints] != [list(p) for p in cfg.image_grid_pinpoints]:
+            problems.append(f"image_grid_pinpoints {pinpoints} vs the model's {cfg.image_grid_pinpoints}")
     if problems:
         raise ValueError("processor does not match the model: " + "; ".join(problems) +
                          ". Load the processor saved with this model (AutoProcessor.from_pretrained(same path))")
+    for attr, needed in (("replace_image_token", kind.images is not None), ("replace_video_token", kind.videos)):
+        if needed and not hasattr(type(processor), attr):
+            raise TypeError(f"{type(processor).__name__} has no {attr} (this transformers version expands tokens "
+                            "differently); use compact_image_tokens on its output instead")
 
 
 def _patch_processor(processor: Any, ctx: LlavaContext, lm: nn.Module) -> Callable[[], None]:
-    """Make the processor expand each ``<image>`` (``<video>``) to the reduced count."""
-    attr = "replace_video_token" if ctx.family == "video" else "replace_image_token"
-    if not hasattr(type(processor), attr):
-        raise TypeError(f"{type(processor).__name__} has no {attr} (this transformers version expands tokens "
-                        "differently); use compact_image_tokens on its output instead")
-    had, old = attr in processor.__dict__, processor.__dict__.get(attr)
+    """Make the processor expand each ``<image>`` / ``<video>`` to its reduced count.
 
-    if ctx.family == "image":
-        def replace(self, *args, **kwargs) -> str:
+    Anyres images: the unpatched expansion gives the image's full count; the model's own packing (for that
+    image size) gives its layout, which must agree, and the reduced count follows from the budget rule.
+    """
+    cls = type(processor)
+    replacements: Dict[str, Callable] = {}
+    if ctx.kind.images == "uniform":
+        def replace_image(self, *args, **kwargs) -> str:
             return self.image_token * ctx.keep_tokens
-    else:
-        stride = lm.config.spatial_pool_stride
-        n = (ctx.layout.rows // stride) * (ctx.layout.cols // stride)
-
-        def replace(self, video_inputs=None, video_idx: int = 0, **kwargs) -> str:
+        replacements["replace_image_token"] = replace_image
+    elif ctx.kind.images == "anyres":
+        def replace_image(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+            full = len(cls.replace_image_token(self, image_inputs, image_idx, **kwargs)) // len(self.image_token)
+            size = image_inputs["image_sizes"][image_idx]
+            size = size.tolist() if isinstance(size, Tensor) else list(size)
+            aspect = _aspect(lm)  # the model's (checked against the processor's at patch time)
+            # OneVision does not crop an image of a prompt with several images: its base view and one newline.
+            cropped = full != ctx.layout.num_features + 1
+            image = ctx.image_layout(lm, size, cropped, aspect)
+            if image.length != full:
+                raise ValueError(f"the processor expands this {size[0]}x{size[1]} image to {full} tokens, the model "
+                                 f"packs {image.length}: processor and model settings differ (image_grid_pinpoints, "
+                                 "vision_aspect_ratio, tile size)")
+            return self.image_token * reduced_length(ctx.keep, image)
+        replacements["replace_image_token"] = replace_image
+    if ctx.kind.videos:
+        def replace_video(self, video_inputs: dict = None, video_idx: int = 0, **kwargs) -> str:
             frames = len(video_inputs["pixel_values_videos"][video_idx])
-            return self.video_token * _video_keep(ctx, frames, n)
-
-    setattr(processor, attr, types.MethodType(replace, processor))
+            full, reduced = _video_counts(ctx, lm, frames)
+            given = len(cls.replace_video_token(self, video_inputs, video_idx, **kwargs)) // len(self.video_token)
+            if given != full:
+                raise ValueError(f"the processor expands a {frames}-frame video to {given} tokens, the model makes "
+                                 f"{full}: processor and model settings differ")
+            return self.video_token * reduced
+        replacements["replace_video_token"] = replace_video
+    saved = {attr: (attr in processor.__dict__, processor.__dict__.get(attr)) for attr in replacements}
+    for attr, fn in replacements.items():
+        setattr(processor, attr, types.MethodType(fn, processor))
 
     def undo() -> None:
-        if had:
-            setattr(processor, attr, old)
-        else:
-            processor.__dict__.pop(attr, None)
+        for attr, (had, old) in saved.items():
+            if had:
+                setattr(processor, attr, old)
+            else:
+                processor.__dict__.pop(attr, None)
     return undo
+
+
+# ------------------------------------------------------------------------------------------- options
+def _check_method_options(method: str, hyper: Dict[str, Any], device: torch.device) -> None:
+    """Every matcher option is checked now, by the engine: names by ``check_options``, values by one tiny call
+    of the engine's own reduction with these options (temperature <= 0, an unknown preset, contextual=0 ...)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    check_options(method, hyper)
+    if "score" in hyper:
+        raise ValueError("score is computed by the adapter ([CLS] attention, or the mean attention received for "
+                         "towers without [CLS]); remove score=")
+    generator = hyper.get("generator")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device}, the model on {device}: make it with "
+                             f"torch.Generator(device='{device.type}')")
+    contextual = hyper.get("contextual")
+    kept = contextual if isinstance(contextual, int) and not isinstance(contextual, bool) and contextual > 4 else 4
+    state = generator.get_state() if generator is not None else None
+    # The trial call must not move any random stream: the user's generator, or torch's default ones.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            x = torch.linspace(-1.0, 1.0, 2 * kept * 4, device=device).view(1, 2 * kept, 4)
+            extra = {"score": x[..., 0]} if method in SCORED else {}
+            reduce_tokens(x, kept, method, metric=x, **extra, **hyper)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"method '{method}' rejects its options {sorted(hyper)}: {err}") from None
+        finally:
+            if generator is not None:
+                generator.set_state(state)
+
+
+def _where(where: str, hyper: Dict[str, Any]) -> str:
+    if "stage" in hyper:
+        raise TypeError("stage= was merged into where=: use where='post_projector' (default) or "
+                        "where='pre_projector' (or where='vision_tower')")
+    if where == "pre_llm":
+        warnings.warn("where='pre_llm' is now where='post_projector' (reduce after the projector, the default) or "
+                      "where='pre_projector'", FutureWarning, stacklevel=3)
+        where = "post_projector"
+    if where not in WHERE:
+        raise ValueError(f"unknown where='{where}'; choose one of {', '.join(WHERE)}")
+    return where
 
 
 # ---------------------------------------------------------------------------------------- patch / undo
@@ -599,79 +1070,64 @@ def _context(model: nn.Module) -> LlavaContext:
 
 
 def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "tome", processor: Any = None,
-                         where: str = "pre_llm", stage: Optional[str] = None, time_mode: str = "global",
-                         window: int = 1, contextual: Optional[int] = None, prop_attn: bool = True,
-                         **hyper: Any) -> nn.Module:
-    """Make a LLaVA model hand its language model ``keep`` visual tokens per image (per video); in place.
+                         where: str = "post_projector", time_mode: str = "global", window: int = 1,
+                         prop_attn: bool = True, **hyper: Any) -> nn.Module:
+    """Make a LLaVA model hand its language model fewer visual tokens per image (per video); in place.
 
     Args:
-        model: ``LlavaForConditionalGeneration`` / ``LlavaModel`` (``keep`` per image) or
-            ``LlavaNextVideoForConditionalGeneration`` / ``LlavaNextVideoModel`` (``keep`` per video; images of
-            that model are left as they are).
-        keep: tokens per image (video): an int, or a float in (0, 1] as a fraction of the N tokens
-            (576 for LLaVA-1.5 at 336 px; frames x 144 for LLaVA-NeXT-Video). ``keep = N`` is an exact no-op.
+        model: a LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video or LLaVA-OneVision model (``...ForConditionalGeneration``
+            or ``...Model``); see the module docstring for what each reduces.
+        keep: an int (tokens per image / video; anyres images: a budget spread over base view and crops, an image
+            with fewer features keeps all), or a float in (0, 1]: each item keeps ``ceil(keep * its tokens)``.
+            Keeping everything is an exact no-op.
         method: ``tome``, ``pitome``, ``tps``, ``random``, ``prune`` or ``dominant`` (VisionZip-style).
-        processor: the model's processor; patched to emit ``keep`` placeholders per image (video).
-        where: ``pre_llm`` (reduce the tower's output) or ``vision_tower`` (merge inside the CLIP layers; images).
-        stage: ``post_projector`` (default: closer to keep-all at the same speed, see benchmarks/llava.py) or
-            ``pre_projector`` (images only; video is pooled before its projector, so always post).
-        time_mode: video only: ``global``, ``within_frame``, ``adjacent``, ``window`` (``window`` frames).
-        contextual: ``dominant`` only: number of contextual tokens (default ``round(keep * 10 / 64)``).
+        processor: the model's processor; patched to emit the reduced count per image (video).
+        where: ``post_projector`` (default), ``pre_projector`` (LLaVA-1.5) or ``vision_tower`` (LLaVA-1.5).
+        time_mode: videos: ``global``, ``within_frame``, ``adjacent``, ``window`` (``window`` frames) or ``window(k)``.
         prop_attn: ``vision_tower`` only: proportional attention in the merged layers.
-        **hyper: matcher options (pitome ``margin``/``alpha``, tps ``temperature``).
+        **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``, random
+            ``generator``, dominant ``contextual``), checked now.
     Returns:
         the model. ``restore_visual_tokens(model, processor)`` undoes everything.
     Raises:
-        TypeError (unsupported model or processor), ValueError (bad keep, method, where, stage, time_mode, or a
-        processor that does not match): checked before any change, so the model is left as it was.
+        TypeError (unsupported model or processor, wrong option type), ValueError (bad keep, method, where,
+        time_mode, option value, or a processor that does not match): checked before any change, so the model
+        (and processor) are left as they were.
     """
-    family = _family(model)
+    if "r" in hyper:
+        raise TypeError("LLaVA models take keep= (visual tokens kept per image, or a fraction such as keep=0.25), "
+                        "not r= (tokens removed per encoder layer, for the video and audio encoders)")
+    kind = _kind(model)
     lm = _inner(model)
     layout = _layout(lm)
-    if method not in METHODS:
-        raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
-    if where not in WHERE:
-        raise ValueError(f"unknown where='{where}'; choose one of {', '.join(WHERE)}")
-    if stage is None:
-        stage = "post_projector"
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage='{stage}'; choose one of {', '.join(STAGES)}")
-    if family == "video":
-        if stage != "post_projector":
-            raise ValueError("video features are pooled before the projector; only stage='post_projector' applies")
-        if where != "pre_llm":
-            raise ValueError("where='vision_tower' would merge inside each frame before the spatial pooling, which "
-                             "needs the full grid; use where='pre_llm' for LLaVA-NeXT-Video")
+    where = _where(where, hyper)
+    device = next(lm.parameters()).device
+    _check_method_options(method, hyper, device)
+    if not isinstance(time_mode, str):
+        raise TypeError(f"time_mode must be a string such as 'adjacent' or 'window(2)', got {type(time_mode).__name__}")
+    if kind.videos:
         if time_mode not in TIME_MODES and not time_mode.startswith("window("):
-            raise ValueError(f"unknown time_mode '{time_mode}'; choose one of {', '.join(TIME_MODES)}")
+            raise ValueError(f"unknown time_mode '{time_mode}'; choose one of {', '.join(TIME_MODES)} or 'window(k)'")
         time_constraint(time_mode, window)
-        if method == "dominant" and time_mode not in ("global", "within_frame"):
-            raise ValueError("method 'dominant' selects in one step over the whole video; use time_mode "
-                             "'global' or 'within_frame' with it (or a merging method for 'adjacent'/'window')")
-        if layout.strategy != "default":
-            raise ValueError("LLaVA-NeXT-Video pools a square grid: vision_feature_select_strategy must be 'default'")
-        keep_tokens = None
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            raise TypeError(f"keep must be an int (tokens per video) or a float fraction, got {type(keep).__name__}")
-        if (isinstance(keep, float) and not 0.0 < keep <= 1.0) or (isinstance(keep, int) and keep < 1):
-            _resolve_keep(keep, 10 ** 9, "video")  # raises the usual message
-        if isinstance(keep, int):
-            keep_tokens = keep
-    else:
-        if time_mode != "global":
-            raise ValueError("time_mode is for video models; images have no time axis")
+    elif time_mode != "global":
+        raise ValueError("time_mode is for video models; images have no time axis")
+    if (kind.images == "anyres" or kind.videos) and not layout.square:
+        raise ValueError(f"{type(model).__name__} packs (pools) a square grid of features per crop (frame): a tower "
+                         "with [CLS] needs vision_feature_select_strategy='default', one without needs 'full'")
+    keep_tokens = None
+    if kind.images == "uniform":
         keep_tokens = _resolve_keep(keep, layout.num_features)
         if keep_tokens < layout.protected + 1:
             raise ValueError(f"keep={keep_tokens} leaves no room next to the [CLS] token the 'full' strategy keeps")
-    if method == "dominant":
-        if layout.cls == 0:
-            raise ValueError("method 'dominant' ranks tokens by [CLS] attention; this tower has no [CLS]")
-        if where != "pre_llm":
-            raise ValueError("method 'dominant' selects from the tower's output: use where='pre_llm'")
-    if where == "vision_tower" and method not in ("tome", "pitome", "tps", "random", "prune"):
-        raise ValueError(f"method '{method}' cannot merge inside the tower")
-    ctx = LlavaContext(family, keep, keep_tokens, method, where, stage, layout, time_mode, window, contextual,
-                       dict(hyper))
+    else:
+        _check_keep(keep, "image" if kind.images else "video")
+    if where != "post_projector" and kind.name != "llava":
+        raise ValueError(f"where='{where}' is implemented for LLaVA-1.5; {type(model).__name__} reduces after the "
+                         "projector (its anyres packing and video pooling need every crop's / frame's full grid): "
+                         "use where='post_projector'")
+    if where == "vision_tower" and method == "dominant":
+        raise ValueError("method 'dominant' selects from the tower's output: use where='post_projector'")
+    ctx = LlavaContext(kind, keep, keep_tokens, method, where, layout, time_mode, window, dict(hyper))
 
     schedule = None
     layers = _tower_layers(lm)
@@ -687,34 +1143,43 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
             sched = resolve_schedule(TargetTokens(target), depth, layout.tower_tokens, layout.cls, method=method)
         except ValueError as err:
             raise ValueError(f"where='vision_tower' cannot reach keep={keep_tokens} in the {depth} layers before the "
-                             f"feature layer ({err}); use a larger keep or where='pre_llm'") from None
+                             f"feature layer ({err}); use a larger keep or where='post_projector'") from None
         schedule = sched + [0] * (len(layers) - depth)
         for layer in layers:
             layer_parts(layer)  # raises TypeError for an unknown layer, before any change
     if processor is not None:
-        _check_processor(processor, model, family, layout)
-        attr = "replace_video_token" if family == "video" else "replace_image_token"
-        if not hasattr(type(processor), attr):
-            raise TypeError(f"{type(processor).__name__} has no {attr}; use compact_image_tokens instead")
+        _check_processor(processor, model, kind, layout)
 
+    previous = model.__dict__.get("_mmmerge_llava")
+    if previous is not None and previous.layout == layout:  # host-side caches outlive a re-patch
+        ctx.image_layouts, ctx.plans = previous.image_layouts, previous.plans
     # Everything is validated: replace any previous patch, then apply; any failure undoes what was done.
     restore_visual_tokens(model)
     undo = ctx.undo
     try:
         if schedule is not None:
-            patch_layers(model, layers, schedule=schedule, method=method, prop_attn=prop_attn,
-                         protected=layout.cls, trace_source=True, hyper=hyper)
-            undo_layers = model._mmmerge_undo
-            undo.append(undo_layers)
-        elif where == "pre_llm":
-            name = "get_video_features" if family == "video" else "get_image_features"
-            wrapper = _video_features if family == "video" else _image_features
-            had, old = name in lm.__dict__, lm.__dict__.get(name)
-            original = getattr(lm, name)
-            # generate() reads the signature to route pixel_values: keep the original's (via __wrapped__).
-            bound = functools.wraps(original)(lambda *a, **k: wrapper(lm, ctx, original, *a, **k))
-            setattr(lm, name, bound)
-            undo.append(lambda: setattr(lm, name, old) if had else lm.__dict__.pop(name, None))
+            tower = getattr(lm.vision_tower, "vision_model", lm.vision_tower)
+            grid = TokenGrid(layout.cls, (("row", layout.rows), ("col", layout.cols)))
+            patch_encoder(tower, layers, grid=grid, layout=plan_layout(grid, "global"), r=schedule, method=method,
+                          options=hyper, prop_attn=prop_attn, trace_source=True, family="llava")
+            undo.append(lambda: unpatch_encoder(tower))
+        elif where != "vision_tower":
+            wrappers = []
+            if kind.images == "uniform":
+                wrappers.append(("get_image_features", _image_features))
+            elif kind.images == "anyres":
+                wrappers.append(("get_image_features", _anyres_image_features))
+            if kind.videos:
+                wrappers.append(("get_video_features", _video_features))
+            for name, wrapper in wrappers:
+                had, old = name in lm.__dict__, lm.__dict__.get(name)
+                original = getattr(lm, name)
+                # generate() reads the signature to route pixel_values: keep the original's (via __wrapped__).
+                bound = functools.wraps(original)(
+                    lambda *a, _w=wrapper, _o=original, **k: _w(lm, ctx, _o, *a, **k))
+                setattr(lm, name, bound)
+                undo.append(lambda name=name, had=had, old=old:
+                            setattr(lm, name, old) if had else lm.__dict__.pop(name, None))
         handle = lm.register_forward_pre_hook(_count_check(ctx, lm), with_kwargs=True)
         undo.append(handle.remove)
         if processor is not None:

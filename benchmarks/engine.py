@@ -1,12 +1,18 @@
-"""Cost of choosing and merging tokens, against one transformer layer of the same size.
+"""Cost of choosing and merging tokens: time against one transformer layer, and dispatched ops per layer.
 
     python -m benchmarks.engine            # full sweep: N in 197..3137, C in 768/1024, CPU
     python -m benchmarks.engine --quick
     python -m benchmarks.engine --repeats 3   # fewer timed pairs per row on a busy machine
+    python -m benchmarks.engine --sections ops   # only the op counts (VideoMAE-base, deterministic)
 
 For each (N, C) it times one pre-norm transformer layer (sdpa attention, MLP ratio 4, heads of 64)
 and, for each matcher (timed interleaved with the layer; fraction = median of per-pair ratios), ``plan_merge`` + ``merge_tokens`` removing r = N // 10 tokens with head-averaged
 keys ``[B, N, 64]`` as the metric, and prints the matcher's time as a fraction of the layer's.
+
+Op counts (``ops`` section): aten ops dispatched per forward of VideoMAE-base (random weights, sdpa, fp32,
+batch 1, ``trace_source=False``), unmerged and merged at ``TargetFlops(0.5)``; "extra per layer" is the
+difference divided by the merging layers. On a GPU at small batch every op is a kernel launch.
+Goals: tome global <= 45, within_frame <= 60; pitome and tps within 1.5x of tome in the same mode.
 Goal (issue 2): tome <= 10% and pitome <= 20% of a layer at N=1568, C=768 on CPU.
 """
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+import mmmerge
 from mmmerge import init_state, merge_tokens, plan_merge
 
 from .timing import SideBySide, machine, markdown_table
@@ -33,9 +40,58 @@ def transformer_layer(width: int) -> nn.Module:
 
 
 COLUMNS = ["N", "C", "r", "method", "layer_ms", "merge_ms", "fraction"]
+OP_COLUMNS = ["model", "method", "time_mode", "ops", "base_ops", "merging_layers", "extra_per_layer"]
+OP_GOALS = {("tome", "global"): 45, ("tome", "within_frame"): 60}
 
 
-def run(out_dir: Optional[Path] = None, quick: bool = False, batch: int = 1, repeats: int = 5) -> List[Dict[str, object]]:
+def op_rows(quick: bool = False) -> List[Dict[str, object]]:
+    """Dispatched aten ops per forward of VideoMAE-base, unmerged and merged (tome, pitome, tps)."""
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    config = VideoMAEConfig(num_hidden_layers=4) if quick else VideoMAEConfig()
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = VideoMAEModel(config).eval()
+    x = torch.randn(1, config.num_frames, 3, config.image_size, config.image_size)
+    base = sum(mmmerge.count_ops(model, pixel_values=x).values())
+    rows = []
+    for mode in ("global", "within_frame"):
+        for method in ("tome", "pitome", "tps"):
+            mmmerge.patch(model, r=mmmerge.TargetFlops(0.5), method=method, time_mode=mode)
+            ops = sum(mmmerge.count_ops(model, pixel_values=x).values())
+            layers = sum(1 for r in mmmerge.last_info(model).schedule if r)
+            mmmerge.unpatch(model)
+            rows.append({"model": f"VideoMAE-base ({config.num_hidden_layers} layers)", "method": method,
+                         "time_mode": mode, "ops": ops, "base_ops": base, "merging_layers": layers,
+                         "extra_per_layer": (ops - base) / max(layers, 1)})
+    return rows
+
+
+def op_goal_lines(rows: List[Dict[str, object]]) -> List[str]:
+    lines = []
+    extra = {(r["method"], r["time_mode"]): float(r["extra_per_layer"]) for r in rows}  # type: ignore[arg-type]
+    for (method, mode), limit in OP_GOALS.items():
+        if (method, mode) in extra:
+            got = extra[method, mode]
+            lines.append(f"goal {method}/{mode} <= {limit} extra ops per merging layer: {got:.1f} "
+                         f"({'met' if got <= limit else 'MISSED'})")
+    for mode in ("global", "within_frame"):
+        for method in ("pitome", "tps"):
+            if (method, mode) in extra and ("tome", mode) in extra:
+                ratio = extra[method, mode] / extra["tome", mode]
+                lines.append(f"goal {method}/{mode} within 1.5x of tome: {ratio:.2f}x "
+                             f"({'met' if ratio <= 1.5 else 'MISSED'})")
+    return lines
+
+
+def run(out_dir: Optional[Path] = None, quick: bool = False, batch: int = 1, repeats: int = 5,
+        sections=("time", "ops")) -> List[Dict[str, object]]:
+    """Rows: N, C, method, layer_ms, merge_ms, fraction (merge / layer); then the op-count rows."""
+    rows = time_rows(quick, batch, repeats) if "time" in sections else []
+    return rows + (op_rows(quick) if "ops" in sections else [])
+
+
+def time_rows(quick: bool = False, batch: int = 1, repeats: int = 5) -> List[Dict[str, object]]:
     """Rows: N, C, method, layer_ms, merge_ms, fraction (merge / layer)."""
     torch.manual_seed(0)
     sizes, widths = ((197, 1568), (768,)) if quick else (SIZES, WIDTHS)
@@ -79,7 +135,14 @@ def goal_lines(rows: List[Dict[str, object]]) -> List[str]:
 
 
 def report(rows: List[Dict[str, object]]) -> str:
-    return "\n\n".join([markdown_table(rows, COLUMNS), "\n".join(goal_lines(rows))])
+    timed = [r for r in rows if "fraction" in r]
+    counted = [r for r in rows if "ops" in r]
+    parts = []
+    if timed:
+        parts += [markdown_table(timed, COLUMNS), "\n".join(goal_lines(timed))]
+    if counted:
+        parts += [markdown_table(counted, OP_COLUMNS), "\n".join(op_goal_lines(counted))]
+    return "\n\n".join(parts)
 
 
 # ------------------------------------------------------------- DivPrune / CDPruner against the CLIP tower
@@ -137,6 +200,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timed (matcher, layer) pairs per row")
+    parser.add_argument("--sections", nargs="+", default=["time", "ops"], choices=["time", "ops"])
     parser.add_argument("--selection", action="store_true", help="only the DivPrune/CDPruner cost at keep=64 "
                         "of 576 and 2880 tokens against the CLIP ViT-L/336 tower")
     args = parser.parse_args(argv)
@@ -150,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"goal selection < {SELECTION_GOAL:.0%} of the tower: worst {worst:.2%} "
               f"({'met' if worst < SELECTION_GOAL else 'MISSED'})")
         return
-    rows = run(quick=args.quick, batch=args.batch, repeats=args.repeats)
+    rows = run(quick=args.quick, batch=args.batch, repeats=args.repeats, sections=args.sections)
     print(f"machine: {machine()}, batch {args.batch}")
     print(report(rows))
 

@@ -1,23 +1,29 @@
 """LLaVA prefill with fewer visual tokens (random weights; CPU by default, GPU if available).
 
-    python -m benchmarks.llava            # CLIP ViT-L/336 tower at real size + a small LLaMA-style LM (CPU)
-    python -m benchmarks.llava --quick    # tiny models, seconds (smoke test)
-    python -m benchmarks.llava --size 7b  # LLaVA-1.5-7B size in bf16 (needs a GPU)
+    python -m benchmarks.llava                 # CLIP ViT-L/336 tower at real size + a small LLaMA-style LM (CPU)
+    python -m benchmarks.llava --quick         # tiny models, seconds (smoke test)
+    python -m benchmarks.llava --size 7b       # LLaVA-1.5-7B size in bf16 (needs a GPU)
+    python -m benchmarks.llava --size next-7b  # LLaVA-NeXT-7B size in bf16, one 672x672 image (needs a GPU)
+    python -m benchmarks.llava --size next-quick  # tiny LLaVA-NeXT (smoke test of the anyres path)
+    python -m benchmarks.llava --size next-cpu    # LLaVA-NeXT tower at real size + the small LM (CPU, minutes)
 
 Three tables, all measured in one process, interleaved rounds, one warm-up, median of ``repeats``:
-    prefill    keep 576 / 192 / 144 / 64 (tome, post_projector): latency of the whole prefill (tower,
-               reduction, projector, LM over the prompt, last-token logits) and of the LM part alone, tokens/s,
-               speedups against keep-all and the ratio of prefill tokens. Goal (issue 5): LM prefill speedup at
-               keep=64 >= 0.8x the token ratio.
-    reduction  cost of the reduction itself (keys + [CLS] attention from the captured projections, matching,
-               merging) as a fraction of one vision-tower forward. Goal: below 5%.
-    stage      reduce before vs after the projector: latency, and fidelity against keep-all (cosine of the
-               LM's last hidden state, and of the next-token distribution).
+    prefill    LLaVA-1.5: keep 576 / 192 / 144 / 64; LLaVA-NeXT: 2880 / 640 / 320 / 160 feature tokens of one
+               672 x 672 image (base view + 4 crops; its 48 newline tokens stay on top), tome after the projector:
+               latency of the whole prefill (tower, reduction, projector, LM over the prompt, last-token logits)
+               and of the LM part alone, tokens/s, speedups against keep-all and the ratio of prefill tokens.
+               Goal: LM prefill speedup >= 0.8x the token ratio.
+    reduction  cost of the reduction itself (keys + scores from the captured projections, matching, merging)
+               as a fraction of one vision-tower forward. Goal: below 5%.
+    stage      (LLaVA-1.5) reduce before vs after the projector (where="pre_projector" / "post_projector"):
+               latency, and fidelity against keep-all (cosine of the LM's last hidden state and of the
+               next-token distribution).
 Random weights make fidelity figures a sanity check only; timings on a shared CPU are noisy.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -33,13 +39,22 @@ PROMPT_TEXT = 40  # text tokens around the image
 SECTIONS = ("prefill", "reduction", "stage")
 
 
-def build(size: str, device: torch.device, dtype: torch.dtype):
-    """LLaVA model from configs (random weights). ``quick``: tiny; ``cpu``: ViT-L/336 + 8-layer 1024-wide LM;
-    ``7b``: ViT-L/336 + LLaMA-7B (LLaVA-1.5-7B)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+SIZES = ("quick", "cpu", "7b", "next-quick", "next-cpu", "next-7b")
+NEXT_PINPOINTS = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]  # llava-v1.6 grids, in tiles
 
+
+def build(size: str, device: torch.device, dtype: torch.dtype):
+    """LLaVA model from configs (random weights), built on ``device``. ``quick``: tiny; ``cpu``: ViT-L/336 +
+    8-layer 1024-wide LM; ``7b``: ViT-L/336 + LLaMA-7B (LLaVA-1.5-7B); ``next-quick``: tiny LLaVA-NeXT;
+    ``next-cpu``: ViT-L/336 with llava-v1.6's anyres grids + the ``cpu`` LM; ``next-7b``: ViT-L/336 + LLaMA-7B
+    with llava-v1.6's anyres grids (LLaVA-NeXT-7B)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration)
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size '{size}'; choose one of {', '.join(SIZES)}")
     torch.manual_seed(0)
-    if size == "quick":
+    if size in ("quick", "next-quick"):
         vision = CLIPVisionConfig(image_size=56, patch_size=7, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=4, num_attention_heads=4)
         text = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -47,29 +62,86 @@ def build(size: str, device: torch.device, dtype: torch.dtype):
     else:
         vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                                   num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
-        if size == "cpu":
+        if size in ("cpu", "next-cpu"):
             text = LlamaConfig(vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                                num_attention_heads=16, num_key_value_heads=16)
-        elif size == "7b":
+        else:
             text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                num_attention_heads=32, num_key_value_heads=32)
-        else:
-            raise ValueError(f"unknown size '{size}'; choose quick, cpu or 7b")
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=text.vocab_size - 1,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(config).to(device, dtype).eval()
-    return model
+    common = dict(vision_config=vision, text_config=text, image_token_id=text.vocab_size - 1,
+                  vision_feature_layer=-2, vision_feature_select_strategy="default")
+    if size.startswith("next"):
+        tile = vision.image_size
+        config = LlavaNextConfig(image_grid_pinpoints=[[h * tile, w * tile] for h, w in NEXT_PINPOINTS], **common)
+        cls = LlavaNextForConditionalGeneration
+    else:
+        config, cls = LlavaConfig(**common), LlavaForConditionalGeneration
+    with torch.device(device):
+        model = cls(config)
+    return model.to(dtype).eval()
 
 
-def _median(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
-    """Interleaved rounds: every fn once per round (after one warm-up each); median seconds per fn."""
-    for fn in fns.values():
+def _median(fns: Dict[str, object], repeats: int) -> Dict[str, float]:
+    """Interleaved rounds: every fn once per round (after one warm-up each); median seconds per fn.
+
+    A value is a callable, or ``(setup, fn)``: ``setup()`` runs untimed before every timed ``fn()`` (re-patching
+    the model for this fn's keep, which is host-side work outside the forward)."""
+    pairs = {k: v if isinstance(v, tuple) else (None, v) for k, v in fns.items()}
+    for setup, fn in pairs.values():
+        if setup is not None:
+            setup()
         fn()
     times: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        for k, fn in fns.items():
+        for k, (setup, fn) in pairs.items():
+            if setup is not None:
+                setup()
             times[k].append(seconds(fn))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+class Workload:
+    """One prompt: ``PROMPT_TEXT`` text tokens around one image, for LLaVA-1.5 (576 tokens at 336 px) or
+    LLaVA-NeXT (a square image of 2 x 2 tiles: base view + 4 crops, 2880 feature tokens and 48 newlines)."""
+
+    def __init__(self, model, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.next = type(model).__name__.startswith("LlavaNext")
+        vcfg = model.config.vision_config
+        tile = vcfg.image_size
+        self.pixels: Dict[str, torch.Tensor] = {}
+        g = torch.Generator().manual_seed(1)
+        if self.next:
+            self.pixels["pixel_values"] = torch.randn(1, 5, 3, tile, tile, generator=g).to(device, dtype)
+            self.pixels["image_sizes"] = torch.tensor([[2 * tile, 2 * tile]])
+            with torch.no_grad():
+                packed = model.model.get_image_features(**self.pixels).pooler_output[0]
+            self.newlines = 2 * (tile // vcfg.patch_size)
+            self.full = packed.shape[0] - self.newlines  # feature tokens (2880 at 336 px)
+            self.placeholders = packed.shape[0]
+        else:
+            self.pixels["pixel_values"] = torch.randn(1, 3, tile, tile, generator=g).to(device, dtype)
+            self.newlines = 0
+            self.full = self.placeholders = (tile // vcfg.patch_size) ** 2
+        image_id = model.config.image_token_id
+        text = torch.randint(1, image_id - 1, (1, PROMPT_TEXT), generator=torch.Generator().manual_seed(0))
+        self.full_ids = torch.cat([text[:, :5], torch.full((1, self.placeholders), image_id), text[:, 5:]], 1)
+        self.full_ids = self.full_ids.to(device)
+        F_ = self.full
+        self.keeps = [576, 192, 144, 64] if F_ == 576 else [2880, 640, 320, 160] if F_ == 2880 else \
+            [F_, F_ * 2 // 9, F_ // 9, F_ // 18] if self.next else [F_, F_ // 3, F_ // 4, F_ // 9]
+
+    def patch(self, keep: int, method: str = "tome", where: str = "post_projector") -> torch.Tensor:
+        """Patch for ``keep`` and return the compacted input ids."""
+        llava.restore_visual_tokens(self.model)
+        llava.reduce_visual_tokens(self.model, keep=keep, method=method, where=where)
+        sizes = self.pixels.get("image_sizes")
+        ids, _ = llava.compact_image_tokens(self.full_ids, None, self.model, image_sizes=sizes)
+        return ids
+
+    def tokens(self, keep: int) -> int:
+        """Prefill tokens at ``keep``: text, kept visual tokens, newlines."""
+        return PROMPT_TEXT + keep + self.newlines
 
 
 @torch.no_grad()
@@ -86,34 +158,19 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if threads:
         torch.set_num_threads(threads)
-    if progress is not None:
-        progress.reset(total=len(sections))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = size or ("quick" if quick else ("7b" if device.type == "cuda" else "cpu"))
+    if size.startswith("next"):
+        sections = [s for s in sections if s != "stage"]  # LLaVA-NeXT reduces after the projector only
+    if progress is not None:
+        progress.reset(total=len(sections))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats = 1 if quick else repeats
     model = build(size, device, dtype)
-    lm = model.model
-    vcfg = model.config.vision_config
-    N = (vcfg.image_size // vcfg.patch_size) ** 2
-    keeps = [N, N // 3, N // 4, N // 9] if N != 576 else [576, 192, 144, 64]
-    image_id = model.config.image_token_id
-    text = torch.randint(1, image_id - 1, (1, PROMPT_TEXT), generator=torch.Generator().manual_seed(0))
-    full_ids = torch.cat([text[:, :5], torch.full((1, N), image_id), text[:, 5:]], 1).to(device)
-    pixels = torch.randn(1, 3, vcfg.image_size, vcfg.image_size, generator=torch.Generator().manual_seed(1))
-    pixels = pixels.to(device, dtype)
+    work = Workload(model, device, dtype)
+    keeps, N = work.keeps, work.full
     rows: List[Dict[str, object]] = []
     info = dict(size=size, device=device.type, dtype=str(dtype).replace("torch.", ""))
-
-    def inputs_for(keep: int, method: str = "tome", stage: str = "post_projector"):
-        llava.restore_visual_tokens(model)
-        llava.reduce_visual_tokens(model, keep=keep, method=method, stage=stage)
-        ids, _ = llava.compact_image_tokens(full_ids, None, model)
-        return ids
-
-    def embeds_for(keep: int) -> torch.Tensor:
-        ids = inputs_for(keep)
-        return lm.get_input_embeddings()(ids)  # the LM's cost depends on the length only
 
     def done(section: str) -> None:
         if progress is not None:
@@ -123,33 +180,30 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
     # ---- prefill: whole model and LM alone, keep-all vs reduced, interleaved in one loop.
     fns: Dict[str, Callable[[], object]] = {}
     for keep in (keeps if "prefill" in sections else []):
-        ids = inputs_for(keep)
-        emb = embeds_for(keep)
-        llava.restore_visual_tokens(model)
+        ids = work.patch(keep)
+        emb = model.model.get_input_embeddings()(ids)  # the LM's cost depends on the length only
 
-        def whole(ids=ids, ctx_keep=keep):
-            llava.restore_visual_tokens(model)
-            llava.reduce_visual_tokens(model, keep=ctx_keep)
-            return model(input_ids=ids, pixel_values=pixels, logits_to_keep=1)
+        def whole(ids=ids):
+            return model(input_ids=ids, **work.pixels, logits_to_keep=1)
 
-        fns[f"whole_{keep}"] = whole
+        fns[f"whole_{keep}"] = (functools.partial(work.patch, keep), whole)
         fns[f"lm_{keep}"] = lambda emb=emb: model(inputs_embeds=emb, logits_to_keep=1)
     t = _median(fns, repeats)
-    tokens = {k: PROMPT_TEXT + k for k in keeps}
     for keep in (keeps if "prefill" in sections else []):
-        rows.append({"table": "prefill", **info, "keep": keep, "prefill_tokens": tokens[keep],
-                     "token_ratio": tokens[N] / tokens[keep], "prefill_ms": t[f"whole_{keep}"] * 1e3,
-                     "lm_ms": t[f"lm_{keep}"] * 1e3, "tokens_per_s": tokens[keep] / t[f"whole_{keep}"],
+        ratio = work.tokens(N) / work.tokens(keep)
+        rows.append({"table": "prefill", **info, "keep": keep, "prefill_tokens": work.tokens(keep),
+                     "token_ratio": ratio, "prefill_ms": t[f"whole_{keep}"] * 1e3,
+                     "lm_ms": t[f"lm_{keep}"] * 1e3, "tokens_per_s": work.tokens(keep) / t[f"whole_{keep}"],
                      "speedup": t[f"whole_{N}"] / t[f"whole_{keep}"], "lm_speedup": t[f"lm_{N}"] / t[f"lm_{keep}"],
-                     "lm_efficiency": (t[f"lm_{N}"] / t[f"lm_{keep}"]) / (tokens[N] / tokens[keep])})
+                     "lm_efficiency": (t[f"lm_{N}"] / t[f"lm_{keep}"]) / ratio})
     if "prefill" in sections:
         done("prefill")
 
     if "reduction" in sections:
-        rows += _reduction_rows(model, pixels, keeps, quick, repeats, info)
+        rows += _reduction_rows(work, keeps, quick, repeats, info)
         done("reduction")
     if "stage" in sections:
-        rows += _stage_rows(model, full_ids, pixels, keeps, quick, repeats, info, inputs_for)
+        rows += _stage_rows(work, keeps, quick, repeats, info)
         done("stage")
     llava.restore_visual_tokens(model)
     if out_dir is not None:
@@ -160,27 +214,43 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
     return rows
 
 
-def _reduction_rows(model, pixels, keeps, quick, repeats, info) -> List[Dict[str, object]]:
+def _reduction_rows(work: Workload, keeps, quick, repeats, info) -> List[Dict[str, object]]:
     """Cost of the reduction itself against one vision-tower forward (with the hidden states LLaVA asks for)."""
     rows: List[Dict[str, object]] = []
+    model = work.model
     llava.restore_visual_tokens(model)
     lm = model.model
     layout = llava._layout(lm)
     tower = lm.vision_tower
+    pixels = work.pixels["pixel_values"]
+    pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # NeXT: every tile is one tower input
+    kind = llava._kind(model)
     with llava._Capture(lm, layout, True) as cap:
         out = tower(pixels, output_hidden_states=True)
-    x = out.hidden_states[layout.feature_layers[0]][:, 1:]
+    items = pixels.shape[0]
+    d = layout.drop
+    x = out.hidden_states[layout.feature_layers[0]][:, d:]
     methods = ("tome", "pitome", "tps", "dominant") if not quick else ("tome", "dominant")
     fns = {"tower": lambda: tower(pixels, output_hidden_states=True)}
     for method in methods:
+        scored = method in llava.SCORED
         for keep in ((keeps[3],) if quick else (keeps[2], keeps[3])):
-            ctx = llava.LlavaContext("image", keep, keep, method, "pre_llm", "pre_projector", layout, "global", 1,
-                                     None, {})
+            ctx = llava.LlavaContext(kind, keep, keep, method, "post_projector", layout, "global", 1, {})
+            if work.next:  # the packed tokens of the image; keys and scores of its tiles, gathered to them
+                image = ctx.image_layout(lm, work.pixels["image_sizes"][0].tolist(), True, None)
+                plan = llava._ragged_plan(ctx, [image], x.device)
+                tokens = torch.cat(list(lm.get_image_features(**work.pixels).pooler_output))
 
-            def reduce(ctx=ctx, keep=keep):
-                keys, cls_attn = cap.keys_and_cls_attention(1)
-                return llava._reduce(ctx, x, keys[:, 1:], cls_attn[:, 1:], keep, 0)
-
+                def reduce(ctx=ctx, plan=plan, tokens=tokens, scored=scored):
+                    keys, score = cap.keys_and_scores(items, scored)
+                    metric = keys[:, d:].flatten(0, 1)[plan.origin]
+                    score = None if score is None else score[:, d:].flatten()[plan.origin]
+                    return llava._reduce_ragged(ctx, tokens, metric, score, plan)
+            else:
+                def reduce(ctx=ctx, keep=keep, scored=scored):
+                    keys, score = cap.keys_and_scores(items, scored)
+                    return llava._reduce(ctx, x, keys[:, d:], None if score is None else score[:, d:], keep,
+                                         layout.protected)
             fns[f"{method}_{keep}"] = reduce
     t = _median(fns, repeats)
     for name, sec in t.items():
@@ -191,32 +261,30 @@ def _reduction_rows(model, pixels, keeps, quick, repeats, info) -> List[Dict[str
     return rows
 
 
-def _stage_rows(model, full_ids, pixels, keeps, quick, repeats, info, inputs_for) -> List[Dict[str, object]]:
+def _stage_rows(work: Workload, keeps, quick, repeats, info) -> List[Dict[str, object]]:
     """Before vs after the projector: speed of the image features and fidelity against keep-all."""
     rows: List[Dict[str, object]] = []
+    model = work.model
     llava.restore_visual_tokens(model)
-    ref = model(input_ids=full_ids, pixel_values=pixels, output_hidden_states=True, logits_to_keep=1)
+    pixels = work.pixels["pixel_values"]
+    ref = model(input_ids=work.full_ids, pixel_values=pixels, output_hidden_states=True, logits_to_keep=1)
     ref_h, ref_p = ref.hidden_states[-1][:, -1].float(), ref.logits[:, -1].float().softmax(-1)
     fns, fidelity = {}, {}
     for method in (("tome",) if quick else ("tome", "dominant")):
         for keep in ((keeps[3],) if quick else (keeps[2], keeps[3])):
-            for stage in llava.STAGES:
-                ids = inputs_for(keep, method, stage)
+            for where in ("pre_projector", "post_projector"):
+                ids = work.patch(keep, method, where)
                 o = model(input_ids=ids, pixel_values=pixels, output_hidden_states=True, logits_to_keep=1)
-                fidelity[(method, keep, stage)] = (
+                fidelity[(method, keep, where)] = (
                     F.cosine_similarity(o.hidden_states[-1][:, -1].float(), ref_h).item(),
                     F.cosine_similarity(o.logits[:, -1].float().softmax(-1), ref_p).item())
 
-                def whole(ids=ids, method=method, keep=keep, stage=stage):
-                    llava.restore_visual_tokens(model)
-                    llava.reduce_visual_tokens(model, keep=keep, method=method, stage=stage)
-                    return model.model.get_image_features(pixels)
-
-                fns[(method, keep, stage)] = whole
+                fns[(method, keep, where)] = (functools.partial(work.patch, keep, method, where),
+                                              functools.partial(model.model.get_image_features, pixels))
     t = _median(fns, repeats)
     for key, sec in t.items():
-        method, keep, stage = key
-        rows.append({"table": "stage", **info, "method": method, "keep": keep, "stage": stage,
+        method, keep, where = key
+        rows.append({"table": "stage", **info, "method": method, "keep": keep, "stage": where,
                      "features_ms": sec * 1e3, "hidden_cos": fidelity[key][0], "probs_cos": fidelity[key][1]})
     return rows
 
@@ -232,7 +300,8 @@ COLUMNS = {
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--size", choices=["quick", "cpu", "7b"], default=None)
+    parser.add_argument("--size", choices=SIZES, default=None, help="model size (default: cpu, or 7b on a GPU); "
+                        "next-7b: LLaVA-NeXT-7B, needs a GPU")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the whole run (default 1, for "
@@ -246,7 +315,9 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"tokens, random weights, size={rows[0]['size']}, {rows[0]['dtype']}; median of {1 if args.quick else args.repeats} "
           "interleaved runs (a shared CPU is noisy)")
     for table in args.sections:
-        print(f"\n{table}\n" + markdown_table([r for r in rows if r["table"] == table], COLUMNS[table]))
+        chosen = [r for r in rows if r["table"] == table]
+        if chosen:
+            print(f"\n{table}\n" + markdown_table(chosen, COLUMNS[table]))
 
 
 if __name__ == "__main__":

@@ -204,7 +204,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     unmerged = copy.deepcopy(model)  # timed side by side with the patched model
     base_logits = logits_of(model, x)
     base_flops = gflops(model, x)
-    mmmerge.patch(model, r=spec, method=args.method, time_mode=args.time_mode, window=args.window,
+    time_mode = f"window({args.window})" if args.time_mode == "window" else args.time_mode
+    mmmerge.patch(model, r=spec, method=args.method, time_mode=time_mode,
                   trace_source=bool(args.visualize), timestamps=stamps.tolist())
     merged_logits = logits_of(model, x)
     info = mmmerge.last_info(model)

@@ -1,4 +1,4 @@
-"""FLOP counting with ``torch.utils.flop_counter``, including CPU scaled-dot-product attention.
+"""FLOP counting with ``torch.utils.flop_counter``, including CPU scaled-dot-product attention, and op counting.
 
 ``FlopCounterMode`` has no formula for the fused CPU attention kernel
 (``aten._scaled_dot_product_flash_attention_for_cpu``) and silently counts it as 0, which hides the
@@ -7,9 +7,11 @@ for it, so eager, sdpa, CPU and GPU all report the same numbers.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable, Dict
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
@@ -31,3 +33,25 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     with FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter, torch.no_grad():
         fn(*args, **kwargs)
     return float(counter.get_total_flops())
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched while active (one kernel launch each on a GPU, roughly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Counter:
+    """Aten ops dispatched by ``fn(*args, **kwargs)`` under no_grad, by op name (``sum(...)`` for the total).
+
+    On a GPU at small batch every op is a kernel launch, so this counts what merging adds per forward.
+    """
+    with _OpCounter() as counter, torch.no_grad():
+        fn(*args, **kwargs)
+    return counter.ops

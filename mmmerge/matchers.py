@@ -1,9 +1,10 @@
-"""Matchers: pure functions ``(metric, state, r, constraint, **hyper) -> MergePlan``.
+"""Matchers: pure functions ``(metric, state, r, constraint, partition, **options) -> MergePlan``.
 
 This is where tokens are *chosen*. Each matcher removes exactly ``r`` of the mergeable tokens
-(everything after ``state.protected``) and says where each removed token goes. Scores of pairs the
-constraint forbids are -inf before any argmax, so no forbidden pair can merge; if a batch element has
-fewer than ``r`` allowed pairs the matcher fails loudly (device-side assert, no host sync) instead.
+(everything after ``state.protected``) and says where each removed token goes. Pairs that the
+constraint, the partition or the padding rule forbid score -inf before any argmax, so no forbidden pair
+can merge. Every step's shapes depend only on ``r`` and the token count, never on data, and a step
+within ``step_limit`` always succeeds (for every input, NaN included): nothing is checked on device.
 
     tome    ToMe bipartite soft matching (Bolya et al., ICLR 2023)
     pitome  PiToMe energy-score merging (Tran et al., NeurIPS 2024)
@@ -11,23 +12,91 @@ fewer than ``r`` allowed pairs the matcher fails loudly (device-side assert, no 
     random  bipartite merging on random scores (baseline)
     prune   drop the least important tokens' values (baseline)
     none    never merges (r must be 0)
+
+Why a step always succeeds. Tokens are kept in the order of their representatives (``merge.py``), so
+the tokens of one clique (``constraints.py``) sit in runs of consecutive positions. A run of m >= 2
+tokens holds at least floor(m / 2) A tokens (even positions), each with an allowed B in the run, which
+bounds what a bipartite step can always remove; the select-style matchers keep one anchor (the best
+token) per clique, so every removed token has an allowed host among the kept ones.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import inspect
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .constraints import Constraint, Global, allowed_pairs
-from .merge import MergePlan, plan_from_targets
+from .constraints import Constraint, Global, Guarantee, Partition, allowed_pairs, clique_cover, padded_guarantee
+from .merge import MergePlan, plan_from_pairs, plan_from_targets
 from .state import TokenState
 
 NEG_INF = float("-inf")
+POS_INF = float("inf")
 
 
-# ----------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ step limits
+def _odd_runs(mergeable: int, runs: int) -> int:
+    """Most runs of odd length that ``runs`` runs of ``mergeable`` tokens in total can have."""
+    runs = min(runs, mergeable)
+    return runs if (runs - mergeable) % 2 == 0 else runs - 1
+
+
+def step_limit(method: str, mergeable: int, guarantee: Guarantee = Guarantee()) -> int:
+    """Largest r one step of ``method`` can always remove from ``mergeable`` tokens with this guarantee.
+
+    bipartite (tome, random): a run of m tokens gives floor(m / 2) A tokens with a neighbour B;
+    pitome: 2r candidates besides one anchor per clique (none needed for a single clique);
+    select-style (tps, prune, ...): everything but one anchor per clique.
+    """
+    kind = METHOD_KINDS.get(method, "select")
+    if kind == "none" or mergeable <= 0:
+        return 0
+    if kind == "bipartite":
+        return (mergeable - _odd_runs(mergeable, guarantee.runs)) // 2
+    if kind == "pitome":
+        return mergeable // 2 if guarantee.cliques <= 1 else max(mergeable - guarantee.cliques, 0) // 2
+    return max(mergeable - guarantee.cliques, 0)
+
+
+def group_limits(method: str, sizes: Sequence[int], guarantees: Sequence[Guarantee]) -> Tuple[int, ...]:
+    """``step_limit`` of every group of a partition."""
+    return tuple(step_limit(method, n, g) for n, g in zip(sizes, guarantees))
+
+
+def _check_r(r: int, limit: int, mergeable: int, method: str) -> None:
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    if r > limit:
+        raise ValueError(f"{method}: r={r} is too large: {mergeable} mergeable tokens allow at most r={limit} in "
+                         "one step under this constraint")
+
+
+def check_step(method: str, r: int, state: TokenState, constraint: Constraint,
+               partition: Optional[Partition]) -> None:
+    """Raise ValueError unless one step of ``method`` can remove ``r`` tokens for every input of this shape.
+
+    With padding (``state.valid``) the mask is read on the host once (engine calls only)."""
+    M = state.num_tokens - state.protected
+    if partition is None:
+        valid = None if state.valid is None else state.valid[:, state.protected:]
+        _check_r(r, step_limit(method, M, padded_guarantee(constraint, valid)), M, method)
+        return
+    if sum(partition.sizes) != M:
+        raise ValueError(f"the partition covers {sum(partition.sizes)} tokens but there are {M} mergeable tokens")
+    if r != partition.removed:
+        raise ValueError(f"r={r} differs from the partition's budgets {partition.budgets} (sum {partition.removed})")
+    limits = group_limits(method, partition.sizes, partition.group_guarantees())
+    for g, (n, budget, limit) in enumerate(zip(partition.sizes, partition.budgets, limits)):
+        if budget > limit:
+            raise ValueError(f"{method}: group {g} has {n} tokens and can give up at most {limit} in one step, "
+                             f"not {budget}")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
 def identity_plan(state: TokenState) -> MergePlan:
     B, N = state.size.shape
     assign = torch.arange(N, device=state.size.device).unsqueeze(0).expand(B, -1)
@@ -36,38 +105,47 @@ def identity_plan(state: TokenState) -> MergePlan:
 
 def _normalized(metric: Tensor, protected: int) -> Tensor:
     """Unit-norm mergeable metric ``[B, M, C]``; zero vectors stay zero (no NaN)."""
-    return F.normalize(metric[:, protected:], dim=-1, eps=1e-6)
+    m = metric[:, protected:] if protected else metric
+    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def _indices(B: int, idx: Tensor) -> Tensor:
-    return idx.unsqueeze(0).expand(B, -1) if idx.dim() == 1 else idx
+def _arange(B: int, start: int, end: int, step: int, device: torch.device) -> Tensor:
+    return torch.arange(start, end, step, device=device).unsqueeze(0).expand(B, -1)
 
 
-def _mask_scores(scores: Tensor, state: TokenState, constraint: Constraint, idx_a: Tensor, idx_b: Tensor) -> Tensor:
-    """Set forbidden pairs to -inf. ``idx_a``/``idx_b`` index the *mergeable* tokens ``[B, Na]``/``[B, Nb]``."""
+def _mask(scores: Tensor, state: TokenState, constraint: Constraint, partition: Optional[Partition],
+          idx_a: Tensor, idx_b: Tensor) -> Tensor:
+    """Forbidden pairs to -inf. ``idx_a`` / ``idx_b`` index the mergeable tokens, ``[B, Na]`` / ``[B, Nb]``."""
     P = state.protected
-    mask = allowed_pairs(state, constraint, idx_a + P, idx_b + P)
+    mask = allowed_pairs(state, constraint, idx_a + P, idx_b + P, partition)
     return scores if mask is None else scores.masked_fill(~mask, NEG_INF)
 
 
-def _assert_allowed(chosen_scores: Tensor, method: str) -> None:
-    # Device-side check: on CUDA it does not synchronise; on CPU it raises at once.
-    torch._assert_async(
-        torch.isfinite(chosen_scores).all(),
-        f"mmmerge.{method}: fewer allowed pairs than tokens to remove under this constraint; "
-        "lower r, use per-group budgets (groups=...), or a looser constraint",
-    )
+def _best_per_group(values: Tensor, take: int, partition: Optional[Partition], counts: Sequence[int],
+                    budgets: Sequence[int], ids: Optional[Tensor], key: str, descending: bool) -> Tensor:
+    """Indices ``[B, take]`` of the best ``values`` (``[B, K]``): overall, or ``budgets[g]`` from each group.
+
+    Per group: one stable sort by value, one stable sort by group id; group g's entries then sit in a
+    static range of the list, so its first ``budgets[g]`` are picked with a static index (no data-dependent
+    shape). ``ids``: ``[K]`` group of each entry; ``counts``: entries per group.
+    """
+    order = values.argsort(dim=1, descending=descending, stable=True)
+    if partition is None:
+        return order[:, :take]
+    by_group = ids.expand_as(order).gather(1, order).argsort(dim=1, stable=True)
+    order = order.gather(1, by_group)
+    return order.index_select(1, partition.first_positions(counts, budgets, values.device, key))
 
 
-def _check_r(r: int, mergeable: int, limit: int, method: str) -> None:
-    if not isinstance(r, int) or isinstance(r, bool):
-        raise TypeError(f"r must be an int, got {type(r).__name__}")
-    if r < 0:
-        raise ValueError(f"r must be >= 0, got {r}")
-    if r > limit:
-        raise ValueError(
-            f"{method}: r={r} is too large: {mergeable} mergeable tokens allow at most r={limit} in one step"
-        )
+def _a_counts(partition: Partition) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """A tokens (even positions among the mergeable) and B tokens (odd) in every group."""
+    a, b, start = [], [], 0
+    for n in partition.sizes:
+        evens = (start + n + 1) // 2 - (start + 1) // 2
+        a.append(evens)
+        b.append(n - evens)
+        start += n
+    return tuple(a), tuple(b)
 
 
 def energy_score(m: Tensor, margin: float, alpha: float = 1.0, shift: bool = False,
@@ -82,69 +160,121 @@ def energy_score(m: Tensor, margin: float, alpha: float = 1.0, shift: bool = Fal
     Returns:
         ``[B, M]`` float32 energy.
     """
-    sim = (m @ m.transpose(1, 2)).float()  # [B, M, M]
+    sim = torch.bmm(m, m.transpose(1, 2)).float()  # [B, M, M]
     if shift:
         f = F.elu(sim - margin, alpha=alpha)
     else:
-        f = torch.where(sim >= margin, sim, alpha * (torch.exp(sim - margin) - 1.0))
+        negative = torch.expm1(sim - margin)
+        f = torch.where(sim >= margin, sim, negative if alpha == 1.0 else alpha * negative)
     if valid is None:
         return f.mean(-1)
     w = valid.unsqueeze(1).float()
     return (f * w).sum(-1) / w.sum(-1).clamp_min(1.0)
 
 
+def _needs_anchors(state: TokenState, constraint: Constraint) -> bool:
+    """Anchors are needed under a coordinate rule or with padding. One clique needs none (any kept token is
+    an allowed host), and neither does a partition alone: a group's best token is never among its budget."""
+    return state.valid is not None or not isinstance(constraint, Global)
+
+
+def _anchors(importance: Tensor, state: TokenState, constraint: Constraint,
+             partition: Optional[Partition]) -> Tensor:
+    """``[B, M]`` bool: the most important token of every clique (``importance`` ``[B, M]``, finite)."""
+    P = state.protected
+    B, M = importance.shape
+    idx = _arange(B, P, P + M, 1, importance.device)
+    cover = clique_cover(state, constraint, idx, partition)  # [B, M, K]
+    best = importance.unsqueeze(-1).masked_fill(~cover, NEG_INF).argmax(dim=1)  # [B, K]
+    present = cover.any(dim=1).float()  # [B, K]: an empty clique (no padding in this clip) names no anchor
+    marks = torch.zeros(B, M, device=importance.device).scatter_reduce(1, best, present, "amax", include_self=True)
+    return marks > 0
+
+
+def _rows(m: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx`` ``[B, K]`` of ``m`` ``[B, M, C]``: ``[B, K, C]``."""
+    return m.gather(1, idx.unsqueeze(-1).expand(-1, -1, m.shape[-1]))
+
+
 # ---------------------------------------------------------------------------------------------- matchers
 def _bipartite(scores_fn: Callable[[Tensor, Tensor], Tensor], metric: Tensor, state: TokenState, r: int,
-               constraint: Constraint, method: str) -> MergePlan:
-    """Shared body of ToMe and the random baseline: alternating A/B split, best B per A, top-r edges."""
+               constraint: Constraint, partition: Optional[Partition]) -> MergePlan:
+    """Shared body of ToMe and the random baseline: alternating A/B split, best B per A, top-r edges.
+
+    With a partition every group merges its own budget: the best edges of each group (static ranges).
+    """
     P = state.protected
     B, N = metric.shape[:2]
     M = N - P
-    _check_r(r, M, M // 2, method)
-    if r == 0:
-        return identity_plan(state)
     device = metric.device
     with torch.no_grad():
-        idx_a = _indices(B, torch.arange(0, M, 2, device=device))  # [B, Na] positions among mergeable
-        idx_b = _indices(B, torch.arange(1, M, 2, device=device))  # [B, Nb]
-        scores = _mask_scores(scores_fn(idx_a, idx_b), state, constraint, idx_a, idx_b)  # [B, Na, Nb]
+        scores = scores_fn(metric, state)  # [B, Na, Nb]
+        ids_a, counts, group_rule = None, (), partition
+        if partition is not None:
+            ids_a = partition.cache.get("ids_a")
+            ids_a = partition.group_ids(device)[0::2] if ids_a is None else ids_a
+            counts = _a_counts(partition)[0]
+            block = partition.cache.get("block_ab")  # [Na, Nb] True across groups: the static group rule
+            if block is not None:
+                scores, group_rule = scores.masked_fill(block, NEG_INF), None
+        if group_rule is not None or state.valid is not None or not isinstance(constraint, Global):
+            scores = _mask(scores, state, constraint, group_rule, _arange(B, 0, M, 2, device),
+                           _arange(B, 1, M, 2, device))
         node_max, node_idx = scores.max(dim=-1)  # best B for each A
-        edge_order = node_max.argsort(dim=-1, descending=True)
-        src = edge_order[:, :r]  # [B, r] A tokens that merge
-        _assert_allowed(node_max.gather(1, src), method)
+        src = _best_per_group(node_max, r, partition, counts, partition.budgets if partition else (),
+                              ids_a, "sel_a", descending=True)  # [B, r] A tokens that merge
         dst = node_idx.gather(1, src)  # [B, r] their B partners
-        target = torch.arange(M, device=device).unsqueeze(0).repeat(B, 1)
-        target.scatter_(1, idx_a.gather(1, src), idx_b.gather(1, dst))
-    return plan_from_targets(target, state.size, r, P)
+    return plan_from_pairs(src * 2, dst * 2 + 1, state.size, M, P)
 
 
-def tome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, **_) -> MergePlan:
+def _cosine_scores(metric: Tensor, state: TokenState) -> Tensor:
+    m = _normalized(metric, state.protected)
+    return torch.bmm(m[:, ::2], m[:, 1::2].transpose(1, 2))
+
+
+def tome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+         partition: Optional[Partition] = None) -> MergePlan:
     """ToMe bipartite soft matching.
 
     Mergeable tokens alternate into sets A (even) and B (odd); each A token finds its most similar
     B token (cosine of ``metric``, e.g. head-averaged keys); the ``r`` most similar edges merge.
-    At most half of the mergeable tokens can merge per step. Fusion weight: token size.
+    Fusion weight: token size.
 
     Args:
         metric: ``[B, N, C]`` features used for similarity (all tokens, protected included).
         state: TokenState of the N tokens. r: tokens to remove.
     """
-    def scores(a: Tensor, b: Tensor) -> Tensor:
-        m = _normalized(metric, state.protected)  # called under no_grad: matching builds no graph
-        return m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+    if r == 0:
+        return identity_plan(state)
+    return _bipartite(_cosine_scores, metric, state, r, constraint or Global(), partition)
 
-    return _bipartite(scores, metric, state, r, constraint or Global(), "tome")
+
+def _hash_scores(u_a: Tensor, u_b: Tensor) -> Tensor:
+    """Uniform-looking scores ``[B, Na, Nb]`` in [0, 1) from per-token uniform draws: a fixed hash, so the
+    same draws always give the same pairs (a gradient-checkpointing recompute makes the same plan)."""
+    return torch.frac(torch.sin(u_a.unsqueeze(2) * 12.9898 + u_b.unsqueeze(1) * 78.233) * 43758.5453)
 
 
 def random_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
-                 generator: Optional[torch.Generator] = None, **_) -> MergePlan:
-    """Baseline: ToMe's bipartite step on random scores (merges random allowed pairs)."""
-    B = metric.shape[0]
+                 partition: Optional[Partition] = None, *, generator: Optional[torch.Generator] = None,
+                 noise: Optional[Tensor] = None) -> MergePlan:
+    """Baseline: ToMe's bipartite step on random scores (merges random allowed pairs).
 
-    def scores(a: Tensor, b: Tensor) -> Tensor:
-        return torch.rand(B, a.shape[1], b.shape[1], device=metric.device, generator=generator)
+    ``noise``: ``[B, N]`` uniform draws in [0, 1) that decide the pairs (default: drawn from ``generator``).
+    """
+    if r == 0:
+        return identity_plan(state)
+    B, N = metric.shape[:2]
+    if noise is None:
+        noise = torch.rand(B, N, device=metric.device, generator=generator)
+    elif tuple(noise.shape) != (B, N):
+        raise ValueError(f"random: noise must be [B, N]=[{B}, {N}], got {tuple(noise.shape)}")
 
-    return _bipartite(scores, metric, state, r, constraint or Global(), "random")
+    def scores(metric: Tensor, state: TokenState) -> Tensor:
+        u = noise[:, state.protected:]
+        return _hash_scores(u[:, ::2], u[:, 1::2])
+
+    return _bipartite(scores, metric, state, r, constraint or Global(), partition)
 
 
 # PiToMe presets: energy kernel and per-layer margin ``start - drop * layer_idx / num_layers``.
@@ -169,15 +299,16 @@ def pitome_margin(layer_idx: int, num_layers: int, start: float = 0.9, drop: Opt
     return start - drop * layer_idx / max(num_layers, 1)
 
 
-def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
-           margin: Optional[float] = None, alpha: float = 1.0, preset: str = "paper",
-           layer_idx: int = 0, num_layers: int = 1, **_) -> MergePlan:
+def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+           partition: Optional[Partition] = None, *, margin: Optional[float] = None, alpha: float = 1.0,
+           preset: str = "paper", layer_idx: int = 0, num_layers: int = 1) -> MergePlan:
     """PiToMe: merge only among the high-energy (redundant) tokens; low-energy tokens are protected.
 
-    The ``2r`` highest-energy tokens are the candidates; in energy order they alternate into A and B,
-    and every A token merges into its most similar B. Under a constraint an A token with no allowed
-    candidate B falls back to its most similar allowed non-candidate token (never to another A); each
-    token's lowest-energy allowed partner is kept out of the candidates, so such a fallback always exists.
+    The ``2r`` highest-energy tokens (per group with a partition) are the candidates; in energy order they
+    alternate into A and B, and every A token merges into its most similar B. Under a constraint an A
+    token with no allowed candidate B falls back to its most similar allowed non-candidate token (never
+    to another A); each clique's lowest-energy token is kept out of the candidates, so such a fallback
+    always exists.
 
     Args:
         metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
@@ -185,141 +316,134 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
         alpha: slope of the negative (dissimilar) branch of the energy kernel.
         preset: ``"paper"`` (default), ``"official"`` or ``"official_deit"``; see ``PITOME_PRESETS``.
     """
-    if preset not in PITOME_PRESETS:
-        raise ValueError(f"unknown pitome preset '{preset}'; choose one of {sorted(PITOME_PRESETS)}")
-    P = state.protected
-    B, N = metric.shape[:2]
-    M = N - P
-    _check_r(r, M, M // 2, "pitome")
     if r == 0:
         return identity_plan(state)
     cfg = PITOME_PRESETS[preset]
     if margin is None:
         margin = pitome_margin(layer_idx, num_layers, float(cfg["margin_start"]), float(cfg["margin_drop"]))
     constraint = constraint or Global()
+    P = state.protected
+    B, N = metric.shape[:2]
+    M = N - P
     device = metric.device
     with torch.no_grad():
         m = _normalized(metric, P)
         valid = None if state.valid is None else state.valid[:, P:]
         energy = energy_score(m, margin, alpha, bool(cfg["shift"]), valid)  # [B, M]
-        all_idx = _indices(B, torch.arange(M, device=device))
-        allowed = allowed_pairs(state, constraint, all_idx + P, all_idx + P)  # [B, M, M] or None
-        if allowed is not None:  # each neighbourhood's lowest-energy token is never a candidate: a fallback host
-            energy = energy.masked_fill(neighbourhood_best(-energy, allowed), NEG_INF)
-        cand = energy.argsort(dim=-1, descending=True)[:, : 2 * r]  # [B, 2r]
+        anchored = _needs_anchors(state, constraint)
+        if anchored:  # each clique's lowest-energy token is never a candidate: a fallback host
+            energy = energy.masked_fill(_anchors(-energy.nan_to_num(0.0), state, constraint, partition), NEG_INF)
+        ids = None if partition is None else partition.group_ids(device)
+        pairs = tuple(2 * b for b in partition.budgets) if partition is not None else ()
+        cand = _best_per_group(energy, 2 * r, partition, partition.sizes if partition else (), pairs, ids,
+                               "sel_pairs", descending=True)  # [B, 2r], per group consecutive
         src, cand_b = cand[:, 0::2], cand[:, 1::2]  # [B, r] each
-        scores = (m.gather(1, src.unsqueeze(-1).expand(-1, -1, m.shape[-1])) @ m.transpose(1, 2)).float()
-        # Prefer candidate B tokens: others get a -4 penalty (cosine lies in [-1, 1]), A tokens are excluded.
-        role = torch.full((B, M), -4.0, device=device)
-        role.scatter_(1, cand_b, 0.0).scatter_(1, src, NEG_INF)
-        scores = _mask_scores(scores + role.unsqueeze(1), state, constraint, src, all_idx)
-        best, dst = scores.max(dim=-1)
-        _assert_allowed(best, "pitome")
-        target = all_idx.clone()
-        target.scatter_(1, src, dst)
-    return plan_from_targets(target, state.size, r, P)
+        if not anchored:  # every candidate B of the same group is allowed: A merges into its best one
+            scores = torch.bmm(_rows(m, src), _rows(m, cand_b).transpose(1, 2)).float()  # [B, r, r]
+            if partition is not None:
+                scores = scores.masked_fill(_pair_blocks(partition, device), NEG_INF)
+            dst = cand_b.gather(1, scores.argmax(dim=-1))
+        else:
+            scores = torch.bmm(_rows(m, src), m.transpose(1, 2)).float()  # [B, r, M]
+            # Prefer candidate B tokens: others get a -4 penalty (cosine lies in [-1, 1]), A tokens are excluded.
+            role = torch.full((B, M), -4.0, device=device)
+            role.scatter_(1, cand_b, 0.0).scatter_(1, src, NEG_INF)
+            scores = _mask(scores + role.unsqueeze(1), state, constraint, partition, src,
+                           _arange(B, 0, M, 1, device))
+            dst = scores.argmax(dim=-1)
+    return plan_from_pairs(src, dst, state.size, M, P)
 
 
-def neighbourhood_best(importance: Tensor, allowed: Tensor) -> Tensor:
-    """``[B, M]`` bool: tokens that are the most important of everything they may merge with.
-
-    Each token's "anchor" is the most important token it is allowed to merge with (itself included);
-    anchors are kept. Then every other token has a kept, allowed host however many are removed around
-    it: a whole window or silent stretch of redundant tokens keeps its best one. Without a constraint
-    the only anchor is the most important token overall.
-    ``importance``: ``[B, M]`` (ties and +-inf allowed). ``allowed``: ``[B, M, M]`` bool pair mask.
-    """
-    B, M = importance.shape
-    order = importance.argsort(dim=-1)
-    # Rank by importance: finite and distinct even where importance is +-inf or tied.
-    rank = torch.empty(B, M, device=importance.device).scatter_(
-        1, order, torch.arange(M, device=importance.device, dtype=torch.float32).expand(B, M))
-    anchor = rank.unsqueeze(1).masked_fill(~allowed, -1.0).argmax(dim=-1)  # [B, M]
-    return torch.zeros(B, M, dtype=torch.bool, device=importance.device).scatter_(1, anchor, True)
+def _pair_blocks(partition: Partition, device: torch.device) -> Tensor:
+    """``[r, r]`` bool, True where PiToMe's i-th A and j-th B candidate lie in different groups (static)."""
+    block = partition.cache.get("block_pairs")
+    if block is None:
+        ids = torch.repeat_interleave(torch.arange(partition.num_groups), torch.tensor(partition.budgets))
+        block = ids.unsqueeze(1) != ids.unsqueeze(0)
+    return block.to(device)
 
 
-def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint],
-                       score: Optional[Tensor], method: str):
-    """Pick the r least important mergeable tokens and each one's most similar kept (allowed) token.
+def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Constraint,
+                       partition: Optional[Partition], score: Optional[Tensor]):
+    """Pick the r least important mergeable tokens (per group with a partition) and each one's most
+    similar kept, allowed token.
 
-    Returns ``(target [B, M], host_sim [B, r], removed [B, r])``.
+    Importance is ``score`` (higher keeps) or, without one, low energy (the most redundant go first).
+    Returns ``(removed [B, r], is_removed [B, M], host [B, r], host_sim [B, r])``.
     """
     P = state.protected
     B, N = metric.shape[:2]
     M = N - P
     device = metric.device
     m = _normalized(metric, P)
+    valid = None if state.valid is None else state.valid[:, P:]
     if score is None:
-        importance = -energy_score(m, margin=0.0, valid=None if state.valid is None else state.valid[:, P:])
+        values, descending = energy_score(m, margin=0.0, valid=valid), True  # remove the highest energy
     else:
-        if score.shape != (B, N):
-            raise ValueError(f"{method}: score must be [B, N]=[{B}, {N}], got {tuple(score.shape)}")
-        importance = score[:, P:].float()
-    if state.valid is not None:
-        # Padding is the least important of all: drop it first, but keep its first token as the sink
-        # the rest of the padding is squeezed into (padding may only merge with padding).
-        pad = ~state.valid[:, P:]
-        first_pad = pad & (pad.cumsum(dim=1) == 1)
-        importance = importance.masked_fill(pad, NEG_INF).masked_fill(first_pad, float("inf"))
-    all_idx = _indices(B, torch.arange(M, device=device))
-    allowed = allowed_pairs(state, constraint or Global(), all_idx + P, all_idx + P)  # [B, M, M] or None
-    if allowed is not None:  # keep each neighbourhood's best token, so every removed token has a host
-        importance = importance.masked_fill(neighbourhood_best(importance, allowed), float("inf"))
-    removed = importance.argsort(dim=-1)[:, :r]  # [B, r]
-    sims = (m.gather(1, removed.unsqueeze(-1).expand(-1, -1, m.shape[-1])) @ m.transpose(1, 2)).float()
+        values, descending = score[:, P:].float(), False  # remove the lowest score
+    if _needs_anchors(state, constraint):
+        importance = (-values if descending else values).nan_to_num(nan=0.0, posinf=1e30, neginf=-1e30)
+        if valid is not None:  # padding is the least important of all: it goes first
+            importance = importance.masked_fill(~valid, -1e30)
+        # Keep each clique's best token, so every removed token has an allowed host.
+        values = importance.masked_fill(_anchors(importance, state, constraint, partition), POS_INF)
+        descending = False
+    ids = None if partition is None else partition.group_ids(device)
+    removed = _best_per_group(values, r, partition, partition.sizes if partition else (),
+                              partition.budgets if partition else (), ids, "sel", descending=descending)  # [B, r]
+    sims = torch.bmm(_rows(m, removed), m.transpose(1, 2)).float()  # [B, r, M]
     is_removed = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, removed, True)
     sims = sims.masked_fill(is_removed.unsqueeze(1), NEG_INF)
-    sims = _mask_scores(sims, state, constraint or Global(), removed, all_idx)
+    if partition is not None and isinstance(constraint, Global) and valid is None:  # the static group rule
+        sims = sims.masked_fill(ids[removed].unsqueeze(-1) != ids, NEG_INF)
+    elif partition is not None or not isinstance(constraint, Global) or valid is not None:
+        sims = _mask(sims, state, constraint, partition, removed, _arange(B, 0, M, 1, device))
     host_sim, host = sims.max(dim=-1)
-    _assert_allowed(host_sim, method)
-    target = all_idx.clone().scatter_(1, removed, host)
-    return target, host_sim, removed
+    return removed, is_removed, host, host_sim
 
 
-def tps(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
-        score: Optional[Tensor] = None, temperature: float = 1.0, **_) -> MergePlan:
+def tps(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+        partition: Optional[Partition] = None, *, score: Optional[Tensor] = None,
+        temperature: float = 1.0) -> MergePlan:
     """TPS prune-and-squeeze: remove the r least important tokens, squeeze each into its host.
 
     Importance is ``score`` (``[B, N]``, e.g. CLS attention; higher keeps) or, if None, minus the
     energy (redundant tokens go first). Each removed token is fused into its most similar kept token;
     inside a group the weights are ``size * exp((cos - 1) / temperature)`` normalised (a similarity
-    softmax; the host's own similarity is 1). Any r up to M - 1 works in one step.
+    softmax; the host's own similarity is 1). Any r up to M - 1 works in one step (M - cliques under a rule).
     """
-    P = state.protected
-    M = metric.shape[1] - P
-    _check_r(r, M, M - 1, "tps")
-    if temperature <= 0:
-        raise ValueError(f"tps: temperature must be > 0, got {temperature}")
     if r == 0:
         return identity_plan(state)
+    P = state.protected
+    M = metric.shape[1] - P
     with torch.no_grad():
-        target, host_sim, removed = _select_and_assign(metric, state, r, constraint, score, "tps")
-        sim = torch.ones_like(state.size[:, P:]).scatter_(1, removed, host_sim)
-        w = torch.exp((sim - 1.0) / temperature)
-        weight = torch.cat([state.size[:, :P], state.size[:, P:] * w], dim=1)
-    return plan_from_targets(target, weight, r, P)
+        removed, is_removed, host, host_sim = _select_and_assign(metric, state, r, constraint or Global(),
+                                                                 partition, score)
+        logit = host_sim - 1.0 if temperature == 1.0 else (host_sim - 1.0) / temperature
+        slot = removed + P if P else removed
+        weight = state.size.scatter(1, slot, state.size.gather(1, slot) * torch.exp(logit))
+    return plan_from_pairs(removed, host, weight, M, P, is_removed)
 
 
-def prune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
-          score: Optional[Tensor] = None, **_) -> MergePlan:
+def prune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+          partition: Optional[Partition] = None, *, score: Optional[Tensor] = None) -> MergePlan:
     """Baseline: drop the values of the r least important tokens (same choice as ``tps``).
 
     Only bookkeeping moves: the dropped tokens' size and source go to their most similar kept token, so
     sizes still sum to N0 and unmerge still covers every original position (with the host's value).
     """
-    P = state.protected
-    M = metric.shape[1] - P
-    _check_r(r, M, M - 1, "prune")
     if r == 0:
         return identity_plan(state)
+    P = state.protected
+    M = metric.shape[1] - P
     with torch.no_grad():
-        target, _, removed = _select_and_assign(metric, state, r, constraint, score, "prune")
-        keep = torch.ones_like(state.size[:, P:]).scatter_(1, removed, 0.0)
-        weight = torch.cat([state.size[:, :P], state.size[:, P:] * keep], dim=1)
-    return plan_from_targets(target, weight, r, P)
+        removed, is_removed, host, _ = _select_and_assign(metric, state, r, constraint or Global(), partition, score)
+        weight = state.size.scatter(1, removed + P if P else removed, 0.0)
+    return plan_from_pairs(removed, host, weight, M, P, is_removed)
 
 
-def no_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, **_) -> MergePlan:
+def no_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+             partition: Optional[Partition] = None) -> MergePlan:
     """Baseline that never merges; only r=0 is accepted."""
     if r != 0:
         raise ValueError(f"method 'none' never merges, so r must be 0 (got r={r})")
@@ -335,125 +459,303 @@ MATCHERS: Dict[str, Callable[..., MergePlan]] = {
     "none": no_merge,
 }
 
-# Methods that pair tokens bipartitely can remove at most half of the mergeable tokens per step.
-HALF_LIMITED = frozenset({"tome", "pitome", "random"})
+# How a method removes tokens, for step_limit: bipartite pairs, PiToMe's candidates, or select-and-assign.
+METHOD_KINDS: Dict[str, str] = {"tome": "bipartite", "random": "bipartite", "pitome": "pitome", "tps": "select",
+                                "prune": "select", "none": "none"}
 
 
 def get_matcher(method: str) -> Callable[..., MergePlan]:
-    if method not in MATCHERS:
-        raise ValueError(f"unknown method '{method}'; choose one of {', '.join(MATCHERS)}")
+    if not isinstance(method, str) or method not in MATCHERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(MATCHERS)}")
     return MATCHERS[method]
 
 
-def max_r(method: str, mergeable: int) -> int:
-    """Largest r one step of ``method`` accepts for ``mergeable`` tokens."""
+def max_r(method: str, mergeable: int, guarantee: Guarantee = Guarantee()) -> int:
+    """Largest r one step of ``method`` accepts for ``mergeable`` tokens (with a rule's ``guarantee``)."""
     get_matcher(method)
-    if method == "none":
-        return 0
-    return mergeable // 2 if method in HALF_LIMITED else max(mergeable - 1, 0)
+    return step_limit(method, mergeable, guarantee)
+
+
+# ------------------------------------------------------------------------------------------ options
+def _number(name: str, positive: bool = False) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if positive and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    return check
+
+
+def _choice(name: str, choices: Sequence[str]) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return check
+
+
+def _optional(check: Callable[[Any], None]) -> Callable[[Any], None]:
+    def optional(value: Any) -> None:
+        if value is not None:
+            check(value)
+    return optional
+
+
+def _instance(name: str, cls: type, what: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value is not None and not isinstance(value, cls):
+            raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return check
+
+
+def _positive_int(name: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return check
+
+
+# Value checks of every matcher option (the names come from the matcher's signature); each raises
+# TypeError (wrong type) or ValueError (bad value).
+OPTION_CHECKS: Dict[str, Callable[[Any], None]] = {
+    "margin": _optional(_number("margin")),
+    "alpha": _number("alpha", positive=True),
+    "preset": _choice("pitome preset", tuple(PITOME_PRESETS)),
+    "temperature": _number("temperature", positive=True),
+    "generator": _instance("generator", torch.Generator, "a torch.Generator"),
+    "score": _instance("score", Tensor, "a [B, N] tensor"),
+    "noise": _instance("noise", Tensor, "a [B, N] tensor of uniform draws"),
+    "layer_idx": _number("layer_idx"),
+    "num_layers": _number("num_layers", positive=True),
+    "contextual": _positive_int("contextual"),
+}
+# Passed by the caller (plan_merge, the encoder patch), never options of their own.
+SUPPLIED = ("metric", "state", "r", "constraint", "partition")
+
+
+def matcher_options(method: str) -> Tuple[str, ...]:
+    """Option names ``method`` accepts (besides metric, state, r, constraint, partition)."""
+    params = inspect.signature(get_matcher(method)).parameters
+    return tuple(name for name, p in params.items() if name not in SUPPLIED
+                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
+def check_options(method: str, options: Mapping[str, Any], supplied: Sequence[str] = ()) -> None:
+    """The one validation path of matcher options: unknown names raise ValueError (a typo such as ``margn=``
+    is never ignored), bad values ValueError, values of the wrong type TypeError. ``supplied``: names the
+    caller fills in itself (not offered to the user in the message)."""
+    known = matcher_options(method)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        users = sorted(k for k in known if k not in supplied)
+        raise ValueError(f"method '{method}' takes no option {', '.join(map(repr, unknown))}; "
+                         f"its options are: {', '.join(users) or 'none'}")
+    for name, value in options.items():
+        check = OPTION_CHECKS.get(name)
+        if check is not None:
+            try:
+                check(value)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"method '{method}': {err}") from None
+
+
+# --------------------------------------------------------------------------------- selection: dominant
+def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+             partition: Optional[Partition] = None, *, score: Optional[Tensor] = None,
+             contextual: Optional[int] = None) -> MergePlan:
+    """VisionZip-style (Yang et al., CVPR 2025): keep the most important tokens as they are, merge the rest
+    into a few contextual tokens.
+
+    Of the ``K = M - r`` mergeable tokens that remain, ``D = K - C`` are the "dominant" ones (highest
+    ``score``, kept unchanged) and ``C`` are contextual targets spread evenly, in position order, over the
+    tokens that are not dominant; every other token joins its most similar allowed target (cosine of
+    ``metric``), size-weighted. Under a rule (or padding) each clique's most important token is kept, as
+    dominant or else as a target, so every removed token has an allowed host: a token with no allowed target
+    joins its most similar allowed dominant token instead. Without a rule this is VisionZip's rule exactly.
+
+    Args:
+        metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
+        score: ``[B, N]`` importance, higher stays ([CLS] attention in VisionZip; the LLaVA adapter passes the
+            [CLS] attention or, for towers without [CLS], the mean attention each token receives).
+            Default: minus the PiToMe energy (margin 0), as ``tps``.
+        contextual: C, the number of contextual tokens (default ``max(1, round(10 / 64 * K))``, VisionZip's
+            10 contextual of 64 kept); ``1 <= C <= K``.
+    """
+    if partition is not None:
+        raise ValueError("method 'dominant' selects over all tokens at once; it takes no per-group budgets "
+                         "(use a time rule as the constraint instead)")
+    if r == 0:
+        return identity_plan(state)
+    constraint = constraint or Global()
+    P = state.protected
+    B, N = metric.shape[:2]
+    M = N - P
+    K = M - r
+    C = max(1, round(K * 10 / 64)) if contextual is None else contextual
+    if C > K:
+        raise ValueError(f"dominant: contextual={C} is more than the {K} mergeable tokens kept; use contextual <= {K}")
+    D = K - C
+    device = metric.device
+    with torch.no_grad():
+        m = _normalized(metric, P)
+        if score is None:
+            importance = -energy_score(m, margin=0.0, valid=None if state.valid is None else state.valid[:, P:])
+        else:
+            importance = score[:, P:].float()
+        importance = importance.nan_to_num(nan=0.0, posinf=1e30, neginf=-1e30)
+        all_idx = _arange(B, 0, M, 1, device)
+        anchor = None
+        if _needs_anchors(state, constraint):  # each clique's best token stays: dominant first, else a target
+            anchor = _anchors(importance, state, constraint, None)
+            importance = importance.masked_fill(anchor, POS_INF)
+        dom = importance.topk(D, dim=-1).indices  # [B, D]
+        is_dom = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, dom, True)
+        rest = torch.argsort(is_dom.to(torch.int8), dim=1, stable=True)[:, : M - D]  # [B, M - D] position order
+        step = (M - D) // C
+        priority = torch.zeros(B, M - D, device=device)
+        priority[:, : step * C : step] = 1.0  # evenly spread picks
+        if anchor is not None:
+            priority = priority + 2.0 * anchor.gather(1, rest).float()
+        targets = rest.gather(1, priority.topk(C, dim=-1).indices)  # [B, C]
+        is_target = torch.zeros_like(is_dom).scatter_(1, targets, True)
+        hosts = targets if anchor is None else torch.cat([targets, dom], dim=1)  # [B, C (+ D)]
+        sim = torch.bmm(m, _rows(m, hosts).transpose(1, 2)).float()
+        if anchor is not None:
+            sim[:, :, C:] -= 4.0  # cosine lies in [-1, 1]: an allowed target always wins over a dominant host
+            sim = _mask(sim, state, constraint, None, all_idx, hosts)
+        choice = sim.argmax(dim=-1)
+        target = torch.where(is_dom | is_target, all_idx, hosts.gather(1, choice))
+    return plan_from_targets(target, state.size, r, P)
+
+
+MATCHERS["dominant"] = dominant
+METHOD_KINDS["dominant"] = "select"
 
 
 # ------------------------------------------------------------------ diversity and question-aware selection
 # DivPrune (Alvar et al., CVPR 2025) and CDPruner (Zhang et al., 2025) select the ``keep = M - r`` mergeable
 # tokens to keep with a greedy loop of ``keep`` batched steps (no loop over tokens or batch, no host sync); every
-# other token then merges into its most similar kept token (size-weighted, so sizes and the source map stay
-# exact) or, with ``drop_unselected=True``, only its bookkeeping moves there (its value is dropped, as in the
-# papers). Under a constraint the greedy takes, before anything else, tokens that no kept token may host yet
-# (each gives its neighbourhood a host: the most diverse such token first), so every removed token has an
-# allowed host whenever ``keep`` allows; without a constraint this changes nothing. Padding (``state.valid``)
-# is taken only to host other padding (one kept token per padded stretch) or when no real token is left.
+# other token then merges into its most similar allowed kept token (size-weighted, so sizes and the source map
+# stay exact) or, with ``drop_unselected=True``, only its bookkeeping moves there (its value is dropped, as in
+# the papers). Rules, partitions and padding:
+# - A token is "covered" once a kept token may host it. Tokens not covered yet are taken first (the best of
+#   them by the method's own score), so each such pick covers at least one whole clique that had no kept
+#   token: at most ``cliques`` picks cover everything, and any r within ``step_limit`` (select kind: M minus
+#   one token per clique) leaves every removed token an allowed host. Without a rule nothing changes.
+# - With a partition every group keeps its own ``size - budget`` tokens and the greedy runs inside each group
+#   (similarities across groups are not looked at): the same picks as one greedy per group.
+# - Padding (``state.valid``) is taken only to host other padding (one kept token per clique of padding) or
+#   when no real token is left.
 _TIER = 4.0  # larger than any gain (cosine distance <= 2, DPP gain <= 1): one tier of priority
 
 
-def _pairwise_cosine(metric: Tensor, protected: int) -> Tensor:
-    """``[B, M, M]`` float32 cosine similarity of the mergeable tokens (zero vectors: 0, never NaN)."""
-    m = _normalized(metric, protected).float()
-    return m @ m.transpose(1, 2)
+class _Greedy:
+    """Bookkeeping of one greedy selection: taken tokens, coverage under the rule, per-group quotas."""
+
+    def __init__(self, state: TokenState, constraint: Constraint, partition: Optional[Partition], M: int,
+                 device: torch.device) -> None:
+        B, P = state.size.shape[0], state.protected
+        idx = _arange(B, P, P + M, 1, device)
+        needs = partition is not None or state.valid is not None or not isinstance(constraint, Global)
+        self.allowed = allowed_pairs(state, constraint, idx, idx, partition) if needs else None  # [B, M, M]
+        self.valid = None if state.valid is None else state.valid[:, P:]
+        self.taken = torch.zeros(B, M, dtype=torch.bool, device=device)
+        self.covered = None if self.allowed is None else torch.zeros_like(self.taken)
+        self.group = None  # [M] group of each token, and per-group counts / quotas
+        if partition is not None:
+            self.group = partition.group_ids(device)
+            self.quota = torch.tensor(partition.after(), device=device)[self.group]  # [M] keep of own group
+            self.counts = torch.zeros(B, partition.num_groups, dtype=torch.long, device=device)
+
+    def same_group(self) -> Optional[Tensor]:
+        """``[M, M]`` bool (static), or None without a partition."""
+        return None if self.group is None else self.group.unsqueeze(0) == self.group.unsqueeze(1)
+
+    def pick(self, score: Tensor) -> Tensor:
+        """``[B]`` the best token not taken (and whose group has room), by tiers: real tokens without an allowed
+        kept host, padding without one, real tokens, padding; by ``score`` inside a tier."""
+        if self.covered is not None:
+            score = score + 2 * _TIER * (~self.covered).float()
+        if self.valid is not None:
+            score = score - _TIER * (~self.valid).float()
+        blocked = self.taken
+        if self.group is not None:
+            B = self.taken.shape[0]
+            blocked = blocked | (self.counts.gather(1, self.group.expand(B, -1)) >= self.quota)
+        return score.masked_fill(blocked, NEG_INF).argmax(dim=-1)
+
+    def take(self, j: Tensor) -> None:
+        """Mark the picked tokens ``j`` ``[B]``: taken, their hosts' coverage, their group's count."""
+        B, M = self.taken.shape
+        self.taken.scatter_(1, j.unsqueeze(1), True)
+        if self.covered is not None:
+            self.covered |= self.allowed.gather(2, j.view(B, 1, 1).expand(B, M, 1)).squeeze(2)
+        if self.group is not None:
+            self.counts.scatter_add_(1, self.group[j].unsqueeze(1), torch.ones_like(j).unsqueeze(1))
 
 
-def _coverage(state: TokenState, constraint: Optional[Constraint], M: int) -> Optional[Tensor]:
-    """``[B, M, M]`` bool ``allowed[i, j]``: token i may merge into token j (None: every pair may)."""
-    B = state.size.shape[0]
-    idx = _indices(B, torch.arange(M, device=state.size.device)) + state.protected
-    return allowed_pairs(state, constraint or Global(), idx, idx)
+def _row(sim: Tensor, j: Tensor) -> Tensor:
+    """Row ``j`` ``[B]`` of ``sim`` ``[B, M, M]``: ``[B, M]``."""
+    B, M, _ = sim.shape
+    return sim.gather(1, j.view(B, 1, 1).expand(B, 1, M)).squeeze(1)
 
 
-def _pick(score: Tensor, taken: Tensor, covered: Optional[Tensor], valid: Optional[Tensor]) -> Tensor:
-    """``[B]`` the best token not taken yet, by tiers: real tokens without an allowed kept host, padding without
-    one (so padding costs one kept token), real tokens, padding; by ``score`` inside a tier."""
-    if covered is not None:
-        score = score + 2 * _TIER * (~covered).float()
-    if valid is not None:
-        score = score - _TIER * (~valid).float()
-    return score.masked_fill(taken, NEG_INF).argmax(dim=-1)
-
-
-def _take(j: Tensor, taken: Tensor, covered: Optional[Tensor], allowed: Optional[Tensor]) -> Optional[Tensor]:
-    """Mark the picked tokens ``j`` ``[B]`` as taken (in place) and return the updated coverage."""
-    taken.scatter_(1, j.unsqueeze(1), True)
-    if covered is None:
-        return None
-    B, M = taken.shape
-    hosts_j = allowed.gather(2, j.view(B, 1, 1).expand(B, M, 1)).squeeze(2)  # [B, M] may merge into j
-    return covered | hosts_j
-
-
-def max_min_select(sim: Tensor, keep: int, allowed: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Tensor:
+def max_min_select(sim: Tensor, keep: int, greedy: Optional[_Greedy] = None) -> Tensor:
     """DivPrune's greedy max-min selection: ``[B, keep]`` indices (in the order picked).
 
     First the token whose nearest other token is farthest (cosine distance ``1 - sim``), then, ``keep - 1``
     times, the token farthest from everything picked so far (largest minimum distance to the picked set).
+    ``greedy``: rules, groups and padding (see the block comment); None: plain DivPrune.
 
     Args:
         sim: ``[B, M, M]`` cosine similarity. keep: tokens to pick, ``1 <= keep <= M``.
-        allowed: ``[B, M, M]`` host mask (see the block comment): hostless tokens are picked first.
-        valid: ``[B, M]`` bool, False for padding (taken only to host other padding, or when nothing else is left).
     """
     B, M, _ = sim.shape
-    eye = torch.eye(M, dtype=torch.bool, device=sim.device)
-    nearest = 1.0 - sim.masked_fill(eye, NEG_INF).amax(dim=-1)  # [B, M] distance to the nearest other token
-    taken = torch.zeros(B, M, dtype=torch.bool, device=sim.device)
-    covered = None if allowed is None else torch.zeros_like(taken)
+    greedy = greedy or _Greedy(_plain_state(B, M, sim.device), Global(), None, M, sim.device)
+    unseen = torch.eye(M, dtype=torch.bool, device=sim.device)
+    same = greedy.same_group()
+    if same is not None:
+        unseen = unseen | ~same
+    nearest = 1.0 - sim.masked_fill(unseen, NEG_INF).amax(dim=-1)  # [B, M] distance to the nearest other token
+    min_dist = torch.full_like(nearest, POS_INF)  # to the picked tokens (of the same group)
     picks = []
-    j = _pick(nearest, taken, covered, valid)
-    for step in range(keep):
-        if step:
-            j = _pick(min_dist, taken, covered, valid)
+    for _ in range(keep):
+        j = greedy.pick(torch.where(torch.isinf(min_dist), nearest, min_dist))  # no pick in the group yet: nearest
         picks.append(j)
-        covered = _take(j, taken, covered, allowed)
-        dist_j = 1.0 - sim.gather(1, j.view(B, 1, 1).expand(B, 1, M)).squeeze(1)  # [B, M]
-        min_dist = dist_j if step == 0 else torch.minimum(min_dist, dist_j)
+        greedy.take(j)
+        dist = 1.0 - _row(sim, j)
+        if same is not None:
+            dist = dist.masked_fill(~same[j], POS_INF)
+        min_dist = torch.minimum(min_dist, dist)
     return torch.stack(picks, dim=1)
 
 
-def dpp_select(sim: Tensor, keep: int, quality: Optional[Tensor] = None, allowed: Optional[Tensor] = None,
-               valid: Optional[Tensor] = None, eps: float = 1e-10) -> Tensor:
+def dpp_select(sim: Tensor, keep: int, quality: Optional[Tensor] = None, greedy: Optional[_Greedy] = None,
+               eps: float = 1e-10) -> Tensor:
     """Greedy MAP of the DPP with kernel ``L = diag(q) S diag(q)``: ``[B, keep]`` indices (in the order picked).
 
     The fast greedy of Chen et al. (NeurIPS 2018): each step takes the token with the largest marginal gain
     ``d_j^2`` (the log-det increase) and updates every gain with one Cholesky row, ``O(keep^2 M)`` in all.
     Once the gains are exhausted (``keep`` above the kernel's rank) the rest have zero gain and are taken in
-    order of their residual.
+    order of their residual. ``greedy``: rules, groups and padding (see the block comment).
 
     Args:
         sim: ``[B, M, M]`` cosine similarity S (positive semi-definite). quality: ``[B, M]`` q >= 0, or None (1).
-        allowed: ``[B, M, M]`` host mask (see the block comment): hostless tokens are picked first.
-        valid: ``[B, M]`` bool, False for padding (taken only to host other padding, or when nothing else is left).
     """
     B, M, _ = sim.shape
+    greedy = greedy or _Greedy(_plain_state(B, M, sim.device), Global(), None, M, sim.device)
+    same = greedy.same_group()
+    if same is not None:  # block-diagonal kernel: the groups' selections do not interact
+        sim = sim.masked_fill(~same, 0.0)
     q = torch.ones(B, M, device=sim.device) if quality is None else quality.float()
     unit = (sim.diagonal(dim1=1, dim2=2) > 0.5).float()  # S_jj: exactly 1 (0 for zero vectors), ties stay ties
     gain = q * q * unit  # [B, M] d_j^2 = L_jj
     rows = sim.new_zeros(B, keep, M)  # Cholesky rows of the picked tokens
-    taken = torch.zeros(B, M, dtype=torch.bool, device=sim.device)
-    covered = None if allowed is None else torch.zeros_like(taken)
     picks = []
     for step in range(keep):
-        j = _pick(gain, taken, covered, valid)
+        j = greedy.pick(gain)
         picks.append(j)
-        covered = _take(j, taken, covered, allowed)
-        q_j = q.gather(1, j.unsqueeze(1))  # [B, 1]
-        kernel_j = q_j * sim.gather(1, j.view(B, 1, 1).expand(B, 1, M)).squeeze(1) * q  # [B, M] row L_j
+        greedy.take(j)
+        kernel_j = q.gather(1, j.unsqueeze(1)) * _row(sim, j) * q  # [B, M] row L_j
         if step:
             c_j = rows[:, :step].gather(2, j.view(B, 1, 1).expand(B, step, 1))  # [B, step, 1]
             kernel_j = kernel_j - (c_j * rows[:, :step]).sum(1)
@@ -464,117 +766,125 @@ def dpp_select(sim: Tensor, keep: int, quality: Optional[Tensor] = None, allowed
     return torch.stack(picks, dim=1)
 
 
+def _plain_state(B: int, M: int, device: torch.device) -> TokenState:
+    return TokenState(size=torch.ones(B, M, device=device))
+
+
 def query_relevance(metric: Tensor, query: Tensor, query_mask: Optional[Tensor] = None,
                     valid: Optional[Tensor] = None) -> Tensor:
     """CDPruner's relevance: each token's best cosine to the query tokens, min-max normalised per sample.
 
     Args:
-        metric: ``[B, M, C]`` tokens. query: ``[Bq, Q, C]`` (``B`` a multiple of ``Bq``: each query row serves
-            ``B / Bq`` consecutive rows, e.g. the per-frame sub-batches of a per-group budget).
-        query_mask: ``[Bq, Q]`` bool, False for query tokens to ignore (padding). valid: ``[B, M]`` bool.
+        metric: ``[B, M, C]`` tokens. query: ``[B, Q, C]``. query_mask: ``[B, Q]`` bool, False for query tokens
+            to ignore (padding). valid: ``[B, M]`` bool, False for padding tokens.
     Returns:
-        ``[B, M]`` float32 in [0, 1] (1: the most relevant token of its sample; padding tokens 0).
+        ``[B, M]`` float32 in (0, 1] (1: the most relevant real token of its sample; padding 0).
     """
     B, M, C = metric.shape
-    if query.dim() != 3 or query.shape[-1] != C or B % query.shape[0]:
-        raise ValueError(f"query must be [B, Q, C] with C={C} (the metric's width) and a batch dividing {B}, got "
-                         f"{tuple(query.shape)}; for LLaVA pass text embeddings of the projected width")
+    if query.dim() != 3 or query.shape[0] != B or query.shape[-1] != C:
+        raise ValueError(f"query must be [B, Q, C] = [{B}, Q, {C}] (the metric's batch and width), got "
+                         f"{tuple(query.shape)}; for LLaVA pass text embeddings against projected visual tokens")
     if query_mask is not None and tuple(query_mask.shape) != tuple(query.shape[:2]):
-        raise ValueError(f"query_mask must be [Bq, Q]={list(query.shape[:2])}, got {tuple(query_mask.shape)}")
-    repeat = B // query.shape[0]
-    qn = F.normalize(query.float(), dim=-1, eps=1e-6).repeat_interleave(repeat, dim=0)  # [B, Q, C]
-    cos = F.normalize(metric.float(), dim=-1, eps=1e-6) @ qn.transpose(1, 2)  # [B, M, Q]
+        raise ValueError(f"query_mask must be [B, Q]={list(query.shape[:2])}, got {tuple(query_mask.shape)}")
+    qn = _normalized(query.float(), 0)
+    cos = torch.bmm(_normalized(metric.float(), 0), qn.transpose(1, 2))  # [B, M, Q]
     if query_mask is not None:
-        cos = cos.masked_fill(~query_mask.repeat_interleave(repeat, dim=0).unsqueeze(1), NEG_INF)
-    rel = cos.amax(dim=-1).clamp_min(-1.0)  # [B, M]; an all-masked query gives -1 everywhere
+        cos = cos.masked_fill(~query_mask.bool().unsqueeze(1), NEG_INF)
+    rel = cos.amax(dim=-1).clamp_min(-1.0).nan_to_num(nan=-1.0)  # an all-masked query gives -1 everywhere
     real = torch.ones_like(rel, dtype=torch.bool) if valid is None else valid
-    lo = rel.masked_fill(~real, float("inf")).amin(dim=-1, keepdim=True)
+    lo = rel.masked_fill(~real, POS_INF).amin(dim=-1, keepdim=True)
     hi = rel.masked_fill(~real, NEG_INF).amax(dim=-1, keepdim=True)
-    out = (rel - lo) / (hi - lo).clamp_min(1e-6)
+    out = ((rel - lo) / (hi - lo).clamp_min(1e-6)).clamp(0.0, 1.0)
     # The least relevant real token keeps a small quality (as in the official code), so it can still be taken.
-    return out.clamp(0.0, 1.0).clamp_min(1e-6).masked_fill(~real, 0.0)
+    return out.clamp_min(1e-6).masked_fill(~real, 0.0)
 
 
-def _select_plan(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint], method: str,
-                 select: Callable[..., Tensor], drop_unselected: bool) -> MergePlan:
+def _select_plan(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint],
+                 partition: Optional[Partition], select: Callable[[Tensor, int, _Greedy], Tensor],
+                 drop_unselected: bool) -> MergePlan:
     """Shared body: select ``M - r`` tokens, every other one joins its most similar allowed selected token."""
+    if r == 0:
+        return identity_plan(state)
     P = state.protected
     B, N = metric.shape[:2]
     M = N - P
-    _check_r(r, M, M - 1, method)
-    if not isinstance(drop_unselected, bool):
-        raise TypeError(f"{method}: drop_unselected must be True or False, got {drop_unselected!r}")
-    if r == 0:
-        return identity_plan(state)
     keep = M - r
+    device = metric.device
     with torch.no_grad():
-        sim = _pairwise_cosine(metric, P)  # [B, M, M]
-        allowed = _coverage(state, constraint, M)  # [B, M, M] or None
-        valid = None if state.valid is None else state.valid[:, P:]
-        selected = select(sim, keep, allowed, valid)  # [B, keep]
-        is_kept = torch.zeros(B, M, dtype=torch.bool, device=metric.device).scatter_(1, selected, True)
+        m = _normalized(metric, P).float()
+        sim = torch.bmm(m, m.transpose(1, 2))  # [B, M, M]
+        greedy = _Greedy(state, constraint or Global(), partition, M, device)
+        selected = select(sim, keep, greedy)  # [B, keep]
         host_sim = sim.gather(2, selected.unsqueeze(1).expand(B, M, keep))  # [B, M, keep]
-        if allowed is not None:
-            host_sim = host_sim.masked_fill(~allowed.gather(2, selected.unsqueeze(1).expand(B, M, keep)), NEG_INF)
-        best, slot = host_sim.max(dim=-1)  # [B, M]
-        _assert_allowed(best.masked_fill(is_kept, 0.0), method)
-        own = _indices(B, torch.arange(M, device=metric.device))
-        target = torch.where(is_kept, own, selected.gather(1, slot))
+        if greedy.allowed is not None:
+            host_sim = host_sim.masked_fill(~greedy.allowed.gather(2, selected.unsqueeze(1).expand(B, M, keep)),
+                                            NEG_INF)
+        slot = host_sim.argmax(dim=-1)  # [B, M]
+        target = torch.where(greedy.taken, _arange(B, 0, M, 1, device), selected.gather(1, slot))
         weight = state.size
         if drop_unselected:
-            weight = torch.cat([state.size[:, :P], state.size[:, P:] * is_kept], dim=1)
+            kept = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), greedy.taken], dim=1)
+            weight = state.size * kept
     return plan_from_targets(target, weight, r, P)
 
 
-def divprune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
-             drop_unselected: bool = False, **_) -> MergePlan:
+def divprune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+             partition: Optional[Partition] = None, *, drop_unselected: bool = False) -> MergePlan:
     """DivPrune: keep the ``M - r`` most diverse tokens (greedy max-min cosine distance, ``max_min_select``).
 
     Every other token merges into its most similar kept token (size-weighted mean), or with
     ``drop_unselected=True`` is dropped as in the paper (its size and source still go to that token).
-    Any r up to M - 1 in one step.
+    Any r up to M - 1 in one step (M - cliques under a rule).
 
     Args:
         metric: ``[B, N, C]`` similarity features (all tokens, protected included). state: TokenState of the
-            N tokens. r: tokens to remove. constraint: merge constraint (hostless tokens are selected first).
+            N tokens. r: tokens to remove. constraint / partition: see the block comment.
     """
-    def select(sim: Tensor, keep: int, allowed: Optional[Tensor], valid: Optional[Tensor]) -> Tensor:
-        return max_min_select(sim, keep, allowed, valid)
-
-    return _select_plan(metric, state, r, constraint, "divprune", select, drop_unselected)
+    return _select_plan(metric, state, r, constraint, partition, max_min_select, drop_unselected)
 
 
-def cdpruner(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
-             query: Optional[Tensor] = None, query_mask: Optional[Tensor] = None,
-             drop_unselected: bool = False, **_) -> MergePlan:
+def cdpruner(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+             partition: Optional[Partition] = None, *, query: Optional[Tensor] = None,
+             query_mask: Optional[Tensor] = None, drop_unselected: bool = False) -> MergePlan:
     """CDPruner: keep the ``M - r`` tokens of the greedy MAP of a conditional DPP (``dpp_select``).
 
     Kernel ``L = diag(q) S diag(q)``: S the cosine similarity of ``metric``, q each token's relevance to
     ``query`` (``query_relevance``: best cosine to the query tokens, min-max normalised per sample). Without a
     query q = 1: plain DPP diversity. Unselected tokens merge into their most similar kept token, or with
-    ``drop_unselected=True`` are dropped as in the paper. Any r up to M - 1 in one step.
+    ``drop_unselected=True`` are dropped as in the paper. Any r up to M - 1 in one step (M - cliques under a
+    rule).
 
     Args:
         metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
         query: ``[B, Q, C]`` query tokens of the metric's width (e.g. a prompt's text embeddings against
             projected visual tokens). query_mask: ``[B, Q]`` bool, False for query tokens to ignore.
     """
-    P = state.protected
-    quality = None
-    if query is not None:
-        if not isinstance(query, Tensor):
-            raise TypeError(f"cdpruner: query must be a [B, Q, C] tensor, got {type(query).__name__}")
-        valid = None if state.valid is None else state.valid[:, P:]
-        with torch.no_grad():
-            quality = query_relevance(metric[:, P:], query, query_mask, valid)
-    elif query_mask is not None:
+    if query is None and query_mask is not None:
         raise ValueError("cdpruner: query_mask given without a query")
+    quality = None
+    if query is not None and r > 0:
+        P = state.protected
+        with torch.no_grad():
+            quality = query_relevance(metric[:, P:] if P else metric, query, query_mask,
+                                      None if state.valid is None else state.valid[:, P:])
 
-    def select(sim: Tensor, keep: int, allowed: Optional[Tensor], valid: Optional[Tensor]) -> Tensor:
-        return dpp_select(sim, keep, quality, allowed, valid)
+    def select(sim: Tensor, keep: int, greedy: _Greedy) -> Tensor:
+        return dpp_select(sim, keep, quality, greedy)
 
-    return _select_plan(metric, state, r, constraint, "cdpruner", select, drop_unselected)
+    return _select_plan(metric, state, r, constraint, partition, select, drop_unselected)
+
+
+def _flag(name: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    return check
 
 
 MATCHERS["divprune"] = divprune
 MATCHERS["cdpruner"] = cdpruner
+METHOD_KINDS["divprune"] = "select"
+METHOD_KINDS["cdpruner"] = "select"
+OPTION_CHECKS["query"] = _instance("query", Tensor, "a [B, Q, C] tensor")
+OPTION_CHECKS["query_mask"] = _instance("query_mask", Tensor, "a [B, Q] bool tensor")
+OPTION_CHECKS["drop_unselected"] = _flag("drop_unselected")

@@ -1,5 +1,5 @@
 """LLaVA adapter, second set: no host sync or per-image loop in the forward path, a true no-cache recompute,
-the video processor, LLaVA-NeXT / OneVision rejection, video bad input, [CLS] attention without eager.
+the video processor, video bad input, [CLS] attention without eager.
 
 Tiny random models from configs (helpers shared with test_llava.py); no network.
 """
@@ -10,17 +10,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.overrides import TorchFunctionMode
-from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
-                          LlavaNextVideoProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                          PreTrainedTokenizerFast)
+from transformers import LlavaNextImageProcessor, LlavaNextVideoProcessor, PreTrainedTokenizerFast
 from transformers.models.clip import modeling_clip
 from transformers.models.llava_next_video.video_processing_llava_next_video import LlavaNextVideoVideoProcessor
 
 import mmmerge
 from mmmerge.adapters import llava
-from test_llava import (DEVICE, DTYPE, EXACT, FRAMES, IMAGE, N, PAD, PATCH, SIZE, TOL, VIDEO, assert_same_snapshot,
-                        generate, lm_input, logits, pictures, pixels, processor, prompt, snapshot, text_config,
-                        tiny_llava, tiny_video, video_pixels, video_prompt, vision_config)
+from test_llava import (DEVICE, DTYPE, EXACT, FRAMES, PATCH, SIZE, TOL, VIDEO, assert_same_snapshot, generate,
+                        lm_input, logits, pictures, pixels, processor, prompt, snapshot, tiny_llava, tiny_video,
+                        video_pixels, video_prompt)
 
 PER_FRAME = ((SIZE // PATCH) // 2) ** 2  # 16 tokens per frame after the 2 x 2 pooling
 
@@ -53,11 +51,11 @@ def traced(fn, *args, **kwargs) -> Ops:
     return ops
 
 
-IMAGE_SETUPS = [dict(method=m, stage=s) for m in ("tome", "pitome", "tps", "prune", "random", "dominant")
-                for s in ("pre_projector", "post_projector")]
+IMAGE_SETUPS = [dict(method=m, where=w) for m in ("tome", "pitome", "tps", "prune", "random", "dominant")
+                for w in ("pre_projector", "post_projector")]
 
 
-@pytest.mark.parametrize("kwargs", IMAGE_SETUPS, ids=lambda k: f"{k['method']}-{k['stage']}")
+@pytest.mark.parametrize("kwargs", IMAGE_SETUPS, ids=lambda k: f"{k['method']}-{k['where']}")
 def test_image_reduction_has_no_host_sync_and_no_per_image_loop(kwargs):
     K = 12
     model = tiny_llava()
@@ -217,8 +215,8 @@ VIDEO_BAD = [
     (dict(keep=0), ValueError, "keep >= 1"),
     (dict(keep=1.5), ValueError, "fraction"),
     (dict(keep=16, time_mode="sideways"), ValueError, "unknown time_mode"),
-    (dict(keep=16, where="vision_tower"), ValueError, "pre_llm"),
-    (dict(keep=16, stage="pre_projector"), ValueError, "post_projector"),
+    (dict(keep=16, where="vision_tower"), ValueError, "post_projector"),
+    (dict(keep=16, where="pre_projector"), ValueError, "post_projector"),
     (dict(keep=16, processor="image"), TypeError, "needs a LlavaNextVideoProcessor"),
     (dict(keep=16, processor="patch"), ValueError, "patch_size 8"),
     (dict(keep=16, processor="crop"), ValueError, "video crop 64x64"),
@@ -279,20 +277,87 @@ def test_mismatched_image_processor_leaves_both_untouched(name, spoil, message):
     assert set(proc.__dict__) == proc_attrs
 
 
-def anyres_models():
-    common = dict(vision_config=vision_config(), text_config=text_config(), image_token_id=IMAGE,
-                  image_grid_pinpoints=[[SIZE, SIZE]])
-    torch.manual_seed(0)
-    yield LlavaNextForConditionalGeneration(LlavaNextConfig(**common)).eval()
-    torch.manual_seed(0)
-    yield LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(video_token_id=VIDEO, **common)).eval()
+# ------------------------------------------------------------------------------------------- the example
+@pytest.mark.parametrize("args,message", [(["--keep", "1.5"], "a fraction must lie in (0, 1]"),
+                                          (["--image", "missing.png"], "no such file"),
+                                          (["--method", "dominant", "--where", "vision_tower"], "post_projector")])
+def test_example_rejects_bad_arguments_in_one_line(args, message, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "llava_vqa.py"
+    done = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("index", [0, 1], ids=["llava_next", "llava_onevision"])
-def test_llava_next_and_onevision_are_rejected_untouched(index):
-    model = list(anyres_models())[index]
-    before = snapshot(model)
-    for inner in (model, model.model):
-        with pytest.raises(TypeError, match=f"does not support {type(inner).__name__}.*anyres"):
-            llava.reduce_visual_tokens(inner, keep=16)
-    assert_same_snapshot(before, snapshot(model))
+# ------------------------------------------------------------------------------- the engine's dominant
+def frame_state(B, frames, per_frame, valid=None):
+    t = torch.arange(frames, dtype=torch.float32).repeat_interleave(per_frame)
+    return mmmerge.init_state(B, frames * per_frame, coords={"t": t, "t_min": t, "t_max": t},
+                              rules={"t_min": "min", "t_max": "max"}, valid=valid)
+
+
+def test_dominant_keeps_the_top_scores_and_merges_the_rest_into_contextual_tokens():
+    g = torch.Generator().manual_seed(0)
+    x, score = torch.randn(3, 40, 8, generator=g), torch.rand(3, 40, generator=g)
+    K, C = 12, 3
+    y, state = mmmerge.reduce_tokens(x, K, "dominant", score=score, contextual=C)
+    assert y.shape == (3, K, 8) and torch.all(state.size.sum(1) == 40)
+    top = score.topk(K - C, dim=-1).indices
+    for b in range(3):
+        singles = {int(i) for i in torch.nonzero(state.size[b] == 1).flatten()}
+        kept_alone = {int(state.source[b, i]) for i in top[b]}
+        assert kept_alone <= singles  # the dominant tokens pass through unmerged
+        torch.testing.assert_close(y[b, state.source[b, top[b]]], x[b, top[b]])
+    assert torch.all((state.size > 1).sum(1) <= C)
+
+
+@pytest.mark.parametrize("constraint", ["within_frame", "adjacent", "window(2)"])
+def test_dominant_respects_time_constraints(constraint):
+    g = torch.Generator().manual_seed(1)
+    frames, per_frame = 4, 10
+    x, score = torch.randn(2, frames * per_frame, 8, generator=g), torch.rand(2, frames * per_frame, generator=g)
+    _, state = mmmerge.reduce_tokens(x, 8, "dominant", score=score, state=frame_state(2, frames, per_frame),
+                                     constraint=mmmerge.parse_constraint(constraint, steps={"t": frames}),
+                                     contextual=2)
+    lo, hi = state.coords["t_min"], state.coords["t_max"]
+    if constraint == "within_frame":
+        assert torch.equal(lo, hi)
+    if constraint == "window(2)":
+        assert torch.equal(torch.div(lo, 2, rounding_mode="floor"), torch.div(hi, 2, rounding_mode="floor"))
+    frame = torch.arange(frames * per_frame) // per_frame
+    for b in range(2):
+        for j in range(8):
+            members = sorted(set(frame[state.source[b] == j].tolist()))
+            assert members == list(range(members[0], members[-1] + 1))  # contiguous in every mode here
+
+
+def test_dominant_keeps_padding_apart_and_rejects_bad_options():
+    g = torch.Generator().manual_seed(2)
+    x, score = torch.randn(2, 20, 8, generator=g), torch.rand(2, 20, generator=g)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, 14:] = False
+    _, state = mmmerge.reduce_tokens(x, 6, "dominant", score=score, state=mmmerge.init_state(2, 20, valid=valid))
+    assert not bool(torch.isin(state.source[1, 14:], state.source[1, :14]).any())
+    for bad, message in [(dict(contextual=0), "positive int"), (dict(contextual=True), "positive int"),
+                         (dict(contextual=7), "more than the 6"), (dict(score=torch.rand(2, 19)), "score must be")]:
+        with pytest.raises(ValueError, match=message):
+            mmmerge.reduce_tokens(x, 6, "dominant", **{"score": score, **bad})
+
+
+def test_patch_time_option_check_moves_no_random_stream():
+    """The options are tried on a tiny input at patch time; that trial draws from no random stream."""
+    model = tiny_llava()
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    expected_user = torch.rand(4, generator=torch.Generator(device=DEVICE).manual_seed(3), device=DEVICE)
+    torch.manual_seed(5)
+    expected_global = torch.rand(4)
+    torch.manual_seed(5)
+    llava.reduce_visual_tokens(model, keep=16, method="random")
+    llava.reduce_visual_tokens(model, keep=16, method="random", generator=g)
+    assert torch.equal(torch.rand(4), expected_global)
+    assert torch.equal(torch.rand(4, generator=g, device=DEVICE), expected_user)

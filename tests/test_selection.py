@@ -172,7 +172,8 @@ def test_constraints_are_respected_and_every_removed_token_finds_a_host(method, 
         state0 = video_state(2, T, S, protected=1)
         x = torch.randn(2, state0.num_tokens, 8, generator=g)
         keep = 1 + T + seed  # as few as one token per frame
-        _, state = mm.reduce_tokens(x, keep=keep, method=method, constraint=constraint, state=state0)
+        rule = mm.parse_constraint(constraint, steps={"t": T})
+        _, state = mm.reduce_tokens(x, keep=keep, method=method, constraint=rule, state=state0)
         t0 = state0.coords["t_min"][0]
         for b in range(2):
             for members in groups(state.source, b, keep):
@@ -283,7 +284,11 @@ def test_bad_options_name_the_problem():
     with pytest.raises(ValueError, match="without a query"):
         cdpruner(x, state, 3, query_mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="drop_unselected"):
-        divprune(x, state, 3, drop_unselected="yes")
+        mm.plan_merge(x, state, 3, "divprune", drop_unselected="yes")
+    with pytest.raises(TypeError, match="query must be"):
+        mm.reduce_tokens(x, 4, "cdpruner", query=[1.0])
+    with pytest.raises(ValueError, match="takes no option 'query'"):
+        mm.reduce_tokens(x, 4, "divprune", query=torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="too large"):
-        divprune(x, state, 10)
+        mm.plan_merge(x, state, 10, "divprune")
     assert torch.equal(divprune(x, state, 0).assign, torch.arange(10).expand(2, -1))
