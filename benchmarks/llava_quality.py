@@ -77,7 +77,8 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, progress: Any = Non
     base = answers_of(reference, pixels, question_ids, full)
     t_pixels, t_ids_full = pixels[:TIME_BATCH], tasks.vqa_input_ids(question_ids[:TIME_BATCH], full)
     timer = SideBySide(lambda: reference(input_ids=t_ids_full, pixel_values=t_pixels, logits_to_keep=1))
-    rows: List[Dict[str, Any]] = [{"method": "none", "keep": full, "keep_share": 1.0, **scores(base, base, answers, kinds)}]
+    rows: List[Dict[str, Any]] = [{"method": "none", "keep": full, "keep_share": 1.0,
+                                   **scores(base, base, answers, kinds)}]
     if progress is not None:
         progress.update(1)
     with torch.no_grad():
@@ -91,8 +92,9 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, progress: Any = Non
             torch.manual_seed(0)
             timed = timer.compare(lambda: model(input_ids=t_ids, pixel_values=t_pixels, logits_to_keep=1), repeats)
             llava.restore_visual_tokens(model)
-            rows.append({"method": method, "keep": keep, "keep_share": keep / full, **scores(pred, base, answers, kinds),
-                         "ms": timed["ms"], "base_ms": timed["base_ms"], "speedup": timed["speedup"]})
+            rows.append({"method": method, "keep": keep, "keep_share": keep / full,
+                         **scores(pred, base, answers, kinds), "ms": timed["ms"], "base_ms": timed["base_ms"],
+                         "speedup": timed["speedup"]})
             if progress is not None:
                 progress.update(1)
     rows[0].update({"ms": timer.baseline_median * 1e3, "speedup": 1.0})
@@ -111,7 +113,8 @@ def summary(rows: Sequence[Dict[str, Any]]) -> str:
     keeps = sorted({r["keep"] for r in rows if r["method"] != "none"})
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
     out = [f"Keep-all: {100 * base['accuracy']:.1f}% on {base['keep']} visual tokens (colour "
-           f"{100 * base['acc_colour']:.1f}%, count {100 * base['acc_count']:.1f}%, left {100 * base['acc_left']:.1f}%), "
+           f"{100 * base['acc_colour']:.1f}%, count {100 * base['acc_count']:.1f}%, "
+           f"left {100 * base['acc_left']:.1f}%), "
            f"prefill {base['ms']:.1f} ms for {TIME_BATCH} prompts.\n",
            "Accuracy % (points lost against keep-all), agreement with keep-all %, measured prefill speedup:\n",
            "| method | " + " | ".join(f"keep {k} ({100 * k / base['keep']:.0f}%)" for k in keeps) + " |",
@@ -129,7 +132,8 @@ def summary(rows: Sequence[Dict[str, Any]]) -> str:
     for m in methods:
         r = next((r for r in rows if r["method"] == m and r["keep"] == keeps[0]), None)
         if r is not None:
-            out.append(f"| {m} | {100 * r['acc_colour']:.1f} | {100 * r['acc_count']:.1f} | {100 * r['acc_left']:.1f} |")
+            out.append(f"| {m} | {100 * r['acc_colour']:.1f} | {100 * r['acc_count']:.1f} | "
+                       f"{100 * r['acc_left']:.1f} |")
     ranking = sorted((r for r in rows if r["keep"] == keeps[0] and r["method"] != "none"),
                      key=lambda r: -r["accuracy"])
     out.append(f"\nRanking at keep {keeps[0]}: " + " > ".join(f"{r['method']} {100 * r['accuracy']:.1f}"

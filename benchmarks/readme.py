@@ -89,8 +89,8 @@ def llava_section(results_dir: Path, reference_dir: Path, link_prefix: str = "be
     if data.get("meta", {}).get("note"):
         lines.append(f"Note: {data['meta']['note']}")
     record = _record_line("llava", reference_dir)
-    lines += ["", "Reference model (`benchmarks/reference/llava/`, a plain `LlavaForConditionalGeneration` trained from "
-              "scratch; per question kind: colour at a named cell, count of a colour, left of):", ""]
+    lines += ["", "Reference model (`benchmarks/reference/llava/`, a plain `LlavaForConditionalGeneration` trained "
+              "from scratch; per question kind: colour at a named cell, count of a colour, left of):", ""]
     lines += [record, ""] if record else []
     lines.append(summary(results.read_json(path)))
     if (Path(results_dir) / "llava_quality.png").is_file():

@@ -522,7 +522,8 @@ def train_llava(recipe: "LlavaRecipe", out_dir: Path, steps: Optional[int] = Non
         losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
             recent = sum(losses[-log_every:]) / log_every
-            print(f"[{recipe.name}] step {step + 1}/{steps} loss {recent:.3f} ({time.time() - start:.0f} s)", flush=True)
+            print(f"[{recipe.name}] step {step + 1}/{steps} loss {recent:.3f} ({time.time() - start:.0f} s)",
+                  flush=True)
     train_s = time.time() - start
     held_out = vqa_report(vqa_predict(model, x_test, q_test), a_test, k_test)
     p_train = tasks.vqa_params(eval_questions, recipe.seed * 10 ** 6)  # the first training batches' seed

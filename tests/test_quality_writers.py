@@ -38,7 +38,8 @@ def test_readme_gets_the_new_sections_only_when_their_results_exist(tmp_path):
         {"held_out_accuracy": 0.9, "chance": 0.29, "steps": 10, "train_seconds": 5.0,
          "held_out_factor_accuracy": {"colour": 0.95}, "command": "python -m benchmarks.train_reference llava"}))
     assert readme.llava_section(tmp_path, ref) == "" and readme.time_section(tmp_path, ref) == ""
-    results.write_json(LLAVA_ROWS, tmp_path / "llava_quality.json", meta={"command": "python -m benchmarks llava_quality"})
+    results.write_json(LLAVA_ROWS, tmp_path / "llava_quality.json",
+                       meta={"command": "python -m benchmarks llava_quality"})
     section = readme.llava_section(tmp_path, ref)
     assert section.startswith("### Quality on the reference LLaVA")
     assert "`llava`: 90.0% held-out (chance 29.0%; colour 95.0%)" in section

@@ -239,7 +239,8 @@ def test_query_pulls_the_selection_towards_relevant_tokens():
     # keeps a diverse set; with the query it keeps more of the e0 tokens, and the most relevant one first.
     g = torch.Generator().manual_seed(0)
     C = 8
-    near = torch.nn.functional.one_hot(torch.zeros(8, dtype=torch.long), C).float() + 0.35 * torch.randn(8, C, generator=g)
+    e0 = torch.nn.functional.one_hot(torch.zeros(8, dtype=torch.long), C).float()
+    near = e0 + 0.35 * torch.randn(8, C, generator=g)
     far = torch.randn(8, C, generator=g)
     far[:, 0] = -far[:, 0].abs()
     x = torch.cat([far[:4], near[:4], far[4:], near[4:]]).unsqueeze(0)  # interleaved positions
