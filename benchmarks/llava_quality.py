@@ -5,8 +5,8 @@
 
 The reference LLaVA (``benchmarks/reference/llava/``, ``python -m benchmarks.train_reference llava``) answers
 single-token visual questions about 48 x 48 scenes of 144 visual tokens, one shape per token
-(``benchmarks.tasks.vqa_*``: the colour at a named cell, how many shapes of a colour, whether one shape is
-left of another). For every method of ``mmmerge.adapters.llava.reduce_visual_tokens`` (tome, pitome, tps,
+(``benchmarks.tasks.vqa_*``: the colour at a named cell, how many shapes of a colour, whether a unique shape is
+in the left half). For every method of ``mmmerge.adapters.llava.reduce_visual_tokens`` (tome, pitome, tps,
 dominant, divprune, cdpruner, random, prune) at ``KEEPS`` visual tokens (11%, 22% and 33% of 144) it measures:
     accuracy        top-1 answer accuracy on held-out questions, overall and per question kind
     agreement       share of questions answered as the keep-all model answers them
@@ -26,6 +26,9 @@ from . import results, tasks
 from .timing import SideBySide
 
 METHODS = ("tome", "pitome", "tps", "dominant", "divprune", "cdpruner", "random", "prune")
+# Variants that say where a method's accuracy comes from: the papers' dropping of unselected tokens (instead of
+# merging them into their nearest kept token), and CDPruner without its query (plain DPP diversity).
+VARIANTS = ("divprune/drop", "cdpruner/drop", "cdpruner/noquery")
 KEEPS = (16, 32, 48)  # of 144 visual tokens: about 11%, 22%, 33% (64 / 128 / 192 of 576 for LLaVA-1.5)
 THREADS = 1
 TIME_BATCH = 32
@@ -52,8 +55,21 @@ def scores(pred: torch.Tensor, base: torch.Tensor, answers: torch.Tensor, kinds:
     return row
 
 
+def patch_method(model, keep: int, name: str) -> None:
+    """``reduce_visual_tokens`` for a method or a variant ``method/drop`` / ``cdpruner/noquery``."""
+    from mmmerge.adapters import llava
+
+    method, _, variant = name.partition("/")
+    options = {"drop_unselected": True} if variant == "drop" else {}
+    llava.reduce_visual_tokens(model, keep=keep, method=method, **options)
+    if variant == "noquery":  # a pre-hook after the adapter's: forget the prompt it holds for this call
+        ctx = model._mmmerge_llava
+        handle = model.model.register_forward_pre_hook(lambda *a: setattr(ctx, "prompt", None))
+        ctx.undo.append(handle.remove)
+
+
 def run(out_dir: Optional[Path] = None, quick: bool = False, progress: Any = None,
-        methods: Sequence[str] = METHODS, keeps: Sequence[int] = KEEPS, questions: Optional[int] = None,
+        methods: Sequence[str] = METHODS + VARIANTS, keeps: Sequence[int] = KEEPS, questions: Optional[int] = None,
         repeats: int = 5) -> List[Dict[str, Any]]:
     """Rows: method, keep, keep_share, accuracy, acc_<kind>, agreement, acc_drop, ms, speedup; the first row is
     the keep-all model (``method == "none"``)."""
@@ -85,7 +101,7 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, progress: Any = Non
         for method, keep in grid:
             if progress is not None:
                 progress.set_postfix_str(f"{method} keep={keep}")
-            llava.reduce_visual_tokens(model, keep=keep, method=method)
+            patch_method(model, keep, method)
             torch.manual_seed(0)  # the random baseline draws from the global generator
             pred = answers_of(model, pixels, question_ids, keep)
             t_ids = tasks.vqa_input_ids(question_ids[:TIME_BATCH], keep)
@@ -126,7 +142,7 @@ def summary(rows: Sequence[Dict[str, Any]]) -> str:
             cells.append("" if r is None else f"{100 * r['accuracy']:.1f} ({r['acc_drop']:+.1f}), "
                          f"{100 * r['agreement']:.1f}, {r['speedup']:.2f}x")
         out.append(f"| {m} | " + " | ".join(cells) + " |")
-    out.append("\nPer question kind at the smallest keep (accuracy %: colour at a cell / count / left of):\n")
+    out.append("\nPer question kind at the smallest keep (accuracy %: colour at a cell / count / in the left half):\n")
     out.append("| method | colour | count | left |")
     out.append("|---|---|---|---|")
     for m in methods:

@@ -90,7 +90,7 @@ def llava_section(results_dir: Path, reference_dir: Path, link_prefix: str = "be
         lines.append(f"Note: {data['meta']['note']}")
     record = _record_line("llava", reference_dir)
     lines += ["", "Reference model (`benchmarks/reference/llava/`, a plain `LlavaForConditionalGeneration` trained "
-              "from scratch; per question kind: colour at a named cell, count of a colour, left of):", ""]
+              "from scratch; per question kind: colour at a named cell, count of a colour, in the left half):", ""]
     lines += [record, ""] if record else []
     lines.append(summary(results.read_json(path)))
     if (Path(results_dir) / "llava_quality.png").is_file():
@@ -112,7 +112,7 @@ def time_section(results_dir: Path, reference_dir: Path, link_prefix: str = "ben
     names = list(dict.fromkeys(r["model"] for r in rows if r.get("method") == "none"))
     records = [line for line in (_record_line(n, reference_dir) for n in names) if line]
     if records:
-        lines += ["Reference model (two flashes that look alike, one token each; label: the quadrant of the first):",
+        lines += ["Reference model (two flashes that look alike, one token each; label: the band of the first):",
                   "", *records, ""]
     lines.append(summary(rows).replace("### ", "#### "))
     plots = [f"quality_{n}.png" for n in names if (Path(results_dir) / f"quality_{n}.png").is_file()]

@@ -134,18 +134,20 @@ def video_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:
 
 # ------------------------------------------------------------------------------------ video: which came first
 # Two flashes that look exactly alike, each filling exactly one token (a 4 x 4 px patch for one tubelet of 2
-# frames), at different tubelets and in different quadrants; the label is the quadrant of the first one. A
-# merge that fuses the two flash tokens (or a flash token with tokens of other tubelets) keeps "a flash
-# here, a flash there" but loses which came first, so merging across time can destroy the answer.
+# frames), at different tubelets and in different horizontal bands (rows 0-1, 2-3, 4-5, 6-7 of the 8 x 8 patch
+# grid); the label is the band of the first one. A merge that fuses the two flash tokens (or a flash token
+# with tokens of other tubelets) keeps "a flash here, a flash there" but loses which came first, so merging
+# across time can destroy the answer. (A first version asked for the quadrant: the small VideoMAE learned
+# top/bottom (100%) but not left/right (55%) in 800 steps; bands keep four classes on the axis it learns.)
 WHEN_CLASSES = 4
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-WHEN_LABELS = [f"first flash {q}" for q in QUADRANTS]
-_WHEN_PATCH, _WHEN_TUBELET = 4, 2
+BANDS = ("top", "upper middle", "lower middle", "bottom")
+WHEN_LABELS = [f"first flash in the {b} band" for b in BANDS]
+_WHEN_PATCH, _WHEN_TUBELET, _WHEN_BAND = 4, 2, 2  # px per patch, frames per tubelet, patch rows per band
 
 
 def when_params(n: int, seed: int) -> Params:
     """``n`` random clip descriptions: flash tubelets ``first_t < second_t`` (in 0..3), their patch cells
-    (row, col on the 8 x 8 grid, in different quadrants), a moving white square and a static blue box as
+    (row, col on the 8 x 8 grid, in different bands), a moving white square and a static blue box as
     nuisance, pixel noise."""
     g = torch.Generator().manual_seed(seed)
     T, S = VIDEO_FRAMES, VIDEO_SIZE
@@ -156,10 +158,9 @@ def when_params(n: int, seed: int) -> Params:
         return lo + (torch.rand(n, generator=g) * (hi - lo + 1)).floor().long()
 
     pair = torch.rand(n, tubelets, generator=g).argsort(dim=1)[:, :2].sort(dim=1).values  # [n, 2] t1 < t2
-    quads = torch.rand(n, 4, generator=g).argsort(dim=1)[:, :2]  # two different quadrants
-    half = cells // 2
-    rows = (quads // 2) * half + (torch.rand(n, 2, generator=g) * half).floor().long()
-    cols = (quads % 2) * half + (torch.rand(n, 2, generator=g) * half).floor().long()
+    bands = torch.rand(n, cells // _WHEN_BAND, generator=g).argsort(dim=1)[:, :2]  # two different bands
+    rows = bands * _WHEN_BAND + (torch.rand(n, 2, generator=g) * _WHEN_BAND).floor().long()
+    cols = (torch.rand(n, 2, generator=g) * cells).floor().long()
     speed = randint(1, 2)
     direction = randint(0, 3)
     unit = torch.tensor([_VELOCITY[d] for d in range(4)])[direction]
@@ -179,9 +180,8 @@ def when_params(n: int, seed: int) -> Params:
 
 
 def when_labels(p: Params) -> Tensor:
-    """``[B]`` long in [0, 4): the quadrant (top left, top right, bottom left, bottom right) of the first flash."""
-    half = VIDEO_SIZE // _WHEN_PATCH // 2
-    return 2 * (p["first_row"] >= half).long() + (p["first_col"] >= half).long()
+    """``[B]`` long in [0, 4): the band (top to bottom) of the first flash."""
+    return p["first_row"] // _WHEN_BAND
 
 
 def reverse_when_params(p: Params) -> Params:
@@ -221,7 +221,7 @@ def render_when(p: Params) -> Tensor:
 
 
 def when_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:
-    """``n`` clips ``[n, 8, 3, 32, 32]`` and their labels ``[n]`` (quadrant of the first flash) from ``seed``."""
+    """``n`` clips ``[n, 8, 3, 32, 32]`` and their labels ``[n]`` (band of the first flash) from ``seed``."""
     p = when_params(n, seed)
     return render_when(p), when_labels(p)
 
@@ -368,7 +368,7 @@ _VQA_RGB = ((0.95, 0.15, 0.1), (0.1, 0.85, 0.15), (0.15, 0.3, 0.95), (0.95, 0.9,
 VQA_MAX_COUNT = 4  # each colour that is not one of the two unique ones appears 0..4 times
 VQA_KINDS = ("colour", "count", "left")  # question kinds, drawn with equal probability
 # Word-level vocabulary of the reference LLaVA: specials, question words, positions, colours, answers.
-VQA_VOCAB = (["<pad>", "<s>", "<image>", "colour", "count", "left", "shapes"]
+VQA_VOCAB = (["<pad>", "<s>", "<image>", "colour", "count", "left", "shapes", "half"]
              + [f"row{i}" for i in range(VQA_GRID)] + [f"col{i}" for i in range(VQA_GRID)]
              + list(VQA_COLOURS) + [str(i) for i in range(10)] + ["yes", "no", "none"])
 VQA_TOKEN = {w: i for i, w in enumerate(VQA_VOCAB)}
@@ -383,8 +383,10 @@ def vqa_params(n: int, seed: int) -> Params:
     four colours 0..4 times, every shape in its own cell. Question (kind drawn uniformly):
         colour   "colour rowR colC"  -> the colour of the shape in that cell (always a filled cell)
         count    "count shapes X"    -> how many X shapes there are (0..4; X is never a unique colour)
-        left     "left X Y"          -> is the (unique) X shape in a column left of the (unique) Y shape
-    The last word of every question is one the answer hinges on (the column, the colour counted, Y)
+        left     "left half X"       -> is the (unique) X shape in the left half (columns 0-5)
+    The last word of every question is one the answer hinges on (the column, the colour counted, X). (A first
+    version asked "left X Y", is the X shape left of the Y shape: the small LLaVA stayed at chance on it in
+    four 10-minute trainings while it learned the other two kinds.)
     Returns ``cells`` ``[n, 144]`` long (colour index or -1 for empty, raster order), per-cell offsets/sizes of
     the shapes, the background level and pixel noise, and the question/answer fields.
     """
@@ -441,10 +443,9 @@ def _vqa_question(cells: Tensor, pair: Tensor, g: torch.Generator) -> Params:
     # Count questions ask about one of the four colours that are not unique (answers 0..4 evenly).
     not_unique = torch.ones(n, colours).scatter_(1, pair, 0.0)
     count_colour = torch.argmax(torch.rand(n, colours, generator=g) * not_unique, dim=1)
-    swap = torch.rand(n, generator=g) < 0.5  # ask "left a b" or "left b a"
-    left_x = torch.where(swap, pair[:, 1], pair[:, 0])
-    left_y = torch.where(swap, pair[:, 0], pair[:, 1])
-    return {"kind": kind, "pick": pick, "count_colour": count_colour, "left_x": left_x, "left_y": left_y}
+    which = (torch.rand(n, generator=g) < 0.5).long()  # ask about either unique shape
+    left_x = pair.gather(1, which.unsqueeze(1)).squeeze(1)
+    return {"kind": kind, "pick": pick, "count_colour": count_colour, "left_x": left_x}
 
 
 def vqa_answers(p: Params) -> Tensor:
@@ -456,7 +457,7 @@ def vqa_answers(p: Params) -> Tensor:
     count_word = torch.tensor([VQA_TOKEN[str(i)] for i in range(10)])[count]
     col = torch.arange(cells.shape[1]) % VQA_GRID
     col_of = lambda c: torch.where(cells == c.unsqueeze(1), col, -1).amax(1)  # the unique shape's column
-    left = col_of(p["left_x"]) < col_of(p["left_y"])
+    left = col_of(p["left_x"]) < VQA_GRID // 2
     yes_no = torch.where(left, VQA_TOKEN["yes"], VQA_TOKEN["no"])
     return torch.where(p["kind"] == 0, colour, torch.where(p["kind"] == 1, count_word, yes_no))
 
@@ -470,8 +471,8 @@ def vqa_questions(p: Params) -> Tensor:
     q = torch.empty((n, VQA_QUESTION), dtype=torch.long)
     kind = p["kind"]
     q[:, 0] = torch.tensor([VQA_TOKEN[k] for k in VQA_KINDS])[kind]
-    q[:, 1] = torch.where(kind == 0, row_word, torch.where(kind == 1, VQA_TOKEN["shapes"], colour_word[p["left_x"]]))
-    q[:, 2] = torch.where(kind == 0, col_word, colour_word[torch.where(kind == 1, p["count_colour"], p["left_y"])])
+    q[:, 1] = torch.where(kind == 0, row_word, torch.where(kind == 1, VQA_TOKEN["shapes"], VQA_TOKEN["half"]))
+    q[:, 2] = torch.where(kind == 0, col_word, colour_word[torch.where(kind == 1, p["count_colour"], p["left_x"])])
     return q
 
 

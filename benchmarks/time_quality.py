@@ -5,7 +5,7 @@
 
 The reference ``videomae_when`` (``python -m benchmarks.train_reference videomae_when``) sees two flashes that
 look exactly alike, each one token (one 4 x 4 patch for one tubelet), at different tubelets and places, and
-names the quadrant of the first. Merging the two flash tokens (or a flash with tokens of other tubelets) keeps
+names the band (of four) of the first. Merging the two flash tokens (or a flash with tokens of other tubelets) keeps
 "a flash here and there" but loses which came first, so merging across time can destroy the answer, while
 ``within_frame`` never mixes tubelets. Same measurements and table as ``benchmarks.quality`` (accuracy,
 agreement with the unmerged model, KL, FLOPs, measured speedup), for global / within_frame / adjacent /

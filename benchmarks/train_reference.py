@@ -204,7 +204,7 @@ def accuracy(model, x: Tensor, y: Tensor, key: str, batch: int = 128) -> float:
 # The factors each task's label is made of: name -> (divisor, modulus) of the class index.
 FACTORS = {"video": {"direction": (2, 4), "order": (1, 2)},
            "audio": {"order": (4, 2), "sweep": (2, 2), "gap": (1, 2)},
-           "when": {"top/bottom": (2, 2), "left/right": (1, 2)}}
+           "when": {"top/bottom": (2, 2)}}
 
 
 def factor_accuracy(name: str, pred: Tensor, y: Tensor) -> Dict[str, float]:
@@ -343,14 +343,14 @@ class LlavaRecipe:
 
     name: str = "llava"
     model_class: str = "LlavaForConditionalGeneration"
-    steps: int = 1500
-    batch_size: int = 32
+    steps: int = 3000
+    batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 0.05
     seed: int = 0
     align: float = 1.0
     shuffle: bool = True
-    turns: int = 8
+    turns: int = 16
     vision_layers: int = 2
     text_layers: int = 2
     text_heads: int = 2

@@ -13,7 +13,7 @@ def test_when_task_is_deterministic_given_seed_and_balanced():
     assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
     assert x1.min() >= -1 and x1.max() <= 1
     counts = torch.bincount(tasks.when_labels(tasks.when_params(4000, 0)), minlength=tasks.WHEN_CLASSES)
-    assert counts.min() > 900  # four quadrants, about 1000 each
+    assert counts.min() > 900  # four bands, about 1000 each
 
 
 def test_reversed_when_clip_is_the_flipped_clip_with_another_label():
@@ -25,7 +25,7 @@ def test_reversed_when_clip_is_the_flipped_clip_with_another_label():
 
 def test_each_flash_fills_exactly_one_token_and_the_two_look_alike():
     # With tubelets of 2 frames and 4 x 4 patches, each flash is one token; the two flash tokens hold the same
-    # pixels (up to noise), and they are in different tubelets and different quadrants.
+    # pixels (up to noise), and they are in different tubelets and different bands.
     p = tasks.when_params(32, seed=6)
     p["noise"] = torch.zeros_like(p["noise"])
     x = tasks.render_when(p)  # [B, T, 3, 32, 32]
@@ -38,9 +38,8 @@ def test_each_flash_fills_exactly_one_token_and_the_two_look_alike():
         assert torch.equal(tokens[b, i], tokens[b, j])
         assert i // 64 == int(p["first_t"][b]) and j // 64 == int(p["second_t"][b])
     assert (p["first_t"] < p["second_t"]).all()
-    half = 4
-    quad = lambda r, c: 2 * (r >= half).long() + (c >= half).long()
-    assert (quad(p["first_row"], p["first_col"]) != quad(p["second_row"], p["second_col"])).all()
+    assert (p["first_row"] // 2 != p["second_row"] // 2).all()  # different bands
+    assert torch.equal(tasks.when_labels(p), p["first_row"] // 2)
 
 
 # ------------------------------------------------------------------------------------------ visual questions
@@ -67,9 +66,10 @@ def test_vqa_answers_follow_the_scene():
         elif kind == "count":
             assert arg1 == "shapes" and answer == str(int((cells[b] == tasks.VQA_COLOURS.index(arg2)).sum()))
         else:
-            cols = [torch.nonzero(grid == tasks.VQA_COLOURS.index(c))[:, 1] for c in (arg1, arg2)]
-            assert len(cols[0]) == 1 and len(cols[1]) == 1 and cols[0] != cols[1]  # unique, different columns
-            assert answer == ("yes" if cols[0] < cols[1] else "no")
+            assert arg1 == "half"
+            cols = torch.nonzero(grid == tasks.VQA_COLOURS.index(arg2))[:, 1]
+            assert len(cols) == 1  # a unique shape
+            assert answer == ("yes" if cols[0] < tasks.VQA_GRID // 2 else "no")
     kinds = torch.bincount(p["kind"], minlength=3)
     assert kinds.min() > 100
 
