@@ -95,6 +95,10 @@ def test_deepcopy_is_an_independent_reduced_model(name):
 
 def test_unpatch_of_a_copy_and_the_processor_stays_with_the_original():
     model, proc = tiny_llava(), processor()
+    llava.reduce_visual_tokens(model, keep=K, processor=proc)
+    loaded = pickle.loads(pickle.dumps(model))  # the patched processor is not part of the model's state
+    assert loaded.model._mmmerge_llava.processor_undo == [] and model.model._mmmerge_llava.processor_undo
+    llava.restore_visual_tokens(model)
     full = to_device(proc(images=pictures(1), text=["w3 <image> w4"], return_tensors="pt"))
     ref = logits(model, **full)
     llava.reduce_visual_tokens(model, keep=K, processor=proc)
