@@ -7,7 +7,7 @@
 For each (N, C) it times one pre-norm transformer layer (sdpa attention, MLP ratio 4, heads of 64)
 and, for each matcher (timed interleaved with the layer; fraction = median of per-pair ratios), ``plan_merge`` + ``merge_tokens`` removing r = N // 10 tokens with head-averaged
 keys ``[B, N, 64]`` as the metric, and prints the matcher's time as a fraction of the layer's.
-Goal (issue 2): tome <= 10% and pitome <= 20% of a layer at N=1568, C=768 on CPU.
+The project's goal: tome <= 10% and pitome <= 20% of a layer at N=1568, C=768 on CPU.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, batch: int = 1, rep
     return rows
 
 
-# Issue 2's goals: matcher + merge as a fraction of one layer at N=1568, C=768 (CPU).
+# The project's goals: matcher + merge as a fraction of one layer at N=1568, C=768 (CPU).
 GOALS = {"tome": 0.10, "pitome": 0.20}
 
 
