@@ -472,15 +472,23 @@ def as_mono_float(clip: Union[Tensor, Any], name: str = "clip") -> Tensor:
     Raises ValueError for other layouts and for dtypes that are not audio samples (int64, bool, complex).
     """
     x = torch.as_tensor(clip)
-    if x.dim() == 2 and x.shape[1] <= MAX_CHANNELS and x.shape[0] >= FRAME_SAMPLES:
+    if is_channels_last(x):
         warnings.warn(f"{name} of shape {list(x.shape)} is channels-last ({x.shape[1]} channels, soundfile's "
                       "layout): mixed down to mono; pass mono [S] (or load_audio(mono=True)) to skip this",
                       stacklevel=3)
         x = x.float().mean(1) if x.is_floating_point() else as_pcm_float(x, name).mean(1)
     if x.dim() != 1:
-        raise ValueError(f"each {name} must be mono [S]; got shape {tuple(x.shape)} (use load_audio(mono=True), "
+        raise ValueError(f"{name} must be mono [S]; got shape {tuple(x.shape)} (use load_audio(mono=True), "
                          "or data.mean(1) for a soundfile [S, channels] array)")
     return x.float() if x.is_floating_point() else as_pcm_float(x, name)
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """A ``[S, C]`` array with few columns (C <= 8) and at least one 25 ms frame of rows: channels, not a batch.
+
+    (A batch ``[B, S]`` of clips that short could not be features anyway.)
+    """
+    return x.dim() == 2 and x.shape[1] <= MAX_CHANNELS and x.shape[0] >= FRAME_SAMPLES
 
 
 def as_pcm_float(x: Tensor, name: str = "clip") -> Tensor:
@@ -517,11 +525,10 @@ def features(waveform: Union[Tensor, Sequence[Tensor]], sample_rate: int = 16000
         clips = [as_mono_float(c, f"clip {i}") for i, c in enumerate(waveform)]
     else:
         waveform = torch.as_tensor(waveform)
-        if waveform.dim() == 2 and waveform.shape[1] <= MAX_CHANNELS and waveform.shape[0] >= FRAME_SAMPLES:
-            clips = [as_mono_float(waveform, "waveform")]  # [S, C]: one channels-last clip, not a batch
+        if waveform.dim() == 2 and not is_channels_last(waveform):  # a batch [B, S]
+            clips = [as_mono_float(c, f"clip {i}") for i, c in enumerate(waveform)]
         else:
-            clips = [as_mono_float(c, f"clip {i}") for i, c in enumerate(waveform)] if waveform.dim() == 2 \
-                else [as_mono_float(waveform, "waveform")]
+            clips = [as_mono_float(waveform, "waveform")]
     if not clips:
         raise ValueError("no clips given; pass a waveform [S], a batch [B, S] or a list of [S_i] clips")
     kaldi = require("torchaudio.compliance.kaldi", "audio.features")
