@@ -2,17 +2,18 @@
 
 AST cuts a log-mel spectrogram ``[frames, mel bins]`` (10 ms hop, 1024 frames = 10.24 s) into 16 x 16
 patches with strides ``frequency_stride`` (mel bins) and ``time_stride`` (frames). Tokens are
-frequency-major: index = 2 + f * T' + t, after CLS (0) and distillation (1), which are protected.
-Each token carries its band ``f`` and column ``t`` (centroids), its spans ``f_min``/``f_max`` (bands),
-``t_min``/``t_max`` (columns) and ``sec_min``/``sec_max`` (seconds: a column covers frames
-``t*stride .. t*stride + 15``, i.e. ``[t*stride*0.01, (t*stride + 16)*0.01)`` s).
+frequency-major: index = 2 + f * T' + t, after CLS (0) and distillation (1), which are protected, i.e.
+``rearrange(x[:, 2:], "b (f t) c -> b f t c")``. Merged tokens report their band ``f`` and column ``t``
+(centroids), spans ``f_min``/``f_max`` (bands), ``t_min``/``t_max`` (columns) and ``sec_min``/``sec_max``
+(seconds: a column covers frames ``t*stride .. t*stride + 15``, i.e. ``[t*stride*0.01, (t*stride + 16)*0.01)`` s).
 
-Time modes:
+Time modes (``time_mode``):
     global     any two tokens may merge
-    same_band  only inside one frequency band (every band removes the same share: per-band budget)
+    same_band  only inside one frequency band; each band gives up its own share of r (``group_budget``)
     adjacent   only tokens whose time spans touch: every merged token covers one contiguous stretch
-    window     only inside blocks of ``window`` consecutive columns
-``within_band=True`` adds the band rule to ``adjacent`` / ``window`` (merging along time only).
+    window(k)  only inside blocks of k consecutive columns; each block gives up its own share
+``within_band=True`` adds the band rule to ``adjacent`` / ``window(k)`` (merging along time only). For the
+time rules the tokens merge in time-major order (columns first), so merged outputs come time-major.
 
 Padding: clips shorter than ``max_length`` frames are padded. Pass the real lengths (``features`` returns
 them; ``real_lengths`` reads them off input from transformers' ASTFeatureExtractor) and padded columns are
@@ -31,17 +32,17 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from mmmerge.constraints import Adjacent, Constraint, Global, SameSpan, Window
+from mmmerge.constraints import parse_time_mode
 from mmmerge.extras import require
-from mmmerge.merge import unmerge
+from mmmerge.info import MergeInfo
 from mmmerge.patching import register
 from mmmerge.schedule import ScheduleSpec
-from mmmerge.state import TokenState
 
-from .encoder import MergeInfo, encoder_layers, encoder_schedule, patch_layers
+from .encoder import (TokenGrid, encoder_flops, encoder_layers, grid_features, merge_info, patch_encoder, patch_spec,
+                      plan_layout)
 
 SUPPORTED = ("ASTModel", "ASTForAudioClassification")
-TIME_MODES = ("global", "same_band", "adjacent", "window")
+TIME_MODES = ("global", "same_band", "adjacent", "window(k)")
 HOP_SECONDS = 0.01  # AST's fbank frame shift (10 ms)
 AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AudioSet normalisation used by ASTFeatureExtractor
 Lengths = Union[None, int, Sequence[int], Tensor]
@@ -68,6 +69,10 @@ class AudioLayout:
     @property
     def num_tokens(self) -> int:
         return self.protected + self.bands * self.columns
+
+    @property
+    def grid(self) -> TokenGrid:
+        return TokenGrid(self.protected, (("f", self.bands), ("t", self.columns)))
 
     def real_columns(self, length: int) -> int:
         """Columns holding at least one of the first ``length`` frames (at least 1, at most ``full_columns``)."""
@@ -104,77 +109,20 @@ def ast_layout(model: nn.Module, columns: Optional[int] = None) -> AudioLayout:
                        cfg.patch_size, cfg.max_length, cfg.num_mel_bins)
 
 
-def _coordinates(layout: AudioLayout) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """Coordinates ``[N0]`` of every token (protected ones get -1) and their merge rules."""
-    F, T = layout.bands, layout.columns
-    band, col = torch.meshgrid(torch.arange(F), torch.arange(T), indexing="ij")  # frequency-major
+def _position_coords(layout: AudioLayout) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """Coordinates ``[N0]`` of every token position (protected ones get -1) and their merge rules."""
+    pos = layout.grid.positions()
     head = torch.full((layout.protected,), -1.0)
 
     def full(v: Tensor) -> Tensor:
-        return torch.cat([head, v.reshape(-1).float()])
+        return torch.cat([head, v.float()])
 
-    start = col * layout.time_stride * HOP_SECONDS
-    coords = {"f": full(band), "t": full(col), "f_min": full(band), "f_max": full(band), "t_min": full(col),
-              "t_max": full(col), "sec_min": full(start),
+    start = pos["t"] * layout.time_stride * HOP_SECONDS
+    coords = {"f": full(pos["f"]), "t": full(pos["t"]), "f_min": full(pos["f"]), "f_max": full(pos["f"]),
+              "t_min": full(pos["t"]), "t_max": full(pos["t"]), "sec_min": full(start),
               "sec_max": full(start + layout.patch_size * HOP_SECONDS)}
     rules = {"f_min": "min", "f_max": "max", "t_min": "min", "t_max": "max", "sec_min": "min", "sec_max": "max"}
     return coords, rules
-
-
-# ------------------------------------------------------------------------------------------- constraints
-class AllOf(Constraint):
-    """Pairs allowed by every one of ``parts`` (e.g. same band AND adjacent in time)."""
-
-    def __init__(self, *parts: Constraint) -> None:
-        self.parts = parts
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return "+".join(p.name for p in self.parts)
-
-    @property
-    def required(self) -> Tuple[str, ...]:  # type: ignore[override]
-        return tuple(dict.fromkeys(c for p in self.parts for c in p.required))
-
-    def allowed(self, state: TokenState, idx_a: Tensor, idx_b: Tensor) -> Optional[Tensor]:
-        mask = None
-        for part in self.parts:
-            m = part.allowed(state, idx_a, idx_b)
-            if m is not None:
-                mask = m if mask is None else mask & m
-        return mask
-
-
-def same_band() -> SameSpan:
-    return SameSpan(axis="f", label="same_band")
-
-
-def time_constraint(time_mode: str, window: int = 1, within_band: bool = False) -> Constraint:
-    """The constraint for a time mode (``window(k)`` is accepted as a time_mode too)."""
-    if not isinstance(time_mode, str):
-        raise TypeError(f"time_mode must be a string ({', '.join(TIME_MODES)} or 'window(k)'), got {time_mode!r}")
-    if time_mode.startswith("window(") and time_mode.endswith(")"):
-        if not time_mode[7:-1].strip().isdigit():
-            raise ValueError(f"time_mode '{time_mode}': k in window(k) must be a positive integer, e.g. 'window(4)'")
-        time_mode, window = "window", int(time_mode[7:-1])
-    if time_mode == "global":
-        time = None
-    elif time_mode == "same_band":
-        return same_band()
-    elif time_mode == "adjacent":
-        time = Adjacent(axis="t")
-    elif time_mode == "window":
-        time = Window(k=window, axis="t")
-    else:
-        raise ValueError(f"unknown time_mode '{time_mode}'; choose one of {', '.join(TIME_MODES)} (or 'window(k)')")
-    if within_band:
-        return same_band() if time is None else AllOf(same_band(), time)
-    return Global() if time is None else time
-
-
-def _has_band_rule(constraint: Constraint) -> bool:
-    parts = constraint.parts if isinstance(constraint, AllOf) else (constraint,)
-    return any(isinstance(p, SameSpan) and p.axis == "f" for p in parts)
 
 
 # --------------------------------------------------------------------------------------------- padding
@@ -183,40 +131,28 @@ def _lengths_list(lengths: Lengths, layout: AudioLayout) -> Optional[List[int]]:
     if lengths is None:
         return None
     if isinstance(lengths, Tensor):
-        lengths = lengths.reshape(-1).tolist()
-    elif isinstance(lengths, int) and not isinstance(lengths, bool):
-        lengths = [lengths]
-    values = [int(v) for v in lengths]
-    if not values or any(v < 1 for v in values):
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must hold integer frame counts, got a {lengths.dtype} tensor")
+        values = lengths.reshape(-1).tolist()
+    elif isinstance(lengths, bool) or isinstance(lengths, (str, bytes)):
+        raise TypeError(f"lengths must be an int or a sequence of ints (frames per clip), got {lengths!r}")
+    elif isinstance(lengths, int):
+        values = [lengths]
+    else:
+        values = list(lengths)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise TypeError(f"lengths must be positive int frame counts (features() returns them), got {lengths!r}")
+    if any(v < 1 for v in values):
         raise ValueError(f"lengths must be positive frame counts (features() returns them), got {values}")
     return [min(v, layout.max_length) for v in values]
 
 
-@dataclass
-class Padding:
-    """What the embeddings hook does: keep the first ``columns`` columns; mark per-element padding invalid.
-
-    ``keep``: ``[N0]`` long indices into the full token list (None: keep all). ``valid``: ``[B or 1, N0]``
-    bool (None: every token is real).
-    """
-
-    keep: Optional[Tensor]
-    valid: Optional[Tensor]
-    full_tokens: int
-    _by_device: Optional[Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]]] = None
-
-    def on(self, device: torch.device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        cache = self._by_device = self._by_device or {}
-        key = str(device)
-        if key not in cache:
-            cache[key] = tuple(None if t is None else t.to(device) for t in (self.keep, self.valid))  # type: ignore
-        return cache[key]
-
-
-def _padding(layout: AudioLayout, lengths: Optional[List[int]], drop: bool) -> Tuple[AudioLayout, Optional[Padding]]:
-    """The encoder's layout and the padding plan for these lengths."""
+def _padding(layout: AudioLayout, lengths: Optional[List[int]], drop: bool
+             ) -> Tuple[AudioLayout, Optional[Tensor], Optional[Tensor]]:
+    """The encoder's layout, the embeddings' tokens it keeps (``[N]`` index, None: all) and the padding mask
+    (``[B, N]`` bool in the kept layout, None: no padding) for these lengths."""
     if lengths is None:
-        return layout, None
+        return layout, None, None
     real = [layout.real_columns(v) for v in lengths]
     columns = max(real) if drop else layout.full_columns
     seen = replace(layout, columns=columns)
@@ -229,81 +165,60 @@ def _padding(layout: AudioLayout, lengths: Optional[List[int]], drop: bool) -> T
         col_ok = torch.arange(columns).unsqueeze(0) < torch.tensor(real).unsqueeze(1)  # [B, T']
         grid_ok = col_ok.unsqueeze(1).expand(-1, layout.bands, -1).reshape(len(real), -1)
         valid = torch.cat([torch.ones(len(real), layout.protected, dtype=torch.bool), grid_ok], dim=1)
-    if keep is None and valid is None:
-        return seen, None
-    return seen, Padding(keep=keep, valid=valid, full_tokens=layout.protected + layout.bands * layout.full_columns)
-
-
-def _embeddings_hook(ctx, padding: Padding):
-    """Forward hook on the embeddings ``[B, N_full, C]``: drop padded columns, hand the valid mask to ctx."""
-
-    def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        B, N = output.shape[:2]
-        if N != padding.full_tokens:
-            raise ValueError(f"AST embeddings gave {N} tokens, expected {padding.full_tokens}; re-patch the model")
-        keep, valid = padding.on(output.device)
-        if valid is not None and valid.shape[0] not in (1, B):
-            raise ValueError(f"the patch holds lengths for {valid.shape[0]} clips but the batch has {B}; call "
-                             "mmmerge.adapters.audio.set_lengths(model, lengths) with one length per clip")
-        ctx.valid = None if valid is None else valid.expand(B, -1)
-        return output if keep is None else output.index_select(1, keep)
-
-    return hook
+    return seen, keep, valid
 
 
 # ------------------------------------------------------------------------------------------------ patch
-def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode: str = "global", window: int = 1,
+def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode: str = "global",
           prop_attn: Optional[bool] = None, trace_source: bool = False, lengths: Lengths = None,
-          drop_padding: bool = True, within_band: bool = False, band_budget: bool = True,
-          **hyper: Any) -> nn.Module:
+          drop_padding: bool = True, within_band: bool = False, group_budget: bool = True,
+          output: str = "merged", **options: Any) -> nn.Module:
     """Patch an ASTModel or ASTForAudioClassification in place for token merging; returns the model.
 
     Args:
         r: tokens removed per layer, any engine schedule: int, ``(r, inflect)``, list, ``KeepRatio``,
             ``TargetTokens``, ``TargetFlops`` (fraction of the unmerged encoder's FLOPs at this length).
+            Checked at patch time against what every layer can remove under the time mode.
         method: ``tome``, ``pitome``, ``tps``, ``random``, ``prune`` or ``none``.
-        time_mode: ``global``, ``same_band``, ``adjacent``, ``window`` (blocks of ``window`` columns).
-        within_band: also forbid merging across frequency bands (with ``adjacent`` / ``window``).
-        band_budget: under a band rule every band removes ``r / F'`` tokens (r must divide).
+        time_mode: ``global``, ``same_band``, ``adjacent`` or ``window(k)`` (blocks of k columns).
+        within_band: also forbid merging across frequency bands (with ``adjacent`` / ``window(k)``).
+        group_budget: under a band rule or ``window(k)`` every band (block) removes its own share of r; False:
+            one budget over all tokens under the same rule.
         prop_attn: proportional attention (``log(size)`` bias); default on, except for ``prune``.
-        trace_source: keep the source map for ``column_features``, ``visualize`` and ``last_info``.
+        trace_source: record the source map of each forward, for ``column_features``, ``visualize`` and
+            ``last_info``.
         lengths: real length in frames (int, or one per clip), as ``features`` (or ``real_lengths``) returns;
             None = all real.
         drop_padding: with ``lengths``, remove columns that are padding in every clip before layer 0 (the
             output then covers fewer columns); otherwise padded columns stay, marked invalid.
-        **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``).
+        output: ``"merged"`` (the merged tokens) or ``"original"`` (one row per token entering layer 0).
+        **options: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``, random
+            ``generator``); unknown names and bad values raise ValueError.
     Raises:
         TypeError for unsupported models, ValueError for an infeasible r or a bad option; the model is
         then left untouched.
     """
+    for old, new in (("band_budget", "group_budget"), ("window", "time_mode='window(k)'")):
+        if old in options:
+            raise ValueError(f"audio.patch takes no option '{old}'; use {new}")
     full = ast_layout(model)
     base = _backbone(model)
-    constraint = time_constraint(time_mode, window, within_band)
-    layout, padding = _padding(full, _lengths_list(lengths, full), drop_padding)
-    per_band = _has_band_rule(constraint) and band_budget
-    groups = layout.bands if per_band else 1
+    mode, k = parse_time_mode(time_mode, TIME_MODES)
+    layout, keep, valid = _padding(full, _lengths_list(lengths, full), drop_padding)
     layers = encoder_layers(base)
-    schedule = encoder_schedule(r, base.config, len(layers), layout.num_tokens, layout.protected, method, groups,
-                                f"same_band shares r equally over {groups} bands; pass band_budget=False for one "
-                                "global budget under the band rule")
-    coords, rules = _coordinates(layout)
+    merge_layout = plan_layout(layout.grid, mode, k, group_budget, band_axis="f", within_band=within_band,
+                               padded=valid is not None)
+    coords, rules = _position_coords(layout)
     if prop_attn is None:
         prop_attn = method != "prune"
-    options = dict(r=r, method=method, time_mode=time_mode, window=window, prop_attn=prop_attn,
-                   trace_source=trace_source, drop_padding=drop_padding, within_band=within_band,
-                   band_budget=band_budget, **hyper)
-
-    def install(ctx):
-        if padding is None:
-            return []
-        return [base.embeddings.register_forward_hook(_embeddings_hook(ctx, padding)).remove]
-
-    ctx = patch_layers(model, layers, schedule=schedule, method=method, constraint=constraint, groups=groups,
-                       prop_attn=prop_attn, trace_source=trace_source, protected=layout.protected, coords=coords,
-                       rules=rules, hyper=hyper, install=install)
-    ctx.layout = layout  # type: ignore[attr-defined]
-    ctx.audio_options = options  # type: ignore[attr-defined]
-    ctx.lengths = lengths  # type: ignore[attr-defined]
+    record = dict(r=r, method=method, time_mode=time_mode, prop_attn=prop_attn, trace_source=trace_source,
+                  drop_padding=drop_padding, within_band=within_band, group_budget=group_budget, output=output,
+                  **options)
+    patch_encoder(model, layers, grid=layout.grid, layout=merge_layout, r=r, method=method, options=options,
+                  prop_attn=prop_attn, trace_source=trace_source, output=output,
+                  layer_flops=encoder_flops(base.config), embed_index=keep, embed_tokens=full.num_tokens,
+                  valid=valid, position_coords=coords, rules=rules, family="audio",
+                  extra={"layout": layout, "options": record, "lengths": lengths})
     return model
 
 
@@ -311,38 +226,35 @@ for _name in SUPPORTED:
     register(_name, patch)
 
 
+def _audio_patch(model: nn.Module):
+    spec = patch_spec(model)
+    if spec is None or spec.family != "audio":
+        raise ValueError("model is not patched by the audio adapter; call mmmerge.adapters.audio.patch(model, ...)")
+    return spec
+
+
+def patched_layout(model: nn.Module) -> AudioLayout:
+    """The layout the patched encoder sees (fewer columns when padding is dropped)."""
+    return _audio_patch(model).extra["layout"]
+
+
 def set_lengths(model: nn.Module, lengths: Lengths) -> nn.Module:
     """Re-patch ``model`` with the same options for new real lengths (cheap: no weights change).
 
     Needed when ``drop_padding`` changes the token count, or when the clips of a batch differ in length.
     """
-    ctx = getattr(model, "_mmmerge", None)
-    if ctx is None or not hasattr(ctx, "audio_options"):
-        raise ValueError("model is not patched by the audio adapter; call mmmerge.adapters.audio.patch(model, ...)")
-    return patch(model, lengths=lengths, **ctx.audio_options)
+    return patch(model, lengths=lengths, **_audio_patch(model).extra["options"])
 
 
 # ------------------------------------------------------------------------------------- per-column outputs
-def _patched_ctx(model: nn.Module):
-    ctx = getattr(model, "_mmmerge", None)
-    if ctx is None or not hasattr(ctx, "layout"):
-        raise ValueError("model is not patched; call mmmerge.adapters.audio.patch(model, ..., trace_source=True)")
-    return ctx
-
-
 def band_time_features(model: nn.Module, last_hidden_state: Tensor, info: Optional[MergeInfo] = None) -> Tensor:
-    """Unmerge the encoder output to ``[B, F', T', C]`` (CLS and distillation dropped).
+    """The encoder output per (band, column) position ``[B, F', T', C]`` (CLS and distillation dropped).
 
-    Each (band, column) position gets the merged token that holds it. Needs ``trace_source=True``.
+    Each position gets the merged token that holds it: directly with ``output="original"``, else through
+    the source map (``trace_source=True``; ``info`` defaults to this thread's last traced forward).
     """
-    ctx = _patched_ctx(model)
-    info = info or ctx.info
-    if info.state is None or info.state.source is None:
-        raise ValueError("no source map: patch with trace_source=True and run a forward first")
-    layout: AudioLayout = ctx.layout
-    full = unmerge(last_hidden_state, info.state)  # [B, N0, C]
-    B, _, C = full.shape
-    return full[:, layout.protected:].reshape(B, layout.bands, layout.columns, C)
+    _audio_patch(model)
+    return grid_features(model, last_hidden_state, info)
 
 
 def column_features(model: nn.Module, last_hidden_state: Tensor, info: Optional[MergeInfo] = None,
@@ -351,31 +263,24 @@ def column_features(model: nn.Module, last_hidden_state: Tensor, info: Optional[
 
     Column t covers ``layout.column_seconds()[t]`` seconds.
     """
+    if pool not in ("mean", "max"):
+        raise ValueError(f"pool must be 'mean' or 'max', got '{pool}'")
     grid = band_time_features(model, last_hidden_state, info)
-    if pool == "mean":
-        return grid.mean(1)
-    if pool == "max":
-        return grid.amax(1)
-    raise ValueError(f"pool must be 'mean' or 'max', got '{pool}'")
+    return grid.mean(1) if pool == "mean" else grid.amax(1)
 
 
 def column_logits(model: nn.Module, input_values: Tensor, pool: str = "mean") -> Tuple[Tensor, Tensor]:
     """Clip logits ``[B, L]`` and per-column logits ``[B, T', L]`` of an ASTForAudioClassification.
 
     The column scores apply the model's own classifier head to ``column_features``: frame-level (sound
-    event detection style) scores from a clip-level tagger. Needs ``trace_source=True``.
+    event detection style) scores from a clip-level tagger. Needs ``trace_source=True`` or ``output="original"``.
     """
     if not hasattr(model, "classifier"):
         raise TypeError("column_logits needs an ASTForAudioClassification (it uses the classifier head)")
-    _patched_ctx(model)
-    seen: Dict[str, Tensor] = {}
-    base = _backbone(model)
-    handle = base.register_forward_hook(lambda m, i, o: seen.__setitem__("x", o.last_hidden_state))
-    try:
-        logits = model(input_values=input_values).logits
-    finally:
-        handle.remove()
-    return logits, model.classifier(column_features(model, seen["x"], pool=pool))
+    _audio_patch(model)
+    out = _backbone(model)(input_values=input_values)
+    logits = model.classifier(out.pooler_output)  # as ASTForAudioClassification.forward does
+    return logits, model.classifier(column_features(model, out.last_hidden_state, pool=pool))
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -643,7 +548,7 @@ def tag_windows(model: nn.Module, waveform: Union[Tensor, Any], sample_rate: int
 
     Args:
         model: an ASTForAudioClassification patched by ``audio.patch(model, ..., trace_source=True)`` (the
-            timeline needs the source map; ``r=0`` merges nothing).
+            timeline needs the source map, or ``output="original"``; ``r=0`` merges nothing).
         waveform: one recording, mono ``[S]`` (float in [-1, 1] or integer PCM; ``[S, C]`` is mixed down).
         sample_rate: its rate in Hz (resampled to 16 kHz).
         hop_seconds: seconds between window starts, from 0.01 s to one window (rounded to 10 ms frames).
@@ -656,11 +561,11 @@ def tag_windows(model: nn.Module, waveform: Union[Tensor, Any], sample_rate: int
         TypeError (not an ASTForAudioClassification), ValueError (not patched, no ``trace_source``, bad
         options, a recording shorter than one 25 ms frame, an ``r`` the short last window cannot take).
     """
-    ctx = _patched_ctx(model)
+    spec = _audio_patch(model)
     if not hasattr(model, "classifier"):
         raise TypeError("tag_windows needs an ASTForAudioClassification (it uses the classifier head)")
-    options = getattr(ctx, "audio_options", None)
-    if options is None or not options.get("trace_source"):
+    options = spec.extra["options"]
+    if not (options.get("trace_source") or options.get("output") == "original"):
         raise ValueError("tag_windows needs per-column outputs: patch with audio.patch(model, r=..., "
                          "trace_source=True) (r=0 merges nothing)")
     if activation not in ("sigmoid", "softmax"):
@@ -691,18 +596,17 @@ def tag_windows(model: nn.Module, waveform: Union[Tensor, Any], sample_rate: int
 
     def run(batch: Tensor, first: int) -> None:
         clip_logits, per_column = column_logits(model, batch)  # [b, L], [b, T', L]
-        now = _patched_ctx(model)  # set_lengths made a new patch
-        seen: AudioLayout = now.layout
+        seen = patched_layout(model)  # set_lengths made a new patch
         for i in range(batch.shape[0]):
             real = seen.real_columns(int(lengths[first + i]))
             start = starts[first + i] / SAMPLE_RATE
             spans.append(seen.column_seconds()[:real].to(per_column.device) + start)
             column_scores.append(per_column[i, :real].float())
             columns.append(seen.columns)
-            tokens.append(list(now.info.tokens_per_layer))
+            tokens.append(list(merge_info(model).tokens_per_layer))
         logits.append(clip_logits.float())
 
-    saved = ctx.lengths
+    saved = spec.extra["lengths"]
     try:
         if full:
             set_lengths(model, None)
@@ -755,7 +659,7 @@ def visualize(spectrogram: Tensor, info: MergeInfo, layout: Optional[AudioLayout
     if layout is None:
         if model is None:
             raise ValueError("pass layout= or model=")
-        layout = _patched_ctx(model).layout
+        layout = patched_layout(model)
     if info.source is None:
         raise ValueError("no source map: patch with trace_source=True and run a forward first")
     spec = torch.as_tensor(spectrogram).detach().float().cpu()

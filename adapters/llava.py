@@ -51,8 +51,17 @@ from mmmerge.reduce import reduce_tokens
 from mmmerge.schedule import TargetTokens, resolve_schedule
 from mmmerge.state import TokenState, init_state
 
-from .encoder import encoder_layers, layer_parts, patch_layers
-from .video import TIME_MODES, time_constraint
+from .encoder import TokenGrid, encoder_layers, layer_parts, patch_encoder, plan_layout, unpatch_encoder
+from .video import TIME_MODES
+
+
+def time_constraint(time_mode: str, window: int = 1, frames: Optional[int] = None):
+    """The engine constraint of a video time mode over ``frames`` frames (``window(k)`` or window=k)."""
+    from mmmerge.constraints import parse_constraint, parse_time_mode
+
+    mode, k = parse_time_mode(time_mode, TIME_MODES + ("window",) if time_mode == "window" else TIME_MODES)
+    spec = f"window({window if time_mode == 'window' else k})" if mode == "window" else mode
+    return parse_constraint(spec, steps=None if frames is None else {"t": frames})
 
 IMAGE_MODELS = ("LlavaForConditionalGeneration", "LlavaModel")
 VIDEO_MODELS = ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel")
@@ -211,7 +220,7 @@ class _Capture:
         if need:
             # The layer that produced hidden_states[f] is layer f-1 (layer 0 for the embeddings).
             layer = _tower_layers(lm)[max(layout.feature_layers[-1] - 1, 0)]
-            self.attn = layer_parts(layer).core
+            self.attn = layer_parts(layer).attention
             self.handles = [self.attn.q_proj.register_forward_hook(lambda m, i, o: self.q.append(o)),
                             self.attn.k_proj.register_forward_hook(lambda m, i, o: self.k.append(o))]
 
@@ -285,7 +294,7 @@ def _reduce(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor
     if ctx.method in ("tps", "prune") and score is not None and "score" not in hyper:
         hyper["score"] = score  # [CLS] attention decides what stays, as in TPS
     return reduce_tokens(x, keep, ctx.method, metric=metric, protected=protected, state=state,
-                         constraint=constraint, **hyper)
+                         constraint=constraint, check_layout=False, **hyper)  # time-major by construction
 
 
 # ------------------------------------------------------------------------------------- image wrapper
@@ -398,7 +407,7 @@ def _video_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_
                            rules={"t_min": "min", "t_max": "max"})
         y, state = _reduce(ctx, x, metric.reshape(B, T * n, -1),
                            None if score is None else score.reshape(B, T * n), keep, 0, state=state,
-                           constraint=time_constraint(ctx.time_mode, ctx.window))
+                           constraint=time_constraint(ctx.time_mode, ctx.window, T))
     ctx.info.state = state
     out.pooler_output = y
     return out if return_dict else out.to_tuple()
@@ -642,8 +651,6 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
         if where != "pre_llm":
             raise ValueError("where='vision_tower' would merge inside each frame before the spatial pooling, which "
                              "needs the full grid; use where='pre_llm' for LLaVA-NeXT-Video")
-        if time_mode not in TIME_MODES and not time_mode.startswith("window("):
-            raise ValueError(f"unknown time_mode '{time_mode}'; choose one of {', '.join(TIME_MODES)}")
         time_constraint(time_mode, window)
         if method == "dominant" and time_mode not in ("global", "within_frame"):
             raise ValueError("method 'dominant' selects in one step over the whole video; use time_mode "
@@ -702,10 +709,11 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
     undo = ctx.undo
     try:
         if schedule is not None:
-            patch_layers(model, layers, schedule=schedule, method=method, prop_attn=prop_attn,
-                         protected=layout.cls, trace_source=True, hyper=hyper)
-            undo_layers = model._mmmerge_undo
-            undo.append(undo_layers)
+            tower = getattr(lm.vision_tower, "vision_model", lm.vision_tower)
+            grid = TokenGrid(layout.cls, (("row", layout.rows), ("col", layout.cols)))
+            patch_encoder(tower, layers, grid=grid, layout=plan_layout(grid, "global"), r=schedule, method=method,
+                          options=hyper, prop_attn=prop_attn, trace_source=True, family="llava")
+            undo.append(lambda: unpatch_encoder(tower))
         elif where == "pre_llm":
             name = "get_video_features" if family == "video" else "get_image_features"
             wrapper = _video_features if family == "video" else _image_features

@@ -1,14 +1,15 @@
 """Video adapter: token merging for ViViT and VideoMAE, with time-respecting modes.
 
-Tokens are time-major: index = t * H' * W' + row * W' + col (after ViViT's CLS at 0). Each token
-carries its tubelet index ``t``, ``row``, ``col`` (centroids) and its time span ``t_min``/``t_max``
-(tubelets; ``sec_min``/``sec_max`` in seconds when timestamps are given).
+Tokens are time-major: index = t * H' * W' + row * W' + col (after ViViT's CLS at 0), i.e.
+``rearrange(x, "b (t h w) c -> b t h w c")``. Merged tokens report their tubelet span ``t_min``/``t_max``,
+centroids ``t``, ``row``, ``col`` and, with ``timestamps``, their span in seconds ``sec_min``/``sec_max``.
 
-Time modes:
+Time modes (``time_mode``):
     global        any two tokens may merge
-    within_frame  never across tubelets; every tubelet removes the same share (per-frame budget)
+    within_frame  never across tubelets; each tubelet gives up its own share of r (``group_budget``)
     adjacent      only tokens whose time spans touch: every merged token covers one contiguous stretch
-    window        only inside blocks of ``window`` consecutive tubelets
+    window(k)     only inside blocks of k consecutive tubelets; each block gives up its own share
+Shares are as even as possible: for any r some tubelets (blocks) give up one token more.
 """
 from __future__ import annotations
 
@@ -22,16 +23,16 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from mmmerge.constraints import Adjacent, Constraint, Global, SameSpan, Window
+from mmmerge.constraints import parse_time_mode
 from mmmerge.extras import require
-from mmmerge.merge import unmerge
+from mmmerge.info import MergeInfo
 from mmmerge.patching import register
 from mmmerge.schedule import ScheduleSpec
 
-from .encoder import MergeInfo, encoder_layers, encoder_schedule, patch_layers, pooling_hook
+from .encoder import TokenGrid, encoder_flops, encoder_layers, grid_features, patch_encoder, patch_spec, plan_layout
 
 SUPPORTED = ("VivitModel", "VivitForVideoClassification", "VideoMAEModel", "VideoMAEForVideoClassification")
-TIME_MODES = ("global", "within_frame", "adjacent", "window")
+TIME_MODES = ("global", "within_frame", "adjacent", "window(k)")
 
 
 @dataclass
@@ -48,10 +49,14 @@ class VideoLayout:
     def num_tokens(self) -> int:
         return self.protected + self.frames * self.rows * self.cols
 
+    @property
+    def grid(self) -> TokenGrid:
+        return TokenGrid(self.protected, (("t", self.frames), ("row", self.rows), ("col", self.cols)))
+
 
 def _backbone(model: nn.Module) -> Tuple[nn.Module, str]:
     name = type(model).__name__
-    if name not in SUPPORTED and not any(c.__name__ in SUPPORTED for c in type(model).__mro__):
+    if not any(c.__name__ in SUPPORTED for c in type(model).__mro__):
         raise TypeError(f"video.patch supports {', '.join(SUPPORTED)}; got {name}")
     if hasattr(model, "vivit"):
         return model.vivit, "vivit"
@@ -71,84 +76,73 @@ def video_layout(model: nn.Module) -> VideoLayout:
                        cfg.image_size // cfg.patch_size, cfg.tubelet_size)
 
 
-def _coordinates(layout: VideoLayout, timestamps: Optional[Sequence[float]]) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    T, H, W, P = layout.frames, layout.rows, layout.cols, layout.protected
-    grid_t, grid_r, grid_c = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+def _position_coords(layout: VideoLayout, timestamps: Optional[Sequence[float]]) -> Tuple[Dict[str, Tensor],
+                                                                                          Dict[str, str]]:
+    """Coordinates of every token position (CLS gets -1) and how they combine when tokens merge."""
+    T, P = layout.frames, layout.protected
+    pos = layout.grid.positions()
     head = torch.full((P,), -1.0)
 
     def full(v: Tensor) -> Tensor:
-        return torch.cat([head, v.reshape(-1).float()])
+        return torch.cat([head, v.float()])
 
-    coords = {"t": full(grid_t), "row": full(grid_r), "col": full(grid_c), "t_min": full(grid_t), "t_max": full(grid_t)}
+    coords = {"t": full(pos["t"]), "row": full(pos["row"]), "col": full(pos["col"]),
+              "t_min": full(pos["t"]), "t_max": full(pos["t"])}
     rules = {"t_min": "min", "t_max": "max", "sec_min": "min", "sec_max": "max"}
     if timestamps is not None:
-        ts = torch.as_tensor(list(timestamps), dtype=torch.float32)
-        if ts.numel() != T * layout.tubelet:
-            raise ValueError(f"timestamps must give one time per input frame ({T * layout.tubelet}), got {ts.numel()}")
-        per_tubelet = ts.view(T, layout.tubelet)
+        per_tubelet = check_timestamps(timestamps, T * layout.tubelet).view(T, layout.tubelet)
         # A tubelet spans from its first frame to its last frame; spans are in seconds.
-        coords["sec_min"] = full(per_tubelet[:, 0].view(T, 1, 1).expand(T, H, W))
-        coords["sec_max"] = full(per_tubelet[:, -1].view(T, 1, 1).expand(T, H, W))
+        coords["sec_min"] = full(per_tubelet[:, 0][pos["t"]])
+        coords["sec_max"] = full(per_tubelet[:, -1][pos["t"]])
     return coords, rules
 
 
-def time_constraint(time_mode: str, window: int = 1) -> Constraint:
-    """The constraint for a time mode (``window(k)`` is accepted as a time_mode too)."""
-    if time_mode.startswith("window(") and time_mode.endswith(")"):
-        time_mode, window = "window", int(time_mode[7:-1])
-    if time_mode == "global":
-        return Global()
-    if time_mode == "within_frame":
-        return SameSpan(axis="t", label="within_frame")
-    if time_mode == "adjacent":
-        return Adjacent(axis="t")
-    if time_mode == "window":
-        return Window(k=window, axis="t")
-    raise ValueError(f"unknown time_mode '{time_mode}'; choose one of {', '.join(TIME_MODES)} (or 'window(k)')")
+def _mean_pooled(model: nn.Module, family: str) -> bool:
+    """The head averages the encoder output over tokens (VideoMAE with fc_norm)."""
+    return family == "videomae" and getattr(model, "fc_norm", None) is not None
 
 
-def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode: str = "global", window: int = 1,
-          prop_attn: Optional[bool] = None, trace_source: bool = False, frame_budget: bool = True,
-          timestamps: Optional[Sequence[float]] = None, **hyper: Any) -> nn.Module:
+def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode: str = "global",
+          prop_attn: Optional[bool] = None, trace_source: bool = False, group_budget: bool = True,
+          timestamps: Optional[Sequence[float]] = None, output: Optional[str] = None, **options: Any) -> nn.Module:
     """Patch a ViViT or VideoMAE model in place for token merging; returns the model.
 
     Args:
         r: tokens removed per layer, any engine schedule: int, ``(r, inflect)``, list, ``KeepRatio``,
-            ``TargetTokens``, ``TargetFlops`` (fraction of the unmerged encoder's FLOPs).
+            ``TargetTokens``, ``TargetFlops`` (fraction of the unmerged encoder's FLOPs). Checked at patch
+            time against what every layer can remove under the time mode, for every input.
         method: ``tome``, ``pitome``, ``tps``, ``random``, ``prune`` or ``none``.
-        time_mode: ``global``, ``within_frame``, ``adjacent``, ``window`` (blocks of ``window`` tubelets).
+        time_mode: ``global``, ``within_frame``, ``adjacent`` or ``window(k)`` (blocks of k tubelets).
         prop_attn: proportional attention (``log(size)`` bias); default on, except for ``prune``.
-        trace_source: keep the source map so ``last_info`` and ``frame_features`` can unmerge.
-        frame_budget: with ``within_frame``, every tubelet removes ``r / T'`` tokens (r must divide).
-        timestamps: seconds of each input frame (from ``load_video``), to give tokens spans in seconds.
-        **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``).
+        trace_source: record the source map of each forward, for ``last_info``, ``frame_features``, ``visualize``.
+        group_budget: under ``within_frame`` / ``window(k)`` every tubelet (block) removes its own share of
+            r; False: one budget over all tokens under the same rule.
+        timestamps: seconds of each input frame (from ``load_video``), to report merged spans in seconds.
+        output: ``"merged"`` (the merged tokens) or ``"original"`` (one row per patch token, each holding
+            its merged token). Default: ``"original"`` for VideoMAE's mean-pooling head (so its plain mean
+            is the exact size-weighted mean), else ``"merged"``.
+        **options: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``, random
+            ``generator``); unknown names and bad values raise ValueError.
     Raises:
         TypeError for unsupported models, ValueError for an infeasible r or a bad option; the model is
         then left untouched.
     """
+    for old, new in (("frame_budget", "group_budget"), ("window", "time_mode='window(k)'")):
+        if old in options:
+            raise ValueError(f"video.patch takes no option '{old}'; use {new}")
     layout = video_layout(model)
     base, family = _backbone(model)
-    constraint = time_constraint(time_mode, window)
-    per_frame = isinstance(constraint, SameSpan) and frame_budget
-    groups = layout.frames if per_frame else 1
+    mode, k = parse_time_mode(time_mode, TIME_MODES)
     layers = encoder_layers(base)
-    schedule = encoder_schedule(r, base.config, len(layers), layout.num_tokens, layout.protected, method, groups,
-                                f"within_frame shares r equally over {groups} tubelets; pass frame_budget=False "
-                                "for one global budget under the within_frame mask")
-    timestamps = None if timestamps is None else check_timestamps(timestamps, layout.frames * layout.tubelet)
-    coords, rules = _coordinates(layout, timestamps)
+    merge_layout = plan_layout(layout.grid, mode, k, group_budget)
+    coords, rules = _position_coords(layout, timestamps)  # checks timestamps (check_timestamps, loading section)
     if prop_attn is None:
         prop_attn = method != "prune"
-    pooled = getattr(model, "fc_norm", None) is not None and family == "videomae" and any(schedule)
-
-    def install(ctx):
-        # VideoMAE's mean pooling becomes a size-weighted mean (= the mean over the unmerged originals).
-        return pooling_hook(ctx, model.fc_norm, base) if pooled else []
-
-    ctx = patch_layers(model, layers, schedule=schedule, method=method, constraint=constraint,
-                       groups=groups, prop_attn=prop_attn, trace_source=trace_source,
-                       protected=layout.protected, coords=coords, rules=rules, hyper=hyper, install=install)
-    ctx.layout = layout  # type: ignore[attr-defined]
+    if output is None:
+        output = "original" if _mean_pooled(model, family) else "merged"
+    patch_encoder(model, layers, grid=layout.grid, layout=merge_layout, r=r, method=method, options=options,
+                  prop_attn=prop_attn, trace_source=trace_source, output=output,
+                  layer_flops=encoder_flops(base.config), position_coords=coords, rules=rules, family="video")
     return model
 
 
@@ -157,20 +151,12 @@ for _name in SUPPORTED:
 
 
 def frame_features(model: nn.Module, last_hidden_state: Tensor, info: Optional[MergeInfo] = None) -> Tensor:
-    """Unmerge the encoder output to per-position features ``[B, T', H', W', C]`` (CLS dropped).
+    """The encoder output per tubelet position ``[B, T', H', W', C]`` (CLS dropped).
 
-    Needs ``trace_source=True`` at patch time; each position gets the merged token that holds it.
+    Each position gets the merged token that holds it: directly with ``output="original"``, else through
+    the source map (``trace_source=True``; ``info`` defaults to this thread's last traced forward).
     """
-    ctx = getattr(model, "_mmmerge", None)
-    if ctx is None:
-        raise ValueError("model is not patched; call mmmerge.adapters.video.patch(model, ..., trace_source=True)")
-    info = info or ctx.info
-    if info.state is None or info.state.source is None:
-        raise ValueError("no source map: patch with trace_source=True and run a forward first")
-    layout: VideoLayout = ctx.layout
-    full = unmerge(last_hidden_state, info.state)  # [B, N0, C]
-    B, _, C = full.shape
-    return full[:, layout.protected:].reshape(B, layout.frames, layout.rows, layout.cols, C)
+    return grid_features(model, last_hidden_state, info)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -260,7 +246,7 @@ def check_timestamps(timestamps: Union[Sequence[float], Tensor], frames: Optiona
     back = ts[1:] < ts[:-1]
     if bool(back.any()):
         i = int(back.nonzero()[0]) + 1
-        raise ValueError(f"timestamps must never decrease: timestamps[{i}] = {float(ts[i]):.6g} s comes after "
+        raise ValueError(f"timestamps must not decrease: timestamps[{i}] = {float(ts[i]):.6g} s comes after "
                          f"timestamps[{i - 1}] = {float(ts[i - 1]):.6g} s")
     return ts.float()
 
@@ -443,7 +429,7 @@ def visualize(frames: Tensor, info: MergeInfo, layout: Optional[VideoLayout] = N
     if layout is None:
         if model is None:
             raise ValueError("pass layout= or model=")
-        layout = model._mmmerge.layout
+        layout = video_layout(model)
     if info.source is None:
         raise ValueError("no source map: patch with trace_source=True and run a forward first")
     T, H, W = layout.frames, layout.rows, layout.cols

@@ -21,13 +21,12 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import mmmerge
 from mmmerge.adapters import audio
-from mmmerge.schedule import resolve_schedule, transformer_layer_flops
 
 from .timing import SideBySide, machine, markdown_table
 
@@ -59,19 +58,12 @@ def clip(seconds: float, rate: int = 16000) -> torch.Tensor:
             + 0.3 * ((t % 1.3) < 0.15).float() * noise)
 
 
-def schedule_for(model, fraction: float, method: str, time_mode: str, columns: int) -> Tuple[Union[int, list], str]:
-    """The engine's TargetFlops schedule for ``fraction`` at this many columns, and a short description of it.
-
-    (The engine uses a constant r when one reaches the target, else the mildest keep-ratio schedule.)
-    """
-    cfg = model.config
-    layers = cfg.num_hidden_layers
-    flops = transformer_layer_flops(cfg.hidden_size, cfg.intermediate_size / cfg.hidden_size)
-    layout = audio.ast_layout(model)
-    tokens = layout.protected + layout.bands * columns
-    groups = layout.bands if time_mode == "same_band" else 1
-    schedule = resolve_schedule(mmmerge.TargetFlops(fraction), layers, tokens, layout.protected, method=method,
-                                multiple_of=groups, layer_flops=flops)
+def schedule_for(model, fraction: float, method: str, time_mode: str, lengths=None) -> Tuple[List[int], str]:
+    """The audio adapter's TargetFlops schedule for ``fraction`` at these real lengths (padding dropped), and a
+    short description of it (a constant r when one reaches the target, else the mildest keep-ratio schedule)."""
+    audio.patch(model, r=mmmerge.TargetFlops(fraction), method=method, time_mode=time_mode, lengths=lengths)
+    schedule = mmmerge.last_info(model).schedule
+    mmmerge.unpatch(model)
     return schedule, f"const r={schedule[0]}" if len(set(schedule)) == 1 else "keep-ratio"
 
 
@@ -132,15 +124,14 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3, t
         base_flops = mmmerge.count_flops(reference, input_values=full_x)
         timer = SideBySide(lambda: reference(input_values=full_x))
         for method, mode, fraction in full_grid:
-            spec, described = schedule_for(model, fraction, method, mode, layout.columns)
+            spec, described = schedule_for(model, fraction, method, mode)
             record(full_x, "10.24 s", method, mode, fraction, described, r=spec)
         for seconds, fraction in clip_grid:
             x, lengths = audio.features(clip(seconds))  # padded to 1024 frames; lengths = real frames
-            columns = layout.real_columns(int(lengths[0]))
             if fraction is None:
                 record(x, f"{seconds:g} s", "none", "global", "drop padding", "r=0", lengths=lengths, r=0)
             else:
-                spec, described = schedule_for(model, fraction, "tome", "global", columns)
+                spec, described = schedule_for(model, fraction, "tome", "global", lengths)
                 record(x, f"{seconds:g} s", "tome", "global", f"drop + {fraction}", described, lengths=lengths,
                        r=spec)
     base_ms = timer.baseline_median * 1e3

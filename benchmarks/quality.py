@@ -7,7 +7,7 @@ For each reference model in ``benchmarks/reference/`` (``python -m benchmarks.tr
 its held-out clips (``benchmarks.tasks``, seed ``train_reference.TEST_SEED``), every method
 (tome, pitome, tps, random, prune) in every time mode at every FLOPs target (``mmmerge.TargetFlops``:
 the smallest constant r whose estimated encoder FLOPs are at most that fraction; where a constant r cannot
-reach it, the mildest KeepRatio schedule that does, see ``schedule_for``) is measured for:
+reach it, the mildest keep-ratio schedule that does, see ``schedule_for``) is measured for:
     accuracy        top-1 accuracy on the held-out clips (``acc_drop``: points lost against the unmerged model)
     agreement       share of clips whose top-1 class equals the unmerged model's
     kl              mean KL(unmerged || merged) of the softmax over classes, in nats
@@ -63,44 +63,17 @@ def model_name(model) -> str:
 
 
 def schedule_for(model, fraction: float, method: str, time_mode: str) -> Tuple[List[int], str]:
-    """Per-layer r meeting ``fraction`` of the encoder FLOPs, and a short description of it.
+    """Per-layer r meeting ``fraction`` of the encoder FLOPs under ``time_mode``, and a short description.
 
-    The engine's ``TargetFlops`` (smallest constant r) when it can reach the target; a constant r is
-    capped at half the tokens of the last layer, which few-layer models hit, so otherwise the mildest
-    ``KeepRatio`` (each layer keeps a share of its tokens: more merging early) whose estimate meets it.
-    Per-frame / per-band budgets (within_frame, same_band) keep every r a multiple of the group count.
+    The adapter's own ``TargetFlops``: the smallest constant r that every layer can always take under the
+    time mode, else the mildest keep-ratio schedule; ValueError when no feasible schedule reaches it.
     """
-    from mmmerge.schedule import KeepRatio, TargetFlops, resolve_schedule, schedule_flops, transformer_layer_flops
+    import mmmerge
 
-    layout = layout_of(model)
-    cfg = model.config
-    groups = 1
-    if time_mode == "within_frame":
-        groups = layout.frames
-    elif time_mode == "same_band":
-        groups = layout.bands
-    layers = cfg.num_hidden_layers
-    flops = transformer_layer_flops(cfg.hidden_size, cfg.intermediate_size / cfg.hidden_size)
-    args = (layers, layout.num_tokens, layout.protected)
-    try:
-        schedule = resolve_schedule(TargetFlops(fraction), *args, method=method, multiple_of=groups, layer_flops=flops)
-        return schedule, f"const r={schedule[0]}"
-    except ValueError:
-        pass
-    target = fraction * schedule_flops([0] * layers, layout.num_tokens, flops)
-
-    def meets(ratio: float) -> bool:
-        spec = resolve_schedule(KeepRatio(ratio), *args, method=method, multiple_of=groups)
-        return schedule_flops(spec, layout.num_tokens, flops) <= target
-
-    lo, hi = 0.02, 1.0  # lo meets the target, hi does not
-    if not meets(lo):
-        raise ValueError(f"{fraction} of the FLOPs is out of reach for {method}/{time_mode} even keeping {lo:.0%}")
-    for _ in range(25):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if meets(mid) else (lo, mid)
-    schedule = resolve_schedule(KeepRatio(lo), *args, method=method, multiple_of=groups)
-    return schedule, f"keep {lo:.3f}: r={schedule}"
+    mmmerge.patch(model, r=mmmerge.TargetFlops(fraction), method=method, time_mode=time_mode)
+    schedule = mmmerge.last_info(model).schedule
+    mmmerge.unpatch(model)
+    return schedule, f"const r={schedule[0]}" if len(set(schedule)) == 1 else f"keep-ratio: r={schedule}"
 
 
 @torch.no_grad()

@@ -194,9 +194,9 @@ def run(args) -> int:
     unmerged = copy.deepcopy(model)  # timed side by side with the patched model
     spec = args.r if args.r is not None else mmmerge.TargetFlops(args.flops if args.flops is not None else 0.5)
     try:  # patch validates everything first (infeasible r, unknown time mode) and leaves the model as it was
-        audio.patch(model, r=spec, method=args.method, time_mode=args.time_mode, window=args.window,
-                    within_band=args.within_band, lengths=lengths, drop_padding=not args.keep_padding,
-                    trace_source=True)
+        time_mode = f"window({args.window})" if args.time_mode == "window" else args.time_mode
+        audio.patch(model, r=spec, method=args.method, time_mode=time_mode, within_band=args.within_band,
+                    lengths=lengths, drop_padding=not args.keep_padding, trace_source=True)
     except (ValueError, TypeError) as err:
         raise InputError(str(err)) from None
     with torch.no_grad():
@@ -221,7 +221,7 @@ def run(args) -> int:
         with torch.no_grad():
             _, columns = audio.column_logits(model, x)
         top = int(merged_logits.argmax())
-        seconds = audio.ast_layout(model, columns=columns.shape[1]).column_seconds()
+        seconds = audio.patched_layout(model).column_seconds()
         scores = columns[0, :, top].sigmoid()
         print(f"\nper-column score of '{labels.get(top, top)}':")
         print("  ".join(f"{float(s[0]):.1f}s:{float(v):.2f}" for s, v in zip(seconds, scores)))

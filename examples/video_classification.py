@@ -281,9 +281,10 @@ def run(args) -> int:
     unmerged = copy.deepcopy(model)  # timed side by side with the patched model
     base_logits = logits_of(model, x)
     base_flops = gflops(model, x)
+    time_mode = f"window({args.window})" if args.time_mode == "window" else args.time_mode
     try:  # patch validates everything first (infeasible r, unknown time mode) and leaves the model as it was
-        mmmerge.patch(model, r=spec, method=args.method, time_mode=args.time_mode, window=args.window,
-                      trace_source=bool(args.visualize), timestamps=stamps)
+        mmmerge.patch(model, r=spec, method=args.method, time_mode=time_mode, trace_source=bool(args.visualize),
+                      timestamps=stamps)
     except (ValueError, TypeError) as err:
         raise InputError(str(err)) from None
     merged_logits = logits_of(model, x)

@@ -11,5 +11,6 @@ from torch import Tensor
 
 def size_bias(size: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Additive attention bias ``log(size)`` of shape ``[B, 1, 1, N]`` (broadcasts over heads and queries)."""
-    bias = size.log()[:, None, None, :]
+    B, N = size.shape
+    bias = size.log().view(B, 1, 1, N)
     return bias if dtype is None else bias.to(dtype)

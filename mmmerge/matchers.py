@@ -1,9 +1,10 @@
-"""Matchers: pure functions ``(metric, state, r, constraint, **hyper) -> MergePlan``.
+"""Matchers: pure functions ``(metric, state, r, constraint, partition, **options) -> MergePlan``.
 
 This is where tokens are *chosen*. Each matcher removes exactly ``r`` of the mergeable tokens
-(everything after ``state.protected``) and says where each removed token goes. Scores of pairs the
-constraint forbids are -inf before any argmax, so no forbidden pair can merge; if a batch element has
-fewer than ``r`` allowed pairs the matcher fails loudly (device-side assert, no host sync) instead.
+(everything after ``state.protected``) and says where each removed token goes. Pairs that the
+constraint, the partition or the padding rule forbid score -inf before any argmax, so no forbidden pair
+can merge. Every step's shapes depend only on ``r`` and the token count, never on data, and a step
+within ``step_limit`` always succeeds (for every input, NaN included): nothing is checked on device.
 
     tome    ToMe bipartite soft matching (Bolya et al., ICLR 2023)
     pitome  PiToMe energy-score merging (Tran et al., NeurIPS 2024)
@@ -11,23 +12,91 @@ fewer than ``r`` allowed pairs the matcher fails loudly (device-side assert, no 
     random  bipartite merging on random scores (baseline)
     prune   drop the least important tokens' values (baseline)
     none    never merges (r must be 0)
+
+Why a step always succeeds. Tokens are kept in the order of their representatives (``merge.py``), so
+the tokens of one clique (``constraints.py``) sit in runs of consecutive positions. A run of m >= 2
+tokens holds at least floor(m / 2) A tokens (even positions), each with an allowed B in the run, which
+bounds what a bipartite step can always remove; the select-style matchers keep one anchor (the best
+token) per clique, so every removed token has an allowed host among the kept ones.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import inspect
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .constraints import Constraint, Global, allowed_pairs
-from .merge import MergePlan, plan_from_targets
+from .constraints import Constraint, Global, Guarantee, Partition, allowed_pairs, clique_cover, padded_guarantee
+from .merge import MergePlan, plan_from_pairs, plan_from_targets
 from .state import TokenState
 
 NEG_INF = float("-inf")
+POS_INF = float("inf")
 
 
-# ----------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ step limits
+def _odd_runs(mergeable: int, runs: int) -> int:
+    """Most runs of odd length that ``runs`` runs of ``mergeable`` tokens in total can have."""
+    runs = min(runs, mergeable)
+    return runs if (runs - mergeable) % 2 == 0 else runs - 1
+
+
+def step_limit(method: str, mergeable: int, guarantee: Guarantee = Guarantee()) -> int:
+    """Largest r one step of ``method`` can always remove from ``mergeable`` tokens with this guarantee.
+
+    bipartite (tome, random): a run of m tokens gives floor(m / 2) A tokens with a neighbour B;
+    pitome: 2r candidates besides one anchor per clique (none needed for a single clique);
+    select-style (tps, prune, ...): everything but one anchor per clique.
+    """
+    kind = METHOD_KINDS.get(method, "select")
+    if kind == "none" or mergeable <= 0:
+        return 0
+    if kind == "bipartite":
+        return (mergeable - _odd_runs(mergeable, guarantee.runs)) // 2
+    if kind == "pitome":
+        return mergeable // 2 if guarantee.cliques <= 1 else max(mergeable - guarantee.cliques, 0) // 2
+    return max(mergeable - guarantee.cliques, 0)
+
+
+def group_limits(method: str, sizes: Sequence[int], guarantees: Sequence[Guarantee]) -> Tuple[int, ...]:
+    """``step_limit`` of every group of a partition."""
+    return tuple(step_limit(method, n, g) for n, g in zip(sizes, guarantees))
+
+
+def _check_r(r: int, limit: int, mergeable: int, method: str) -> None:
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    if r > limit:
+        raise ValueError(f"{method}: r={r} is too large: {mergeable} mergeable tokens allow at most r={limit} in "
+                         "one step under this constraint")
+
+
+def check_step(method: str, r: int, state: TokenState, constraint: Constraint,
+               partition: Optional[Partition]) -> None:
+    """Raise ValueError unless one step of ``method`` can remove ``r`` tokens for every input of this shape.
+
+    With padding (``state.valid``) the mask is read on the host once (engine calls only)."""
+    M = state.num_tokens - state.protected
+    if partition is None:
+        valid = None if state.valid is None else state.valid[:, state.protected:]
+        _check_r(r, step_limit(method, M, padded_guarantee(constraint, valid)), M, method)
+        return
+    if sum(partition.sizes) != M:
+        raise ValueError(f"the partition covers {sum(partition.sizes)} tokens but there are {M} mergeable tokens")
+    if r != partition.removed:
+        raise ValueError(f"r={r} differs from the partition's budgets {partition.budgets} (sum {partition.removed})")
+    limits = group_limits(method, partition.sizes, partition.group_guarantees())
+    for g, (n, budget, limit) in enumerate(zip(partition.sizes, partition.budgets, limits)):
+        if budget > limit:
+            raise ValueError(f"{method}: group {g} has {n} tokens and can give up at most {limit} in one step, "
+                             f"not {budget}")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
 def identity_plan(state: TokenState) -> MergePlan:
     B, N = state.size.shape
     assign = torch.arange(N, device=state.size.device).unsqueeze(0).expand(B, -1)
@@ -36,38 +105,47 @@ def identity_plan(state: TokenState) -> MergePlan:
 
 def _normalized(metric: Tensor, protected: int) -> Tensor:
     """Unit-norm mergeable metric ``[B, M, C]``; zero vectors stay zero (no NaN)."""
-    return F.normalize(metric[:, protected:], dim=-1, eps=1e-6)
+    m = metric[:, protected:] if protected else metric
+    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def _indices(B: int, idx: Tensor) -> Tensor:
-    return idx.unsqueeze(0).expand(B, -1) if idx.dim() == 1 else idx
+def _arange(B: int, start: int, end: int, step: int, device: torch.device) -> Tensor:
+    return torch.arange(start, end, step, device=device).unsqueeze(0).expand(B, -1)
 
 
-def _mask_scores(scores: Tensor, state: TokenState, constraint: Constraint, idx_a: Tensor, idx_b: Tensor) -> Tensor:
-    """Set forbidden pairs to -inf. ``idx_a``/``idx_b`` index the *mergeable* tokens ``[B, Na]``/``[B, Nb]``."""
+def _mask(scores: Tensor, state: TokenState, constraint: Constraint, partition: Optional[Partition],
+          idx_a: Tensor, idx_b: Tensor) -> Tensor:
+    """Forbidden pairs to -inf. ``idx_a`` / ``idx_b`` index the mergeable tokens, ``[B, Na]`` / ``[B, Nb]``."""
     P = state.protected
-    mask = allowed_pairs(state, constraint, idx_a + P, idx_b + P)
+    mask = allowed_pairs(state, constraint, idx_a + P, idx_b + P, partition)
     return scores if mask is None else scores.masked_fill(~mask, NEG_INF)
 
 
-def _assert_allowed(chosen_scores: Tensor, method: str) -> None:
-    # Device-side check: on CUDA it does not synchronise; on CPU it raises at once.
-    torch._assert_async(
-        torch.isfinite(chosen_scores).all(),
-        f"mmmerge.{method}: fewer allowed pairs than tokens to remove under this constraint; "
-        "lower r, use per-group budgets (groups=...), or a looser constraint",
-    )
+def _best_per_group(values: Tensor, take: int, partition: Optional[Partition], counts: Sequence[int],
+                    budgets: Sequence[int], ids: Optional[Tensor], key: str, descending: bool) -> Tensor:
+    """Indices ``[B, take]`` of the best ``values`` (``[B, K]``): overall, or ``budgets[g]`` from each group.
+
+    Per group: one stable sort by value, one stable sort by group id; group g's entries then sit in a
+    static range of the list, so its first ``budgets[g]`` are picked with a static index (no data-dependent
+    shape). ``ids``: ``[K]`` group of each entry; ``counts``: entries per group.
+    """
+    order = values.argsort(dim=1, descending=descending, stable=True)
+    if partition is None:
+        return order[:, :take]
+    by_group = ids.expand_as(order).gather(1, order).argsort(dim=1, stable=True)
+    order = order.gather(1, by_group)
+    return order.index_select(1, partition.first_positions(counts, budgets, values.device, key))
 
 
-def _check_r(r: int, mergeable: int, limit: int, method: str) -> None:
-    if not isinstance(r, int) or isinstance(r, bool):
-        raise TypeError(f"r must be an int, got {type(r).__name__}")
-    if r < 0:
-        raise ValueError(f"r must be >= 0, got {r}")
-    if r > limit:
-        raise ValueError(
-            f"{method}: r={r} is too large: {mergeable} mergeable tokens allow at most r={limit} in one step"
-        )
+def _a_counts(partition: Partition) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """A tokens (even positions among the mergeable) and B tokens (odd) in every group."""
+    a, b, start = [], [], 0
+    for n in partition.sizes:
+        evens = (start + n + 1) // 2 - (start + 1) // 2
+        a.append(evens)
+        b.append(n - evens)
+        start += n
+    return tuple(a), tuple(b)
 
 
 def energy_score(m: Tensor, margin: float, alpha: float = 1.0, shift: bool = False,
@@ -82,69 +160,121 @@ def energy_score(m: Tensor, margin: float, alpha: float = 1.0, shift: bool = Fal
     Returns:
         ``[B, M]`` float32 energy.
     """
-    sim = (m @ m.transpose(1, 2)).float()  # [B, M, M]
+    sim = torch.bmm(m, m.transpose(1, 2)).float()  # [B, M, M]
     if shift:
         f = F.elu(sim - margin, alpha=alpha)
     else:
-        f = torch.where(sim >= margin, sim, alpha * (torch.exp(sim - margin) - 1.0))
+        negative = torch.expm1(sim - margin)
+        f = torch.where(sim >= margin, sim, negative if alpha == 1.0 else alpha * negative)
     if valid is None:
         return f.mean(-1)
     w = valid.unsqueeze(1).float()
     return (f * w).sum(-1) / w.sum(-1).clamp_min(1.0)
 
 
+def _needs_anchors(state: TokenState, constraint: Constraint) -> bool:
+    """Anchors are needed under a coordinate rule or with padding. One clique needs none (any kept token is
+    an allowed host), and neither does a partition alone: a group's best token is never among its budget."""
+    return state.valid is not None or not isinstance(constraint, Global)
+
+
+def _anchors(importance: Tensor, state: TokenState, constraint: Constraint,
+             partition: Optional[Partition]) -> Tensor:
+    """``[B, M]`` bool: the most important token of every clique (``importance`` ``[B, M]``, finite)."""
+    P = state.protected
+    B, M = importance.shape
+    idx = _arange(B, P, P + M, 1, importance.device)
+    cover = clique_cover(state, constraint, idx, partition)  # [B, M, K]
+    best = importance.unsqueeze(-1).masked_fill(~cover, NEG_INF).argmax(dim=1)  # [B, K]
+    present = cover.any(dim=1).float()  # [B, K]: an empty clique (no padding in this clip) names no anchor
+    marks = torch.zeros(B, M, device=importance.device).scatter_reduce(1, best, present, "amax", include_self=True)
+    return marks > 0
+
+
+def _rows(m: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx`` ``[B, K]`` of ``m`` ``[B, M, C]``: ``[B, K, C]``."""
+    return m.gather(1, idx.unsqueeze(-1).expand(-1, -1, m.shape[-1]))
+
+
 # ---------------------------------------------------------------------------------------------- matchers
 def _bipartite(scores_fn: Callable[[Tensor, Tensor], Tensor], metric: Tensor, state: TokenState, r: int,
-               constraint: Constraint, method: str) -> MergePlan:
-    """Shared body of ToMe and the random baseline: alternating A/B split, best B per A, top-r edges."""
+               constraint: Constraint, partition: Optional[Partition]) -> MergePlan:
+    """Shared body of ToMe and the random baseline: alternating A/B split, best B per A, top-r edges.
+
+    With a partition every group merges its own budget: the best edges of each group (static ranges).
+    """
     P = state.protected
     B, N = metric.shape[:2]
     M = N - P
-    _check_r(r, M, M // 2, method)
-    if r == 0:
-        return identity_plan(state)
     device = metric.device
     with torch.no_grad():
-        idx_a = _indices(B, torch.arange(0, M, 2, device=device))  # [B, Na] positions among mergeable
-        idx_b = _indices(B, torch.arange(1, M, 2, device=device))  # [B, Nb]
-        scores = _mask_scores(scores_fn(idx_a, idx_b), state, constraint, idx_a, idx_b)  # [B, Na, Nb]
+        scores = scores_fn(metric, state)  # [B, Na, Nb]
+        ids_a, counts, group_rule = None, (), partition
+        if partition is not None:
+            ids_a = partition.cache.get("ids_a")
+            ids_a = partition.group_ids(device)[0::2] if ids_a is None else ids_a
+            counts = _a_counts(partition)[0]
+            block = partition.cache.get("block_ab")  # [Na, Nb] True across groups: the static group rule
+            if block is not None:
+                scores, group_rule = scores.masked_fill(block, NEG_INF), None
+        if group_rule is not None or state.valid is not None or not isinstance(constraint, Global):
+            scores = _mask(scores, state, constraint, group_rule, _arange(B, 0, M, 2, device),
+                           _arange(B, 1, M, 2, device))
         node_max, node_idx = scores.max(dim=-1)  # best B for each A
-        edge_order = node_max.argsort(dim=-1, descending=True)
-        src = edge_order[:, :r]  # [B, r] A tokens that merge
-        _assert_allowed(node_max.gather(1, src), method)
+        src = _best_per_group(node_max, r, partition, counts, partition.budgets if partition else (),
+                              ids_a, "sel_a", descending=True)  # [B, r] A tokens that merge
         dst = node_idx.gather(1, src)  # [B, r] their B partners
-        target = torch.arange(M, device=device).unsqueeze(0).repeat(B, 1)
-        target.scatter_(1, idx_a.gather(1, src), idx_b.gather(1, dst))
-    return plan_from_targets(target, state.size, r, P)
+    return plan_from_pairs(src * 2, dst * 2 + 1, state.size, M, P)
 
 
-def tome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, **_) -> MergePlan:
+def _cosine_scores(metric: Tensor, state: TokenState) -> Tensor:
+    m = _normalized(metric, state.protected)
+    return torch.bmm(m[:, ::2], m[:, 1::2].transpose(1, 2))
+
+
+def tome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+         partition: Optional[Partition] = None) -> MergePlan:
     """ToMe bipartite soft matching.
 
     Mergeable tokens alternate into sets A (even) and B (odd); each A token finds its most similar
     B token (cosine of ``metric``, e.g. head-averaged keys); the ``r`` most similar edges merge.
-    At most half of the mergeable tokens can merge per step. Fusion weight: token size.
+    Fusion weight: token size.
 
     Args:
         metric: ``[B, N, C]`` features used for similarity (all tokens, protected included).
         state: TokenState of the N tokens. r: tokens to remove.
     """
-    def scores(a: Tensor, b: Tensor) -> Tensor:
-        m = _normalized(metric, state.protected)  # called under no_grad: matching builds no graph
-        return m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+    if r == 0:
+        return identity_plan(state)
+    return _bipartite(_cosine_scores, metric, state, r, constraint or Global(), partition)
 
-    return _bipartite(scores, metric, state, r, constraint or Global(), "tome")
+
+def _hash_scores(u_a: Tensor, u_b: Tensor) -> Tensor:
+    """Uniform-looking scores ``[B, Na, Nb]`` in [0, 1) from per-token uniform draws: a fixed hash, so the
+    same draws always give the same pairs (a gradient-checkpointing recompute makes the same plan)."""
+    return torch.frac(torch.sin(u_a.unsqueeze(2) * 12.9898 + u_b.unsqueeze(1) * 78.233) * 43758.5453)
 
 
 def random_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
-                 generator: Optional[torch.Generator] = None, **_) -> MergePlan:
-    """Baseline: ToMe's bipartite step on random scores (merges random allowed pairs)."""
-    B = metric.shape[0]
+                 partition: Optional[Partition] = None, *, generator: Optional[torch.Generator] = None,
+                 noise: Optional[Tensor] = None) -> MergePlan:
+    """Baseline: ToMe's bipartite step on random scores (merges random allowed pairs).
 
-    def scores(a: Tensor, b: Tensor) -> Tensor:
-        return torch.rand(B, a.shape[1], b.shape[1], device=metric.device, generator=generator)
+    ``noise``: ``[B, N]`` uniform draws in [0, 1) that decide the pairs (default: drawn from ``generator``).
+    """
+    if r == 0:
+        return identity_plan(state)
+    B, N = metric.shape[:2]
+    if noise is None:
+        noise = torch.rand(B, N, device=metric.device, generator=generator)
+    elif tuple(noise.shape) != (B, N):
+        raise ValueError(f"random: noise must be [B, N]=[{B}, {N}], got {tuple(noise.shape)}")
 
-    return _bipartite(scores, metric, state, r, constraint or Global(), "random")
+    def scores(metric: Tensor, state: TokenState) -> Tensor:
+        u = noise[:, state.protected:]
+        return _hash_scores(u[:, ::2], u[:, 1::2])
+
+    return _bipartite(scores, metric, state, r, constraint or Global(), partition)
 
 
 # PiToMe presets: energy kernel and per-layer margin ``start - drop * layer_idx / num_layers``.
@@ -169,15 +299,16 @@ def pitome_margin(layer_idx: int, num_layers: int, start: float = 0.9, drop: Opt
     return start - drop * layer_idx / max(num_layers, 1)
 
 
-def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
-           margin: Optional[float] = None, alpha: float = 1.0, preset: str = "paper",
-           layer_idx: int = 0, num_layers: int = 1, **_) -> MergePlan:
+def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+           partition: Optional[Partition] = None, *, margin: Optional[float] = None, alpha: float = 1.0,
+           preset: str = "paper", layer_idx: int = 0, num_layers: int = 1) -> MergePlan:
     """PiToMe: merge only among the high-energy (redundant) tokens; low-energy tokens are protected.
 
-    The ``2r`` highest-energy tokens are the candidates; in energy order they alternate into A and B,
-    and every A token merges into its most similar B. Under a constraint an A token with no allowed
-    candidate B falls back to its most similar allowed non-candidate token (never to another A); each
-    token's lowest-energy allowed partner is kept out of the candidates, so such a fallback always exists.
+    The ``2r`` highest-energy tokens (per group with a partition) are the candidates; in energy order they
+    alternate into A and B, and every A token merges into its most similar B. Under a constraint an A
+    token with no allowed candidate B falls back to its most similar allowed non-candidate token (never
+    to another A); each clique's lowest-energy token is kept out of the candidates, so such a fallback
+    always exists.
 
     Args:
         metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
@@ -185,141 +316,134 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
         alpha: slope of the negative (dissimilar) branch of the energy kernel.
         preset: ``"paper"`` (default), ``"official"`` or ``"official_deit"``; see ``PITOME_PRESETS``.
     """
-    if preset not in PITOME_PRESETS:
-        raise ValueError(f"unknown pitome preset '{preset}'; choose one of {sorted(PITOME_PRESETS)}")
-    P = state.protected
-    B, N = metric.shape[:2]
-    M = N - P
-    _check_r(r, M, M // 2, "pitome")
     if r == 0:
         return identity_plan(state)
     cfg = PITOME_PRESETS[preset]
     if margin is None:
         margin = pitome_margin(layer_idx, num_layers, float(cfg["margin_start"]), float(cfg["margin_drop"]))
     constraint = constraint or Global()
+    P = state.protected
+    B, N = metric.shape[:2]
+    M = N - P
     device = metric.device
     with torch.no_grad():
         m = _normalized(metric, P)
         valid = None if state.valid is None else state.valid[:, P:]
         energy = energy_score(m, margin, alpha, bool(cfg["shift"]), valid)  # [B, M]
-        all_idx = _indices(B, torch.arange(M, device=device))
-        allowed = allowed_pairs(state, constraint, all_idx + P, all_idx + P)  # [B, M, M] or None
-        if allowed is not None:  # each neighbourhood's lowest-energy token is never a candidate: a fallback host
-            energy = energy.masked_fill(neighbourhood_best(-energy, allowed), NEG_INF)
-        cand = energy.argsort(dim=-1, descending=True)[:, : 2 * r]  # [B, 2r]
+        anchored = _needs_anchors(state, constraint)
+        if anchored:  # each clique's lowest-energy token is never a candidate: a fallback host
+            energy = energy.masked_fill(_anchors(-energy.nan_to_num(0.0), state, constraint, partition), NEG_INF)
+        ids = None if partition is None else partition.group_ids(device)
+        pairs = tuple(2 * b for b in partition.budgets) if partition is not None else ()
+        cand = _best_per_group(energy, 2 * r, partition, partition.sizes if partition else (), pairs, ids,
+                               "sel_pairs", descending=True)  # [B, 2r], per group consecutive
         src, cand_b = cand[:, 0::2], cand[:, 1::2]  # [B, r] each
-        scores = (m.gather(1, src.unsqueeze(-1).expand(-1, -1, m.shape[-1])) @ m.transpose(1, 2)).float()
-        # Prefer candidate B tokens: others get a -4 penalty (cosine lies in [-1, 1]), A tokens are excluded.
-        role = torch.full((B, M), -4.0, device=device)
-        role.scatter_(1, cand_b, 0.0).scatter_(1, src, NEG_INF)
-        scores = _mask_scores(scores + role.unsqueeze(1), state, constraint, src, all_idx)
-        best, dst = scores.max(dim=-1)
-        _assert_allowed(best, "pitome")
-        target = all_idx.clone()
-        target.scatter_(1, src, dst)
-    return plan_from_targets(target, state.size, r, P)
+        if not anchored:  # every candidate B of the same group is allowed: A merges into its best one
+            scores = torch.bmm(_rows(m, src), _rows(m, cand_b).transpose(1, 2)).float()  # [B, r, r]
+            if partition is not None:
+                scores = scores.masked_fill(_pair_blocks(partition, device), NEG_INF)
+            dst = cand_b.gather(1, scores.argmax(dim=-1))
+        else:
+            scores = torch.bmm(_rows(m, src), m.transpose(1, 2)).float()  # [B, r, M]
+            # Prefer candidate B tokens: others get a -4 penalty (cosine lies in [-1, 1]), A tokens are excluded.
+            role = torch.full((B, M), -4.0, device=device)
+            role.scatter_(1, cand_b, 0.0).scatter_(1, src, NEG_INF)
+            scores = _mask(scores + role.unsqueeze(1), state, constraint, partition, src,
+                           _arange(B, 0, M, 1, device))
+            dst = scores.argmax(dim=-1)
+    return plan_from_pairs(src, dst, state.size, M, P)
 
 
-def neighbourhood_best(importance: Tensor, allowed: Tensor) -> Tensor:
-    """``[B, M]`` bool: tokens that are the most important of everything they may merge with.
-
-    Each token's "anchor" is the most important token it is allowed to merge with (itself included);
-    anchors are kept. Then every other token has a kept, allowed host however many are removed around
-    it: a whole window or silent stretch of redundant tokens keeps its best one. Without a constraint
-    the only anchor is the most important token overall.
-    ``importance``: ``[B, M]`` (ties and +-inf allowed). ``allowed``: ``[B, M, M]`` bool pair mask.
-    """
-    B, M = importance.shape
-    order = importance.argsort(dim=-1)
-    # Rank by importance: finite and distinct even where importance is +-inf or tied.
-    rank = torch.empty(B, M, device=importance.device).scatter_(
-        1, order, torch.arange(M, device=importance.device, dtype=torch.float32).expand(B, M))
-    anchor = rank.unsqueeze(1).masked_fill(~allowed, -1.0).argmax(dim=-1)  # [B, M]
-    return torch.zeros(B, M, dtype=torch.bool, device=importance.device).scatter_(1, anchor, True)
+def _pair_blocks(partition: Partition, device: torch.device) -> Tensor:
+    """``[r, r]`` bool, True where PiToMe's i-th A and j-th B candidate lie in different groups (static)."""
+    block = partition.cache.get("block_pairs")
+    if block is None:
+        ids = torch.repeat_interleave(torch.arange(partition.num_groups), torch.tensor(partition.budgets))
+        block = ids.unsqueeze(1) != ids.unsqueeze(0)
+    return block.to(device)
 
 
-def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint],
-                       score: Optional[Tensor], method: str):
-    """Pick the r least important mergeable tokens and each one's most similar kept (allowed) token.
+def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Constraint,
+                       partition: Optional[Partition], score: Optional[Tensor]):
+    """Pick the r least important mergeable tokens (per group with a partition) and each one's most
+    similar kept, allowed token.
 
-    Returns ``(target [B, M], host_sim [B, r], removed [B, r])``.
+    Importance is ``score`` (higher keeps) or, without one, low energy (the most redundant go first).
+    Returns ``(removed [B, r], is_removed [B, M], host [B, r], host_sim [B, r])``.
     """
     P = state.protected
     B, N = metric.shape[:2]
     M = N - P
     device = metric.device
     m = _normalized(metric, P)
+    valid = None if state.valid is None else state.valid[:, P:]
     if score is None:
-        importance = -energy_score(m, margin=0.0, valid=None if state.valid is None else state.valid[:, P:])
+        values, descending = energy_score(m, margin=0.0, valid=valid), True  # remove the highest energy
     else:
-        if score.shape != (B, N):
-            raise ValueError(f"{method}: score must be [B, N]=[{B}, {N}], got {tuple(score.shape)}")
-        importance = score[:, P:].float()
-    if state.valid is not None:
-        # Padding is the least important of all: drop it first, but keep its first token as the sink
-        # the rest of the padding is squeezed into (padding may only merge with padding).
-        pad = ~state.valid[:, P:]
-        first_pad = pad & (pad.cumsum(dim=1) == 1)
-        importance = importance.masked_fill(pad, NEG_INF).masked_fill(first_pad, float("inf"))
-    all_idx = _indices(B, torch.arange(M, device=device))
-    allowed = allowed_pairs(state, constraint or Global(), all_idx + P, all_idx + P)  # [B, M, M] or None
-    if allowed is not None:  # keep each neighbourhood's best token, so every removed token has a host
-        importance = importance.masked_fill(neighbourhood_best(importance, allowed), float("inf"))
-    removed = importance.argsort(dim=-1)[:, :r]  # [B, r]
-    sims = (m.gather(1, removed.unsqueeze(-1).expand(-1, -1, m.shape[-1])) @ m.transpose(1, 2)).float()
+        values, descending = score[:, P:].float(), False  # remove the lowest score
+    if _needs_anchors(state, constraint):
+        importance = (-values if descending else values).nan_to_num(nan=0.0, posinf=1e30, neginf=-1e30)
+        if valid is not None:  # padding is the least important of all: it goes first
+            importance = importance.masked_fill(~valid, -1e30)
+        # Keep each clique's best token, so every removed token has an allowed host.
+        values = importance.masked_fill(_anchors(importance, state, constraint, partition), POS_INF)
+        descending = False
+    ids = None if partition is None else partition.group_ids(device)
+    removed = _best_per_group(values, r, partition, partition.sizes if partition else (),
+                              partition.budgets if partition else (), ids, "sel", descending=descending)  # [B, r]
+    sims = torch.bmm(_rows(m, removed), m.transpose(1, 2)).float()  # [B, r, M]
     is_removed = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, removed, True)
     sims = sims.masked_fill(is_removed.unsqueeze(1), NEG_INF)
-    sims = _mask_scores(sims, state, constraint or Global(), removed, all_idx)
+    if partition is not None and isinstance(constraint, Global) and valid is None:  # the static group rule
+        sims = sims.masked_fill(ids[removed].unsqueeze(-1) != ids, NEG_INF)
+    elif partition is not None or not isinstance(constraint, Global) or valid is not None:
+        sims = _mask(sims, state, constraint, partition, removed, _arange(B, 0, M, 1, device))
     host_sim, host = sims.max(dim=-1)
-    _assert_allowed(host_sim, method)
-    target = all_idx.clone().scatter_(1, removed, host)
-    return target, host_sim, removed
+    return removed, is_removed, host, host_sim
 
 
-def tps(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
-        score: Optional[Tensor] = None, temperature: float = 1.0, **_) -> MergePlan:
+def tps(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+        partition: Optional[Partition] = None, *, score: Optional[Tensor] = None,
+        temperature: float = 1.0) -> MergePlan:
     """TPS prune-and-squeeze: remove the r least important tokens, squeeze each into its host.
 
     Importance is ``score`` (``[B, N]``, e.g. CLS attention; higher keeps) or, if None, minus the
     energy (redundant tokens go first). Each removed token is fused into its most similar kept token;
     inside a group the weights are ``size * exp((cos - 1) / temperature)`` normalised (a similarity
-    softmax; the host's own similarity is 1). Any r up to M - 1 works in one step.
+    softmax; the host's own similarity is 1). Any r up to M - 1 works in one step (M - cliques under a rule).
     """
-    P = state.protected
-    M = metric.shape[1] - P
-    _check_r(r, M, M - 1, "tps")
-    if temperature <= 0:
-        raise ValueError(f"tps: temperature must be > 0, got {temperature}")
     if r == 0:
         return identity_plan(state)
+    P = state.protected
+    M = metric.shape[1] - P
     with torch.no_grad():
-        target, host_sim, removed = _select_and_assign(metric, state, r, constraint, score, "tps")
-        sim = torch.ones_like(state.size[:, P:]).scatter_(1, removed, host_sim)
-        w = torch.exp((sim - 1.0) / temperature)
-        weight = torch.cat([state.size[:, :P], state.size[:, P:] * w], dim=1)
-    return plan_from_targets(target, weight, r, P)
+        removed, is_removed, host, host_sim = _select_and_assign(metric, state, r, constraint or Global(),
+                                                                 partition, score)
+        logit = host_sim - 1.0 if temperature == 1.0 else (host_sim - 1.0) / temperature
+        slot = removed + P if P else removed
+        weight = state.size.scatter(1, slot, state.size.gather(1, slot) * torch.exp(logit))
+    return plan_from_pairs(removed, host, weight, M, P, is_removed)
 
 
-def prune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, *,
-          score: Optional[Tensor] = None, **_) -> MergePlan:
+def prune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+          partition: Optional[Partition] = None, *, score: Optional[Tensor] = None) -> MergePlan:
     """Baseline: drop the values of the r least important tokens (same choice as ``tps``).
 
     Only bookkeeping moves: the dropped tokens' size and source go to their most similar kept token, so
     sizes still sum to N0 and unmerge still covers every original position (with the host's value).
     """
-    P = state.protected
-    M = metric.shape[1] - P
-    _check_r(r, M, M - 1, "prune")
     if r == 0:
         return identity_plan(state)
+    P = state.protected
+    M = metric.shape[1] - P
     with torch.no_grad():
-        target, _, removed = _select_and_assign(metric, state, r, constraint, score, "prune")
-        keep = torch.ones_like(state.size[:, P:]).scatter_(1, removed, 0.0)
-        weight = torch.cat([state.size[:, :P], state.size[:, P:] * keep], dim=1)
-    return plan_from_targets(target, weight, r, P)
+        removed, is_removed, host, _ = _select_and_assign(metric, state, r, constraint or Global(), partition, score)
+        weight = state.size.scatter(1, removed + P if P else removed, 0.0)
+    return plan_from_pairs(removed, host, weight, M, P, is_removed)
 
 
-def no_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None, **_) -> MergePlan:
+def no_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+             partition: Optional[Partition] = None) -> MergePlan:
     """Baseline that never merges; only r=0 is accepted."""
     if r != 0:
         raise ValueError(f"method 'none' never merges, so r must be 0 (got r={r})")
@@ -335,19 +459,84 @@ MATCHERS: Dict[str, Callable[..., MergePlan]] = {
     "none": no_merge,
 }
 
-# Methods that pair tokens bipartitely can remove at most half of the mergeable tokens per step.
-HALF_LIMITED = frozenset({"tome", "pitome", "random"})
+# How a method removes tokens, for step_limit: bipartite pairs, PiToMe's candidates, or select-and-assign.
+METHOD_KINDS: Dict[str, str] = {"tome": "bipartite", "random": "bipartite", "pitome": "pitome", "tps": "select",
+                                "prune": "select", "none": "none"}
 
 
 def get_matcher(method: str) -> Callable[..., MergePlan]:
-    if method not in MATCHERS:
-        raise ValueError(f"unknown method '{method}'; choose one of {', '.join(MATCHERS)}")
+    if not isinstance(method, str) or method not in MATCHERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(MATCHERS)}")
     return MATCHERS[method]
 
 
-def max_r(method: str, mergeable: int) -> int:
-    """Largest r one step of ``method`` accepts for ``mergeable`` tokens."""
+def max_r(method: str, mergeable: int, guarantee: Guarantee = Guarantee()) -> int:
+    """Largest r one step of ``method`` accepts for ``mergeable`` tokens (with a rule's ``guarantee``)."""
     get_matcher(method)
-    if method == "none":
-        return 0
-    return mergeable // 2 if method in HALF_LIMITED else max(mergeable - 1, 0)
+    return step_limit(method, mergeable, guarantee)
+
+
+# ------------------------------------------------------------------------------------------ options
+def _number(name: str, positive: bool = False) -> Callable[[Any], Optional[str]]:
+    def check(value: Any) -> Optional[str]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name} must be a number, got {value!r}"
+        if positive and not value > 0:
+            return f"{name} must be > 0, got {value}"
+        return None
+    return check
+
+
+def _choice(name: str, choices: Sequence[str]) -> Callable[[Any], Optional[str]]:
+    def check(value: Any) -> Optional[str]:
+        return None if value in choices else f"unknown {name} {value!r}; choose one of {', '.join(choices)}"
+    return check
+
+
+def _optional(check: Callable[[Any], Optional[str]]) -> Callable[[Any], Optional[str]]:
+    return lambda value: None if value is None else check(value)
+
+
+def _instance(name: str, cls: type, what: str) -> Callable[[Any], Optional[str]]:
+    def check(value: Any) -> Optional[str]:
+        return None if value is None or isinstance(value, cls) else f"{name} must be {what}, got {type(value).__name__}"
+    return check
+
+
+# Value checks of every matcher option (the names come from the matcher's signature).
+OPTION_CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
+    "margin": _optional(_number("margin")),
+    "alpha": _number("alpha", positive=True),
+    "preset": _choice("pitome preset", tuple(PITOME_PRESETS)),
+    "temperature": _number("temperature", positive=True),
+    "generator": _instance("generator", torch.Generator, "a torch.Generator"),
+    "score": _instance("score", Tensor, "a [B, N] tensor"),
+    "noise": _instance("noise", Tensor, "a [B, N] tensor of uniform draws"),
+    "layer_idx": _number("layer_idx"),
+    "num_layers": _number("num_layers", positive=True),
+}
+# Passed by the caller (plan_merge, the encoder patch), never options of their own.
+SUPPLIED = ("metric", "state", "r", "constraint", "partition")
+
+
+def matcher_options(method: str) -> Tuple[str, ...]:
+    """Option names ``method`` accepts (besides metric, state, r, constraint, partition)."""
+    params = inspect.signature(get_matcher(method)).parameters
+    return tuple(name for name, p in params.items() if name not in SUPPLIED
+                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
+def check_options(method: str, options: Mapping[str, Any], supplied: Sequence[str] = ()) -> None:
+    """The one validation path of matcher options: unknown names and bad values raise ValueError (a typo
+    such as ``margn=`` is never ignored). ``supplied``: names the caller fills in itself (not the user's)."""
+    known = matcher_options(method)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        users = sorted(k for k in known if k not in supplied)
+        raise ValueError(f"method '{method}' takes no option {', '.join(map(repr, unknown))}; "
+                         f"its options are: {', '.join(users) or 'none'}")
+    for name, value in options.items():
+        check = OPTION_CHECKS.get(name)
+        problem = check(value) if check is not None else None
+        if problem:
+            raise ValueError(f"method '{method}': {problem}")

@@ -35,16 +35,25 @@ def patch(model: nn.Module, **kwargs: Any) -> nn.Module:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo ``patch``: the model's original forwards and configs come back; a no-op on an unpatched model."""
-    undo = getattr(model, "_mmmerge_undo", None)
+    """Undo ``patch``: the model's original classes, forwards and configs come back, bit for bit; a no-op on
+    an unpatched model. Walks ``model.modules()``, so it works on a copy of a patched model too."""
+    from mmmerge.adapters.encoder import unpatch_encoder
+
+    undo = model.__dict__.get("_mmmerge_undo")
     if undo is not None:
         undo()
+    unpatch_encoder(model)
     return model
 
 
 def last_info(model: nn.Module):
-    """What the last forward did (tokens per layer, and final size/source when tracing)."""
-    ctx = getattr(model, "_mmmerge", None)
-    if ctx is None:
+    """What a forward of ``model`` does (``mmmerge.MergeInfo``): schedule and tokens per layer, and with
+    ``trace_source=True`` the final state of this thread's last eager forward."""
+    from mmmerge.adapters.encoder import merge_info, patch_spec
+
+    if patch_spec(model) is not None:
+        return merge_info(model)
+    ctx = model.__dict__.get("_mmmerge")  # the LLaVA adapter keeps its own record
+    if ctx is None or not hasattr(ctx, "info"):
         raise ValueError(f"{type(model).__name__} is not patched by mmmerge; call mmmerge.patch(model, ...) first")
     return ctx.info

@@ -1,90 +1,112 @@
-"""One merge step (choose + apply) and ``reduce_tokens``, the one-shot reduction to exactly K tokens."""
+"""One merge step (choose + apply) and ``reduce_tokens``, the one-shot reduction to exactly K tokens.
+
+``plan_merge`` is the checked entry point of the engine: it validates shapes, options, the constraint
+and the step's feasibility (all static: no host sync) and then runs the matcher.
+"""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .constraints import ConstraintSpec, parse_constraint
-from .matchers import HALF_LIMITED, get_matcher, max_r
-from .merge import MergePlan, merge_state, merge_weighted
+from .constraints import (ConstraintSpec, Guarantee, Partition, padded_guarantee, parse_constraint,
+                          split_budget)
+from .constraints import check_layout as _check_layout
+from .matchers import check_options, check_step, get_matcher, group_limits, step_limit
+from .merge import MergePlan, merge_tokens
 from .state import TokenState, init_state
 
 
-def _group_state(state: TokenState, groups: int) -> TokenState:
-    """View the mergeable tokens as ``groups`` contiguous blocks: ``[B, P + G*n] -> [B*G, n]``, no protected."""
-    P = state.protected
-    B, N = state.size.shape
-    n = (N - P) // groups
-
-    def split(t: Tensor) -> Tensor:
-        return t[:, P:].reshape(B * groups, n)
-
-    return TokenState(
-        size=split(state.size),
-        coords={k: split(v) for k, v in state.coords.items()},
-        rules=state.rules,
-        protected=0,
-        valid=None if state.valid is None else split(state.valid),
-    )
+def _check_token_tensor(name: str, value: Any, B: int, N: int, method: str) -> None:
+    if value is not None and (not isinstance(value, Tensor) or tuple(value.shape) != (B, N)):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{method}: {name} must be [B, N]=[{B}, {N}], got {shape}")
 
 
-def plan_merge(metric: Tensor, state: TokenState, r: int, method: str = "tome",
-               constraint: ConstraintSpec = None, groups: int = 1, **hyper) -> MergePlan:
-    """Choose which tokens merge: run the matcher, optionally with an equal budget per group.
+def equal_groups(state: TokenState, groups: int, r: int, method: str) -> Partition:
+    """``groups`` contiguous groups of (nearly) equal size over the mergeable tokens, sharing ``r``."""
+    M = state.num_tokens - state.protected
+    if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= M:
+        raise ValueError(f"groups must be an int in [1, {M}] (the mergeable tokens), got {groups!r}")
+    base, extra = divmod(M, groups)
+    sizes = tuple(base + (1 if g < extra else 0) for g in range(groups))
+    guarantees = (Guarantee(),) * groups
+    if state.valid is not None:  # a group may hold padding and real tokens, in any order: count them
+        valid = state.valid[:, state.protected:]
+        bounds = torch.tensor([0] + [sum(sizes[:g + 1]) for g in range(groups)])
+        changes = (valid[:, 1:] != valid[:, :-1]).long()  # one host read below, setup time
+        guarantees = tuple(Guarantee(1 + int(changes[:, a:b - 1].sum(1).max()) if b - a > 1 else 1, 2)
+                           for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    try:
+        budgets = split_budget(r, sizes, group_limits(method, sizes, guarantees))
+    except ValueError as err:
+        raise ValueError(f"{method}: {err}") from None
+    return Partition(sizes=sizes, budgets=budgets, guarantees=guarantees)
+
+
+def plan_merge(metric: Tensor, state: TokenState, r: int, method: str = "tome", constraint: ConstraintSpec = None,
+               groups: Union[None, int, Partition] = None, *, check_layout: bool = True, **options) -> MergePlan:
+    """Choose which tokens merge: run the matcher, optionally with a budget per group.
 
     Args:
         metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens.
-        r: tokens to remove in total. groups: if > 1, the mergeable tokens are ``groups`` contiguous
-            equal blocks (frames, bands) and each removes ``r / groups`` inside itself.
+        r: tokens to remove in total.
+        constraint: a coordinate rule (name or Constraint built with its ``steps``; ``mmmerge.constraints``).
+        groups: static groups with a budget each: an int (that many contiguous, nearly equal groups sharing
+            ``r`` as evenly as possible) or a ``Partition``.
+        check_layout: verify (one host read) that the tokens are in the order the rule assumes; pass False
+            where the order is known (adapters), to keep a GPU forward free of host syncs.
+        **options: the matcher's options (checked: unknown names and bad values raise ValueError).
     """
-    if metric.dim() != 3:
-        raise ValueError(f"metric must be [B, N, C], got shape {tuple(metric.shape)}")
+    if not isinstance(metric, Tensor) or metric.dim() != 3:
+        raise ValueError(f"metric must be [B, N, C], got shape {tuple(getattr(metric, 'shape', ()))}")
     state.validate(metric.shape[1])
     matcher = get_matcher(method)
+    check_options(method, options)
+    B, N = metric.shape[:2]
+    for name in ("score", "noise"):
+        _check_token_tensor(name, options.get(name), B, N, method)
     constraint = parse_constraint(constraint)
     constraint.check(state)
-    if groups == 1:
-        return matcher(metric, state, r, constraint, **hyper)
-
-    P = state.protected
-    B, N, C = metric.shape
-    if (N - P) % groups or r % groups:
-        raise ValueError(
-            f"per-group budgets need equal groups: {N - P} mergeable tokens and r={r} must both divide "
-            f"into {groups} groups"
-        )
-    n, r_g = (N - P) // groups, r // groups
-    if hyper.get("score") is not None:  # per-token importance [B, N] (tps, prune) follows the tokens
-        score = hyper["score"]
-        if score.shape != (B, N):
-            raise ValueError(f"{method}: score must be [B, N]=[{B}, {N}], got {tuple(score.shape)}")
-        hyper = {**hyper, "score": score[:, P:].reshape(B * groups, n)}
-    sub_plan = matcher(metric[:, P:].reshape(B * groups, n, C), _group_state(state, groups), r_g, constraint, **hyper)
-    # Group g's outputs follow group g-1's: groups stay contiguous and in order.
-    offsets = torch.arange(groups, device=metric.device).repeat(B).unsqueeze(1) * (n - r_g) + P  # [B*G, 1]
-    assign_m = (sub_plan.assign + offsets).reshape(B, N - P)
-    weight_m = sub_plan.weight.reshape(B, N - P)
-    head = torch.arange(P, device=metric.device).unsqueeze(0).expand(B, -1)
-    return MergePlan(
-        assign=torch.cat([head, assign_m], dim=1),
-        weight=torch.cat([state.size[:, :P], weight_m], dim=1),
-        num_out=P + groups * (n - r_g),
-    )
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    partition = equal_groups(state, groups, r, method) if isinstance(groups, int) else groups
+    if partition is not None and not isinstance(partition, Partition):
+        raise TypeError(f"groups must be an int or a Partition, got {type(groups).__name__}")
+    if check_layout:
+        _check_layout(state, constraint)
+    check_step(method, r, state, constraint, partition)
+    return matcher(metric, state, r, constraint, partition, **options)
 
 
-def merge_tokens(x: Tensor, state: TokenState, plan: MergePlan) -> Tuple[Tensor, TokenState]:
-    """Apply a plan to tokens ``[B, N, C]`` and their state; returns ``([B, num_out, C], state)``."""
-    return merge_weighted(x, plan), merge_state(state, plan)
+def reduction_steps(method: str, num_tokens: int, keep: int, protected: int,
+                    guarantee: Guarantee = Guarantee()) -> List[int]:
+    """Tokens removed by each step of a one-shot reduction from ``num_tokens`` to ``keep`` (static).
+
+    Bipartite methods (tome, pitome, random) take rounds of what one step can always remove; the
+    select-style ones one step. Raises ValueError if ``keep`` is out of reach under the constraint.
+    """
+    steps, n = [], num_tokens
+    while n > keep:
+        r = min(n - keep, step_limit(method, n - protected, guarantee))
+        if r <= 0:
+            raise ValueError(f"keep={keep} is out of reach for '{method}' under this constraint: it stops at "
+                             f"{n} tokens ({guarantee.runs} runs, {guarantee.cliques} cliques of tokens that may "
+                             "merge); use a larger keep or a looser constraint")
+        steps.append(r)
+        n -= r
+    return steps
 
 
 def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[Tensor] = None,
                   protected: int = 0, constraint: ConstraintSpec = None, state: Optional[TokenState] = None,
-                  **hyper) -> Tuple[Tensor, TokenState]:
+                  *, check_layout: bool = True, **options) -> Tuple[Tensor, TokenState]:
     """Reduce a token set to exactly ``keep`` tokens in one call.
 
-    Bipartite methods (tome, pitome, random) run rounds of at most half the mergeable tokens; tps and
+    Bipartite methods (tome, pitome, random) run rounds of at most what one step can remove; tps and
     prune select-and-assign in one step. The number of rounds depends only on shapes (no host sync).
 
     Args:
@@ -92,15 +114,17 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
         metric: ``[B, N, C']`` similarity features (default: ``x``); merged along with ``x``.
         protected: leading tokens that never merge (with ``state``: leave 0 or match ``state.protected``).
         state: optional TokenState with coordinates (needed by time/band constraints).
+        check_layout: verify the token order the constraint assumes (one host read; see ``plan_merge``).
+        **options: the matcher's options (checked once, before anything runs).
     Returns:
         ``(tokens [B, keep, C], state)`` with ``state.size`` ``[B, keep]`` and ``state.source`` ``[B, N]``
-        (original position -> output token); protected first, then groups in original order.
+        (original position -> output token); protected first, then the survivors in original order.
     """
     if not isinstance(x, Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [B, N, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
     B, N, _ = x.shape
     if state is None:
-        if not isinstance(protected, int) or protected < 0 or protected >= N:
+        if isinstance(protected, bool) or not isinstance(protected, int) or protected < 0 or protected >= N:
             raise ValueError(f"protected must be an int in [0, N-1]={N - 1}, got {protected}")
         state = init_state(B, N, device=x.device, protected=protected)
     elif protected not in (0, state.protected):
@@ -117,15 +141,24 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
     if metric is not None and (metric.dim() != 3 or metric.shape[:2] != x.shape[:2]):
         raise ValueError(f"metric must be [B, N, C'] with B, N = {B}, {N}; got {tuple(metric.shape)}")
     get_matcher(method)
+    check_options(method, options)
     if method == "none" and keep != N:
         raise ValueError("method 'none' cannot reduce tokens; use keep=N or another method")
-
-    n = N
-    while n > keep:
-        r = min(n - keep, max_r(method, n - P)) if method in HALF_LIMITED else n - keep
-        plan = plan_merge(x if metric is None else metric, state, r, method, constraint, **hyper)
+    constraint = parse_constraint(constraint)
+    constraint.check(state)
+    if check_layout:
+        _check_layout(state, constraint)
+    steps = reduction_steps(method, N, keep, P,
+                            padded_guarantee(constraint, None if state.valid is None else state.valid[:, P:]))
+    for name in ("score", "noise"):
+        _check_token_tensor(name, options.get(name), B, N, method)
+    if len(steps) > 1 and any(options.get(name) is not None for name in ("score", "noise")):
+        raise ValueError(f"{method}: a per-token score or noise applies to one step; this reduction takes "
+                         f"{len(steps)} rounds")
+    matcher = get_matcher(method)
+    for r in steps:
+        plan = matcher(x if metric is None else metric, state, r, constraint, None, **options)
         if metric is not None:
-            metric = merge_weighted(metric, plan)
+            metric, _ = merge_tokens(metric, state, plan)
         x, state = merge_tokens(x, state, plan)
-        n -= r
     return x, state

@@ -1,23 +1,28 @@
-"""Schedules: how many tokens each layer removes.
+"""Schedules: how many tokens each layer removes, and whether every layer can always do it.
 
 ``resolve_schedule`` turns a user spec into an explicit per-layer list of ints (no hidden mutable
-state) and validates it against the token counts, so an infeasible r fails before a model is touched.
+state) and checks it against what each layer can remove for every input (``Grouping``: the static
+groups or cliques the time mode puts the tokens in), so an infeasible r fails before a model is touched
+and an accepted one runs for every input of the declared shape. ``layer_partitions`` then shares each
+layer's r over the static groups (uneven shares when r does not divide).
 
 Specs:
     8                     constant r per layer
     (8, -0.5)             ToMe's (r, inflect): r changes linearly with depth around a mean of 8; inflect < 0
                           removes more early ([12, 10, 8, 6, 4] for 5 layers), > 0 more late
     [0, 0, 16, 16, ...]   explicit list, one int per layer
-    KeepRatio(0.9)        each layer keeps 90% of its mergeable tokens
+    KeepRatio(0.9)        each layer keeps 90% of its mergeable tokens (capped by what a layer can remove)
     TargetTokens(200)     spread removals evenly so the last layer outputs 200 tokens
-    TargetFlops(0.5)      smallest constant r whose estimated FLOPs are at most 50% of the unmerged model
+    TargetFlops(0.5)      smallest constant r whose estimated FLOPs are at most 50% of the unmerged model,
+                          else the mildest keep-ratio schedule that is
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-from .matchers import max_r
+from .constraints import Guarantee, Partition, split_budget
+from .matchers import get_matcher, group_limits, step_limit
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,21 @@ class TargetTokens:
 class TargetFlops:
     """Estimated encoder FLOPs are at most ``fraction`` of the unmerged encoder's."""
     fraction: float
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """How the mergeable tokens are organised, for what one step can always remove.
+
+    Attributes:
+        sizes: static groups of the first layer (frames, bands, blocks), each with its own budget; empty
+            for one budget over all tokens.
+        guarantee: what every group's tokens guarantee (runs, cliques; see ``mmmerge.constraints``), or with
+            no groups what all the tokens guarantee.
+    """
+
+    sizes: Tuple[int, ...] = ()
+    guarantee: Guarantee = Guarantee()
 
 
 ScheduleSpec = Union[int, Tuple[int, float], Sequence[int], KeepRatio, TargetTokens, TargetFlops]
@@ -70,103 +90,162 @@ def _tome_inflect(r: int, inflect: float, num_layers: int) -> List[int]:
     return [int(min_val + step * i) for i in range(num_layers)]
 
 
-def _constant_feasible(num_layers: int, num_tokens: int, protected: int, method: str, multiple_of: int) -> int:
-    """Largest constant r that every layer can take."""
-    best = 0
-    lo, hi = 0, num_tokens
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        r = mid - mid % multiple_of
-        try:
-            validate_schedule([r] * num_layers, num_tokens, protected, method, multiple_of)
-            best, lo = r, mid + 1
-        except ValueError:
-            hi = mid - 1
-    return best
+class _Layers:
+    """Walks the layers of a schedule: the tokens (and static group sizes) each layer starts with."""
+
+    def __init__(self, num_tokens: int, protected: int, method: str, grouping: Grouping) -> None:
+        self.n, self.protected, self.method, self.grouping = num_tokens, protected, method, grouping
+        self.sizes = grouping.sizes
+
+    def limit(self) -> int:
+        """What this layer can remove for every input."""
+        if self.sizes:
+            return sum(group_limits(self.method, self.sizes, self._guarantees()))
+        return step_limit(self.method, self.n - self.protected, self.grouping.guarantee)
+
+    def _guarantees(self) -> Tuple[Guarantee, ...]:
+        return (self.grouping.guarantee,) * len(self.sizes)
+
+    def partition(self, r: int) -> Optional[Partition]:
+        if not self.sizes:
+            return None
+        guarantees = self._guarantees()
+        budgets = split_budget(r, self.sizes, group_limits(self.method, self.sizes, guarantees))
+        return Partition(sizes=self.sizes, budgets=budgets, guarantees=guarantees)
+
+    def advance(self, r: int) -> None:
+        part = self.partition(r)
+        if part is not None:
+            self.sizes = part.after()
+        self.n -= r
+
+
+def _check_grouping(num_tokens: int, protected: int, grouping: Grouping) -> None:
+    if grouping.sizes and sum(grouping.sizes) != num_tokens - protected:
+        raise ValueError(f"the groups {grouping.sizes} cover {sum(grouping.sizes)} tokens, but there are "
+                         f"{num_tokens - protected} mergeable tokens")
 
 
 def validate_schedule(schedule: Sequence[int], num_tokens: int, protected: int = 0, method: str = "tome",
-                      multiple_of: int = 1) -> None:
-    """Raise ValueError naming the first layer whose r is negative, not a multiple, or too large."""
-    n = num_tokens
+                      grouping: Optional[Grouping] = None) -> None:
+    """Raise ValueError naming the first layer whose r is negative or more than it can always remove."""
+    grouping = grouping or Grouping()
+    _check_grouping(num_tokens, protected, grouping)
+    walk = _Layers(num_tokens, protected, method, grouping)
     for layer, r in enumerate(schedule):
         if not isinstance(r, int) or isinstance(r, bool):
             raise TypeError(f"schedule entries must be ints, layer {layer} has {r!r}")
         if r < 0:
             raise ValueError(f"r must be >= 0, layer {layer} has r={r}")
-        if r % multiple_of:
-            raise ValueError(f"layer {layer}: r={r} must be a multiple of {multiple_of} (one share per group)")
-        limit = max_r(method, n - protected)
+        limit = walk.limit()
         if r > limit:
+            where = f" in {len(walk.sizes)} groups of {min(walk.sizes)}-{max(walk.sizes)}" if walk.sizes else ""
             raise ValueError(
-                f"layer {layer}: r={r} is infeasible: it has {n} tokens ({n - protected} mergeable) and "
-                f"'{method}' removes at most {limit} per layer"
+                f"layer {layer}: r={r} is infeasible: it has {walk.n} tokens ({walk.n - protected} mergeable"
+                f"{where}) and '{method}' can remove at most {limit} there under this time mode"
             )
-        n -= r
+        walk.advance(r)
+
+
+def layer_partitions(schedule: Sequence[int], num_tokens: int, protected: int, method: str,
+                     grouping: Grouping) -> List[Optional[Partition]]:
+    """Per layer: the static groups it starts with and each group's share of its r (None without groups).
+
+    Shares are as even as possible; the larger groups give up one token more (``split_budget``).
+    """
+    validate_schedule(schedule, num_tokens, protected, method, grouping)
+    walk = _Layers(num_tokens, protected, method, grouping)
+    parts = []
+    for r in schedule:
+        parts.append(walk.partition(r))
+        walk.advance(r)
+    return parts
+
+
+def _feasible(schedule: Sequence[int], num_tokens: int, protected: int, method: str, grouping: Grouping) -> bool:
+    try:
+        validate_schedule(schedule, num_tokens, protected, method, grouping)
+    except ValueError:
+        return False
+    return True
+
+
+def _constant_feasible(num_layers: int, num_tokens: int, protected: int, method: str,
+                       grouping: Optional[Grouping] = None) -> int:
+    """Largest constant r that every layer can take (feasibility is monotone in r)."""
+    grouping = grouping or Grouping()
+    lo, hi = 0, num_tokens
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _feasible([mid] * num_layers, num_tokens, protected, method, grouping):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _keep_ratio(ratio: float, num_layers: int, num_tokens: int, protected: int, method: str,
-                multiple_of: int) -> List[int]:
-    """Each layer keeps ``ratio`` of its mergeable tokens, capped by what the method can remove per step."""
-    schedule, n = [], num_tokens
+                grouping: Grouping) -> List[int]:
+    """Each layer keeps ``ratio`` of its mergeable tokens, capped by what the layer can remove."""
+    walk = _Layers(num_tokens, protected, method, grouping)
+    schedule = []
     for _ in range(num_layers):
-        r = (n - protected) - round((n - protected) * ratio)
-        r = min(r, max_r(method, n - protected))
-        r -= r % multiple_of
+        mergeable = walk.n - protected
+        r = min(mergeable - round(mergeable * ratio), walk.limit())
         schedule.append(r)
-        n -= r
+        walk.advance(r)
     return schedule
 
 
 def _target_flops(fraction: float, num_layers: int, num_tokens: int, protected: int, method: str,
-                  multiple_of: int, layer_flops: LayerFlops) -> List[int]:
-    """The gentlest schedule within ``fraction`` of the unmerged FLOPs.
+                  grouping: Grouping, layer_flops: LayerFlops) -> List[int]:
+    """The gentlest feasible schedule within ``fraction`` of the unmerged FLOPs.
 
     First the smallest constant r (ToMe's schedule). A constant r is capped by the last layer's token
-    count (at most half its mergeable tokens for bipartite methods), so deep or short inputs may not reach
-    the target that way; then the mildest keep-ratio schedule (more removed early, where tokens are many).
+    count, so deep or short inputs may not reach the target that way; then the mildest keep-ratio
+    schedule (more removed early, where tokens are many), capped layer by layer by what can be removed.
     """
     base = schedule_flops([0] * num_layers, num_tokens, layer_flops)
     budget = fraction * base
-    top = _constant_feasible(num_layers, num_tokens, protected, method, multiple_of)
-    for r in range(0, top + 1, multiple_of):
+    top = _constant_feasible(num_layers, num_tokens, protected, method, grouping)
+    for r in range(0, top + 1):
         if schedule_flops([r] * num_layers, num_tokens, layer_flops) <= budget:
             return [r] * num_layers
     for step in range(99, 0, -1):  # keep ratio 0.99, 0.98, ... 0.01: the first one inside the budget
-        schedule = _keep_ratio(step / 100, num_layers, num_tokens, protected, method, multiple_of)
+        schedule = _keep_ratio(step / 100, num_layers, num_tokens, protected, method, grouping)
         if schedule_flops(schedule, num_tokens, layer_flops) <= budget:
             return schedule
     reached = schedule_flops([top] * num_layers, num_tokens, layer_flops) / base
+    best = min(schedule_flops(_keep_ratio(0.01, num_layers, num_tokens, protected, method, grouping), num_tokens,
+                              layer_flops) / base, reached)
     raise ValueError(
-        f"TargetFlops({fraction}) is out of reach: the largest feasible constant r={top} gives {reached:.2f} "
-        "of the baseline FLOPs and no keep-ratio schedule does better; aim higher or use fewer protected tokens"
+        f"TargetFlops({fraction}) is out of reach for '{method}' under this time mode: the most any feasible "
+        f"schedule removes gives {best:.2f} of the baseline FLOPs (largest constant r={top}); aim higher, use a "
+        "looser time mode, or a method that removes more per layer (tps, prune)"
     )
 
 
 def resolve_schedule(spec: ScheduleSpec, num_layers: int, num_tokens: int, protected: int = 0, *,
-                     method: str = "tome", multiple_of: int = 1,
+                     method: str = "tome", grouping: Optional[Grouping] = None,
                      layer_flops: Optional[LayerFlops] = None) -> List[int]:
     """Per-layer r list for ``num_layers`` layers over ``num_tokens`` input tokens.
 
-    ``multiple_of`` > 1 rounds every r down to a multiple (per-frame or per-band budgets).
-    Raises ValueError (naming the layer and the limit) if the spec cannot be met.
+    Raises ValueError (naming the layer and the limit) if the spec cannot be met for every input.
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    get_matcher(method)
     if method == "none":
         return [0] * num_layers
-
-    def rounded(values: Sequence[int]) -> List[int]:
-        return [int(v) - int(v) % multiple_of for v in values]
+    grouping = grouping or Grouping()
+    _check_grouping(num_tokens, protected, grouping)
 
     if isinstance(spec, bool):
         raise TypeError("r must be an int, a (r, inflect) tuple, a list or a schedule object, not a bool")
     if isinstance(spec, int):
         schedule = [spec] * num_layers
-        if spec % multiple_of:
-            raise ValueError(f"r={spec} must be a multiple of {multiple_of} (one equal share per group)")
     elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], float):
-        schedule = rounded(_tome_inflect(int(spec[0]), spec[1], num_layers))
+        schedule = _tome_inflect(int(spec[0]), spec[1], num_layers)
     elif isinstance(spec, (list, tuple)):
         schedule = list(spec)
         if len(schedule) != num_layers:
@@ -175,32 +254,31 @@ def resolve_schedule(spec: ScheduleSpec, num_layers: int, num_tokens: int, prote
             raise ValueError(f"an explicit schedule needs one r per layer: got {len(schedule)} for {num_layers} "
                              f"layers{hint}")
     elif isinstance(spec, KeepRatio):
-        if not 0.0 < spec.ratio <= 1.0:
-            raise ValueError(f"KeepRatio must be in (0, 1], got {spec.ratio}")
-        schedule = _keep_ratio(spec.ratio, num_layers, num_tokens, protected, method, multiple_of)
+        if isinstance(spec.ratio, bool) or not isinstance(spec.ratio, (int, float)) or not 0.0 < spec.ratio <= 1.0:
+            raise ValueError(f"KeepRatio must be in (0, 1], got {spec.ratio!r}")
+        schedule = _keep_ratio(spec.ratio, num_layers, num_tokens, protected, method, grouping)
     elif isinstance(spec, TargetTokens):
         total = num_tokens - spec.tokens
-        if spec.tokens < protected + 1 or total < 0:
+        if not isinstance(spec.tokens, int) or spec.tokens < protected + 1 or total < 0:
             raise ValueError(f"TargetTokens({spec.tokens}) must lie in [{protected + 1}, {num_tokens}]")
-        # Spread evenly, earlier layers first, in whole shares of multiple_of.
-        shares, extra = divmod(total // multiple_of, num_layers)
-        schedule = [(shares + (1 if i < extra else 0)) * multiple_of for i in range(num_layers)]
-        if total % multiple_of:
-            raise ValueError(f"TargetTokens({spec.tokens}) removes {total} tokens, not a multiple of {multiple_of}")
+        shares, extra = divmod(total, num_layers)  # spread evenly, earlier layers first
+        schedule = [shares + (1 if i < extra else 0) for i in range(num_layers)]
     elif isinstance(spec, TargetFlops):
-        if not 0.0 < spec.fraction <= 1.0:
-            raise ValueError(f"TargetFlops fraction must be in (0, 1], got {spec.fraction}")
+        if isinstance(spec.fraction, bool) or not isinstance(spec.fraction, (int, float)) \
+                or not 0.0 < spec.fraction <= 1.0:
+            raise ValueError(f"TargetFlops fraction must be in (0, 1], got {spec.fraction!r}")
         if layer_flops is None:
             raise ValueError("TargetFlops needs the model's layer_flops cost function (adapters supply it)")
-        schedule = _target_flops(spec.fraction, num_layers, num_tokens, protected, method, multiple_of, layer_flops)
+        schedule = _target_flops(spec.fraction, num_layers, num_tokens, protected, method, grouping, layer_flops)
     else:
-        raise TypeError(f"unsupported schedule spec {spec!r} ({type(spec).__name__})")
+        raise TypeError(f"unsupported schedule spec {spec!r} ({type(spec).__name__}); use an int, (r, inflect), a "
+                        "list, KeepRatio, TargetTokens or TargetFlops")
 
     try:
-        validate_schedule(schedule, num_tokens, protected, method, multiple_of)
+        validate_schedule(schedule, num_tokens, protected, method, grouping)
     except ValueError as err:
-        if isinstance(spec, int):
-            best = _constant_feasible(num_layers, num_tokens, protected, method, multiple_of)
+        if isinstance(spec, int) and spec >= 0:
+            best = _constant_feasible(num_layers, num_tokens, protected, method, grouping)
             raise ValueError(f"{err}; the largest constant r for {num_layers} layers is {best}") from None
         raise
     return schedule

@@ -13,7 +13,9 @@ from transformers import (ASTConfig, ASTFeatureExtractor, ASTForAudioClassificat
 import mmmerge
 from mmmerge import KeepRatio, TargetFlops
 from mmmerge.adapters import audio
-from mmmerge.adapters.encoder import encoder_layers
+from mmmerge.adapters.encoder import MergingLayer, encoder_layers
+
+from helpers import untouched
 
 MELS, FRAMES, PATCH, STRIDE = 32, 128, 16, 8  # 3 bands x 15 columns = 45 tokens, + CLS + distillation
 BANDS, COLUMNS, TOKENS = 3, 15, 47
@@ -51,7 +53,7 @@ def groups_of(source: torch.Tensor, values: torch.Tensor):
 def original(name: str, columns: int = COLUMNS) -> torch.Tensor:
     """Coordinate ``name`` of every original token ``[N0]``."""
     layout = audio.AudioLayout(2, BANDS, columns, COLUMNS, STRIDE, STRIDE, PATCH, FRAMES, MELS)
-    return audio._coordinates(layout)[0][name]
+    return audio._position_coords(layout)[0][name]
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -96,7 +98,8 @@ def test_off_switch_reproduces_unpatched(cls, attn):
             torch.testing.assert_close(output(model, x), reference, atol=1e-6, rtol=0)
     audio.patch(model, r=0, lengths=[40, 70], drop_padding=False)  # a valid mask alone changes nothing
     torch.testing.assert_close(output(model, x), reference, atol=1e-6, rtol=0)
-    assert mmmerge.last_info(model).tokens_per_layer == [TOKENS] * 3
+    assert mmmerge.last_info(model).tokens_per_layer == [TOKENS] * 4
+    assert not any(isinstance(m, MergingLayer) for m in model.modules())  # nothing was replaced
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
@@ -105,13 +108,13 @@ def test_unpatch_restores_bit_identical(cls):
     x = spectrogram()
     reference = output(model, x)
     weights = copy.deepcopy(model.state_dict())
-    audio.patch(model, r=6, method="pitome", time_mode="adjacent", lengths=60, trace_source=True)
+    audio.patch(model, r=4, method="pitome", time_mode="adjacent", lengths=60, trace_source=True)
     merged = output(model, x)
     assert merged.shape != reference.shape or not torch.allclose(merged, reference)
     mmmerge.unpatch(model)
     assert torch.equal(output(model, x), reference)
-    assert not hasattr(model, "_mmmerge")
-    assert not audio._backbone(model).embeddings._forward_hooks  # the padding hook is gone too
+    assert untouched(model)
+    assert not audio._backbone(model).embeddings._forward_hooks  # no hook anywhere
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
@@ -120,10 +123,10 @@ def test_dispatch_and_repatch_replaces():
     x = spectrogram()
     mmmerge.patch(model, r=6, time_mode="same_band")
     output(model, x)
-    assert mmmerge.last_info(model).tokens_per_layer == [47, 41, 35]
+    assert mmmerge.last_info(model).tokens_per_layer == [47, 41, 35, 29]
     mmmerge.patch(model, r=2)  # replaces, never stacks
     output(model, x)
-    assert mmmerge.last_info(model).tokens_per_layer == [47, 45, 43]
+    assert mmmerge.last_info(model).tokens_per_layer == [47, 45, 43, 41]
 
 
 # ------------------------------------------------------------------------------------- merge rules
@@ -140,7 +143,7 @@ def test_cls_and_distillation_stay_first_and_unmerged(method):
     model = tiny()
     info = merged_source(model, spectrogram(), r=9, method=method)
     source = info.source
-    assert info.tokens_per_layer == [47, 38, 29]
+    assert info.tokens_per_layer == [47, 38, 29, 20]
     assert source[:, 0].tolist() == [0, 0] and source[:, 1].tolist() == [1, 1]
     assert (source[:, 2:] >= 2).all()  # nothing else joined them
     assert (info.size[:, :2] == 1).all()
@@ -151,7 +154,7 @@ def test_cls_and_distillation_stay_first_and_unmerged(method):
 @pytest.mark.parametrize("budget", [True, False])
 def test_same_band_never_groups_two_bands(method, budget):
     model = tiny()
-    info = merged_source(model, spectrogram(), r=6, method=method, time_mode="same_band", band_budget=budget)
+    info = merged_source(model, spectrogram(), r=6, method=method, time_mode="same_band", group_budget=budget)
     band = original("f")
     merged_any = False
     for b in range(2):
@@ -165,11 +168,14 @@ def test_same_band_never_groups_two_bands(method, budget):
             assert counts.tolist() == [COLUMNS - 2 * 3] * BANDS
 
 
-def test_band_rule_sets_per_band_budget_error():
+def test_band_rule_shares_any_r_over_the_bands():
     model = tiny()
-    with pytest.raises(ValueError, match="band_budget"):
-        audio.patch(model, r=4, time_mode="same_band")  # 4 does not split over 3 bands
-    assert not hasattr(model, "_mmmerge")
+    info = merged_source(model, spectrogram(), r=4, time_mode="same_band")  # 4 over 3 bands: uneven shares
+    for b in range(2):
+        counts = torch.bincount(info.state.coords["f"][b, 2:].long(), minlength=BANDS)
+        assert counts.sum() == BANDS * COLUMNS - 12 and counts.max() - counts.min() <= 1
+    with pytest.raises(ValueError, match="no option 'band_budget'; use group_budget"):
+        audio.patch(model, r=4, time_mode="same_band", band_budget=False)
 
 
 def contiguous(columns: set) -> bool:
@@ -181,11 +187,10 @@ ADJACENT_CASES = [(m, False) for m in ("tome", "pitome", "tps", "random")] + [(m
 
 @pytest.mark.parametrize("method,within_band", ADJACENT_CASES)
 def test_adjacent_spans_stay_contiguous(method, within_band):
-    # pitome/tps pick tokens before they look for a partner, so under same band AND adjacent (two
-    # neighbours at most) they can run out of allowed pairs; the engine then fails loudly.
+    # pitome/tps keep one token per column and band under same band AND adjacent (a band has one token
+    # per column): nothing is left to remove, and the patch says so (test below).
     model = tiny(layers=4)
-    info = merged_source(model, spectrogram(), r=8 if not within_band else 6, method=method, time_mode="adjacent",
-                         within_band=within_band)
+    info = merged_source(model, spectrogram(), r=6, method=method, time_mode="adjacent", within_band=within_band)
     column, band = original("t"), original("f")
     t_min, t_max = info.state.coords["t_min"], info.state.coords["t_max"]
     wide = 0
@@ -197,6 +202,14 @@ def test_adjacent_spans_stay_contiguous(method, within_band):
         if within_band:
             assert all(len(m) == 1 for m in groups_of(info.source[b], band).values())
     assert wide > 0  # some tokens really merged along time
+
+
+@pytest.mark.parametrize("method", ["tps", "prune", "pitome"])
+def test_select_methods_under_band_and_adjacent_are_refused_at_patch_time(method):
+    model = tiny()
+    with pytest.raises(ValueError, match="can remove at most 0"):
+        audio.patch(model, r=3, method=method, time_mode="adjacent", within_band=True)
+    assert untouched(model)
 
 
 def test_window_keeps_groups_inside_blocks():
@@ -211,7 +224,9 @@ def test_window_keeps_groups_inside_blocks():
         with pytest.raises(ValueError, match=r"window\(k\)"):
             audio.patch(model, r=2, time_mode=bad)
     with pytest.raises(ValueError, match="positive integer"):
-        audio.patch(model, r=2, time_mode="window", window=0)
+        audio.patch(model, r=2, time_mode="window(0)")
+    with pytest.raises(TypeError, match="time_mode must be a string"):
+        audio.patch(model, r=2, time_mode=None)
 
 
 # -------------------------------------------------------------------------------------------- padding
@@ -245,8 +260,8 @@ def test_drop_padding_removes_columns_before_layer_zero():
     audio.patch(model, r=0, lengths=lengths)
     out = output(model, x)
     info = mmmerge.last_info(model)
-    assert info.tokens_per_layer == [2 + BANDS * 7] * 3
-    assert model._mmmerge.layout.columns == 7
+    assert info.tokens_per_layer == [2 + BANDS * 7] * 4
+    assert audio.patched_layout(model).columns == 7
     # The same computation by hand: embeddings, keep the first 7 columns of every band, layers, head.
     mmmerge.unpatch(model)
     with torch.no_grad():
@@ -261,7 +276,7 @@ def test_drop_padding_removes_columns_before_layer_zero():
     torch.testing.assert_close(out, manual, atol=1e-5, rtol=1e-5)
     # Merging on top: padded columns of clip 0 stay apart from its real ones.
     info = merged_source(model, x, r=4, lengths=lengths)
-    assert info.tokens_per_layer == [23, 19, 15]
+    assert info.tokens_per_layer == [23, 19, 15, 11]
     real = torch.cat([torch.ones(2, dtype=torch.bool), (torch.arange(7) < 5).repeat(BANDS)])
     assert all(len(m) == 1 for m in groups_of(info.source[0], real).values())
 
@@ -275,12 +290,16 @@ def test_lengths_must_match_batch_and_set_lengths_repatches():
     output(model, spectrogram(2))
     audio.patch(model, r=2, lengths=40)
     output(model, spectrogram(2))
-    assert mmmerge.last_info(model).tokens_per_layer == [2 + BANDS * 5, 2 + BANDS * 5 - 2, 2 + BANDS * 5 - 4]
+    assert mmmerge.last_info(model).tokens_per_layer == [2 + BANDS * 5 - 2 * i for i in range(4)]
     audio.set_lengths(model, 128)
     output(model, spectrogram(2))
     assert mmmerge.last_info(model).tokens_per_layer[0] == TOKENS
     with pytest.raises(ValueError, match="lengths"):
         audio.patch(model, r=2, lengths=[0])
+    with pytest.raises(TypeError, match="lengths must be an int or a sequence"):
+        audio.patch(model, r=2, lengths="64")  # not read as [6, 4]
+    with pytest.raises(TypeError, match="integer frame counts"):
+        audio.patch(model, r=2, lengths=torch.tensor([40.5]))
 
 
 # ------------------------------------------------------------------------------------ column outputs
@@ -338,7 +357,7 @@ def test_unsupported_model_raises_type_error_untouched():
     for fn in (audio.patch, mmmerge.patch):
         with pytest.raises(TypeError, match="AST"):
             fn(vit, r=2)
-    assert not hasattr(vit, "_mmmerge") and "forward" not in encoder_layers(vit)[0].__dict__
+    assert untouched(vit)
     assert all(torch.equal(v, before[k]) for k, v in vit.state_dict().items())
 
 
@@ -348,13 +367,13 @@ def test_infeasible_r_raises_before_modifying():
     reference = output(model, x)
     with pytest.raises(ValueError, match="infeasible"):
         audio.patch(model, r=30)
-    assert not hasattr(model, "_mmmerge") and "forward" not in model.audio_spectrogram_transformer.layers[0].__dict__
+    assert untouched(model)
     assert torch.equal(output(model, x), reference)
     audio.patch(model, r=3)
     with pytest.raises(ValueError, match="infeasible"):
         audio.patch(model, r=3, lengths=10)  # one column left: 3 tokens cannot lose 3 per layer
     output(model, x)
-    assert mmmerge.last_info(model).tokens_per_layer == [47, 44, 41]  # the old patch is still in force
+    assert mmmerge.last_info(model).tokens_per_layer == [47, 44, 41, 38]  # the old patch is still in force
 
 
 def test_target_flops_reaches_its_fraction():
@@ -426,7 +445,7 @@ def test_load_audio_errors(tmp_path):
 
 def test_merged_tokens_carry_band_and_time_spans_in_columns_and_seconds():
     model = tiny(layers=4)
-    info = merged_source(model, spectrogram(), r=8, time_mode="adjacent")
+    info = merged_source(model, spectrogram(), r=6, time_mode="adjacent")
     coords = info.state.coords
     band, column = original("f"), original("t")
     checked = 0

@@ -24,11 +24,11 @@ def cosines(x):
 
 
 def grouped_output(x, target, weight, protected):
-    """Outputs of "token i goes to target[i]" with fusion weights, ordered by each group's first member."""
+    """Outputs of "token i goes to target[i]" with fusion weights, survivors (targets) in their order."""
     groups = {}
     for i, t in enumerate(target):
         groups.setdefault(t, []).append(i)
-    ordered = sorted(groups.values(), key=min)
+    ordered = [groups[k] for k in sorted(groups)]
     rows = [x[p].double() for p in range(protected)]
     sizes = [1.0] * protected
     for g in ordered:
@@ -236,7 +236,8 @@ def test_select_and_assign_keeps_a_host_when_a_whole_block_is_least_important(me
     state = mm.init_state(1, frames * per_frame, coords={"t_min": t, "t_max": t}, rules={"t_min": "min", "t_max": "max"})
     score = torch.where(t < 2, 0.0, 1.0 + torch.arange(len(t)) / len(t)).unsqueeze(0)
     r = 10
-    plan = mm.get_matcher(method)(torch.randn(1, len(t), 8), state, r, mm.parse_constraint(constraint), score=score)
+    rule = mm.parse_constraint(constraint, steps={"t": frames})
+    plan = mm.plan_merge(torch.randn(1, len(t), 8), state, r, method, rule, score=score)
     assert plan.num_out == len(t) - r
     groups = {}
     for i, a in enumerate(plan.assign[0].tolist()):
@@ -248,9 +249,9 @@ def test_select_and_assign_keeps_a_host_when_a_whole_block_is_least_important(me
             assert len(set(members)) == 1
         else:
             assert max(members) - min(members) <= 2  # spans stay contiguous; one step joins touching frames
-    if method == "prune":  # dropped tokens carry weight 0: the block gives up all but one token, the rest 3
+    if method == "prune":  # dropped tokens carry weight 0: each clique (frame, or block) keeps its best token
         dropped = plan.weight[0] == 0
-        assert int(dropped[: 2 * per_frame].sum()) == (2 * per_frame - 2 if constraint == "within_frame" else 2 * per_frame - 1)
+        assert int(dropped[: 2 * per_frame].sum()) == (2 * per_frame - 1 if constraint == "window(2)" else 2 * per_frame - 2)
         assert int(dropped.sum()) == r
 
 
@@ -263,7 +264,7 @@ def test_pitome_under_a_constraint_always_finds_an_allowed_host(constraint):
     state = mm.init_state(2, frames * per_frame, coords={"t_min": t, "t_max": t}, rules={"t_min": "min", "t_max": "max"})
     for seed in range(25):
         metric = torch.randn(2, len(t), 6, generator=torch.Generator().manual_seed(seed))
-        plan = mm.pitome(metric, state, 12, mm.parse_constraint(constraint))
+        plan = mm.plan_merge(metric, state, 12, "pitome", mm.parse_constraint(constraint, steps={"t": frames}))
         for b in range(2):
             blocks = {}
             for i, a in enumerate(plan.assign[b].tolist()):

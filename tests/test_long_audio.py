@@ -96,8 +96,8 @@ def test_merging_runs_in_every_window_and_the_patch_is_restored():
     tokens_before = mmmerge.last_info(model).tokens_per_layer
     tags = audio.tag_windows(model, recording(4.2), hop_seconds=1.28)  # the last window holds 0.36 s
     assert all(t[-1] < t[0] for t in tags.tokens_per_layer)  # merged in every window
-    assert tags.tokens_per_layer[0] == [47, 44, 41] and tags.tokens_per_layer[-1] == [17, 14, 11]
-    assert model._mmmerge.lengths == [100]
+    assert tags.tokens_per_layer[0][:3] == [47, 44, 41] and tags.tokens_per_layer[-1][:3] == [17, 14, 11]
+    assert audio.patched_layout(model).columns == 13  # the patch's own lengths=[100]: ceil(100 / 8) columns
     with torch.no_grad():
         assert torch.equal(model(input_values=x).logits, before)
     assert mmmerge.last_info(model).tokens_per_layer == tokens_before
@@ -166,4 +166,4 @@ def test_an_r_the_short_last_window_cannot_take_is_explained_and_the_patch_kept(
     audio.patch(model, r=8, trace_source=True)  # feasible for 47 tokens, not for the 0.2 s last window (11)
     with pytest.raises(ValueError, match="the last window holds .* a relative r"):
         audio.tag_windows(model, recording(1.295 + 0.2), hop_seconds=1.28)
-    assert model._mmmerge.lengths is None and model._mmmerge.layout.columns == 15
+    assert audio.patched_layout(model).columns == 15 and mmmerge.last_info(model).tokens_per_layer[0] == 47

@@ -166,7 +166,7 @@ model = VideoMAEModel(config).eval()
 mmmerge.patch(model, r=2)
 with torch.no_grad():
     out = model(pixel_values=torch.randn(1, 4, 3, 16, 16)).last_hidden_state
-assert mmmerge.last_info(model).tokens_per_layer == [8, 6], mmmerge.last_info(model).tokens_per_layer
+assert mmmerge.last_info(model).tokens_per_layer[:2] == [8, 6], mmmerge.last_info(model).tokens_per_layer
 try:
     video.load_video(sys.executable)
 except ImportError as err:

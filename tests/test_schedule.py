@@ -48,10 +48,25 @@ def test_target_flops_meets_the_fraction():
     assert schedule_flops(smaller, 1569, cost) / schedule_flops([0] * 12, 1569, cost) > 0.5
 
 
-def test_multiple_of_for_per_group_budgets():
-    assert mm.resolve_schedule(mm.TargetTokens(1 + 8 * 20), 4, 1 + 8 * 40, 1, multiple_of=8) == [40, 40, 40, 40]
-    with pytest.raises(ValueError, match="multiple of 8"):
-        mm.resolve_schedule(12, 4, 1 + 8 * 40, 1, multiple_of=8)
+def test_groups_share_any_r_unevenly_and_stay_balanced():
+    grouping = mm.Grouping(sizes=(40,) * 8)
+    sched = mm.resolve_schedule(mm.TargetTokens(1 + 8 * 20), 4, 1 + 8 * 40, 1, grouping=grouping)
+    assert sched == [40, 40, 40, 40]
+    parts = mm.layer_partitions([12, 12, 12, 12], 1 + 8 * 40, 1, "tome", grouping)
+    assert [p.budgets for p in parts[:2]] == [(2, 2, 2, 2, 1, 1, 1, 1), (1, 1, 1, 1, 2, 2, 2, 2)]
+    assert parts[2].sizes == (37,) * 8  # after two layers of 12 every group lost 3
+    # each group stays feasible on its own: at most half of a group per bipartite step
+    with pytest.raises(ValueError, match="layer 0: r=161 is infeasible"):
+        mm.resolve_schedule([161, 0, 0, 0], 4, 1 + 8 * 40, 1, grouping=grouping)
+
+
+def test_guarantees_bound_what_a_step_can_always_remove():
+    G = mm.constraints.Guarantee
+    assert mm.step_limit("tome", 64) == 32 and mm.step_limit("tps", 64) == 63
+    assert mm.step_limit("tome", 64, G(runs=4, cliques=4)) == 30  # four runs of even length lose nothing
+    assert mm.step_limit("tome", 63, G(runs=4, cliques=4)) == 30  # three odd runs: (63 - 3) / 2
+    assert mm.step_limit("tps", 64, G(runs=4, cliques=8)) == 56 and mm.step_limit("pitome", 64, G(1, 8)) == 28
+    assert mm.step_limit("tome", 5, G(runs=9)) == 0  # every token alone in its run
 
 
 def test_infeasible_schedules_raise_with_the_limit():
@@ -71,7 +86,7 @@ def test_infeasible_schedules_raise_with_the_limit():
 def test_target_flops_falls_back_to_keep_ratio_when_constant_r_cannot_reach():
     cost = mm.transformer_layer_flops(768)
     # 1214 tokens over 12 layers: the best constant r stays just above 50% of the FLOPs (AST-base).
-    top = mm.schedule._constant_feasible(12, 1214, 2, "tome", 1)
+    top = mm.schedule._constant_feasible(12, 1214, 2, "tome")
     base = mm.schedule.schedule_flops([0] * 12, 1214, cost)
     assert mm.schedule.schedule_flops([top] * 12, 1214, cost) > 0.45 * base
     sched = mm.resolve_schedule(mm.TargetFlops(0.45), 12, 1214, 2, layer_flops=cost)

@@ -12,7 +12,9 @@ from transformers import (BertConfig, BertModel, VideoMAEConfig, VideoMAEForVide
 import mmmerge
 from mmmerge import KeepRatio, TargetFlops
 from mmmerge.adapters import video
-from mmmerge.adapters.encoder import layer_parts, weighted_mean
+from mmmerge.adapters.encoder import MergingLayer, layer_parts, patch_spec, weighted_mean
+
+from helpers import has_increasing_representatives, untouched
 
 FRAMES, SIZE, PATCH, TUBELET = 8, 32, 8, 2  # 4 tubelets x 4 x 4 = 64 tokens (+ CLS for ViViT)
 CLASSES = [VivitForVideoClassification, VivitModel, VideoMAEForVideoClassification, VideoMAEModel]
@@ -63,7 +65,8 @@ def test_off_switch_reproduces_unpatched(cls, attn):
         mmmerge.patch(model, r=off)
         assert mmmerge.last_info(model).schedule == [0, 0, 0, 0]
         torch.testing.assert_close(output(model, x), reference, atol=1e-6, rtol=0)
-    assert mmmerge.last_info(model).tokens_per_layer == [64 + protected(model)] * 4
+    assert mmmerge.last_info(model).tokens_per_layer == [64 + protected(model)] * 5
+    assert not any(isinstance(m, MergingLayer) for m in model.modules())  # merging off: no layer is replaced
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
@@ -77,10 +80,9 @@ def test_unpatch_restores_bit_identical(cls):
     assert merged.shape != reference.shape or not torch.allclose(merged, reference)  # merging changed something
     mmmerge.unpatch(model)
     assert torch.equal(output(model, x), reference)
-    assert not hasattr(model, "_mmmerge")
+    assert untouched(model)
     for layer in video.encoder_layers(video._backbone(model)[0]):
-        assert "forward" not in layer.__dict__
-        assert layer_parts(layer).core.config._attn_implementation == "sdpa"
+        assert layer_parts(layer).attention.config._attn_implementation == "sdpa"
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
@@ -91,7 +93,7 @@ def test_patching_twice_does_not_stack():
     once = output(model, x)
     mmmerge.patch(model, r=6)
     assert torch.equal(output(model, x), once)
-    assert mmmerge.last_info(model).tokens_per_layer == [65, 59, 53, 47]
+    assert mmmerge.last_info(model).tokens_per_layer == [65, 59, 53, 47, 41]
     mmmerge.patch(model, r=0)  # re-patch replaces: back to the unmerged model
     mmmerge.unpatch(model)
     reference = output(tiny(VivitForVideoClassification), x)
@@ -117,15 +119,14 @@ def test_backend_without_bias_support_is_refused():
     core.config._attn_implementation_internal = "flash_attention_2"  # pretend; forward is never run
     with pytest.raises(ValueError, match="cannot take the proportional-attention bias"):
         mmmerge.patch(model, r=4)
-    assert not hasattr(model, "_mmmerge")
-    assert all("forward" not in layer.__dict__ for layer in model.layers)
+    assert untouched(model)
     mmmerge.patch(model, r=4, prop_attn=False)  # without the bias any backend works
 
 
 # ------------------------------------------------------------------------------------------- schedules
 @pytest.mark.parametrize("spec, expected", [
-    (6, [65, 59, 53, 47]),
-    ([0, 10, 0, 5], [65, 65, 55, 55]),
+    (6, [65, 59, 53, 47, 41]),
+    ([0, 10, 0, 5], [65, 65, 55, 55, 50]),
     ((8, -0.5), None),
     (TargetFlops(0.75), None),
 ])
@@ -137,7 +138,7 @@ def test_tokens_per_layer_follow_schedule(spec, expected):
     counts = [65]
     for r in info.schedule:
         counts.append(counts[-1] - r)
-    assert info.tokens_per_layer == counts[:-1]
+    assert info.tokens_per_layer == counts
     if expected is not None:
         assert info.tokens_per_layer == expected
     if isinstance(spec, tuple):
@@ -146,6 +147,7 @@ def test_tokens_per_layer_follow_schedule(spec, expected):
         layer = mmmerge.transformer_layer_flops(32, 2.0)
         full = sum(layer(65, 65) for _ in range(4))
         merged = sum(layer(n, n - r) for n, r in zip(info.tokens_per_layer, info.schedule))
+        assert merged > 0
         assert merged <= 0.75 * full
 
 
@@ -158,10 +160,9 @@ def test_final_tokens_in_order_with_cls_first():
     assert torch.equal(info.source[:, 0], torch.zeros(2, dtype=torch.long))  # CLS never moves or merges
     assert torch.equal(info.size[:, 0], torch.ones(2))
     assert torch.equal(info.size.sum(1), torch.full((2,), 65.0))
-    # Survivors keep the order of their earliest original token.
+    # Survivors keep the order of their representatives (the member that survived every step).
     for b in range(2):
-        first = [int((info.source[b] == g).nonzero()[0]) for g in range(25)]
-        assert first == sorted(first)
+        assert has_increasing_representatives(info.source[b], 25)
 
 
 # ------------------------------------------------------------------------------------------ time modes
@@ -186,15 +187,18 @@ def test_within_frame_never_groups_two_frames(cls, method):
         assert per_frame.tolist() == [8, 8, 8, 8]
 
 
-def test_within_frame_budget_must_divide():
+def test_within_frame_takes_any_r_and_one_global_budget():
     model = tiny(VideoMAEModel)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        mmmerge.patch(model, r=6, time_mode="within_frame")
-    assert not hasattr(model, "_mmmerge")
-    mmmerge.patch(model, r=6, time_mode="within_frame", frame_budget=False, trace_source=True)
+    mmmerge.patch(model, r=6, time_mode="within_frame", trace_source=True)  # 6 over 4 tubelets: uneven shares
+    output(model, clip())
+    per_frame = torch.bincount(mmmerge.last_info(model).state.coords["t_min"][0].long(), minlength=4)
+    assert per_frame.sum() == 40 and per_frame.max() - per_frame.min() <= 1
+    mmmerge.patch(model, r=6, time_mode="within_frame", group_budget=False, trace_source=True)
     output(model, clip())
     frame = _frame_of_original(model)
     assert all(len(ts) == 1 for ts in group_values(mmmerge.last_info(model).source[0], frame).values())
+    with pytest.raises(ValueError, match="no option 'frame_budget'; use group_budget"):
+        mmmerge.patch(model, r=6, time_mode="within_frame", frame_budget=False)
 
 
 @pytest.mark.parametrize("method", ["tome", "pitome", "tps", "random"])
@@ -219,7 +223,7 @@ def test_adjacent_keeps_time_spans_contiguous(method):
 @pytest.mark.parametrize("k", [1, 2])
 def test_window_never_exceeds_k(k):
     model = tiny(VideoMAEModel)
-    mmmerge.patch(model, r=12, time_mode="window", window=k, trace_source=True)
+    mmmerge.patch(model, r=12, time_mode=f"window({k})", trace_source=True)
     output(model, clip())
     frame = _frame_of_original(model)
     widest = 0
@@ -235,9 +239,19 @@ def test_time_mode_errors():
     model = tiny(VideoMAEModel)
     with pytest.raises(ValueError, match="unknown time_mode 'sideways'"):
         mmmerge.patch(model, r=4, time_mode="sideways")
-    with pytest.raises(ValueError, match="window size"):
-        mmmerge.patch(model, r=4, time_mode="window", window=0)
-    assert isinstance(video.time_constraint("window(3)"), mmmerge.Window)
+    with pytest.raises(ValueError, match=r"k in window\(k\) must be a positive integer"):
+        mmmerge.patch(model, r=4, time_mode="window(0)")
+    with pytest.raises(ValueError, match=r"write 'window\(k\)'"):
+        mmmerge.patch(model, r=4, time_mode="window")
+    with pytest.raises(TypeError, match="time_mode must be a string"):
+        mmmerge.patch(model, r=4, time_mode=3)
+    with pytest.raises(ValueError, match="not available here"):
+        mmmerge.parse_time_mode("window(2)", ("global",))
+    with pytest.raises(ValueError, match="unknown time_mode 'same_band'"):
+        mmmerge.patch(model, r=4, time_mode="same_band")
+    with pytest.raises(ValueError, match="no option 'window'"):
+        mmmerge.patch(model, r=4, time_mode="global", window=2)
+    assert untouched(model)
 
 
 def test_timestamps_become_spans_in_seconds():
@@ -251,6 +265,10 @@ def test_timestamps_become_spans_in_seconds():
     torch.testing.assert_close(state.coords["sec_max"], t_max * 0.2 + 0.1)
     with pytest.raises(ValueError, match="one time per input frame"):
         mmmerge.patch(model, r=4, timestamps=stamps[:3])
+    with pytest.raises(ValueError, match="finite"):
+        mmmerge.patch(model, r=4, timestamps=[float("nan")] + stamps[1:])
+    with pytest.raises(ValueError, match="must not decrease"):
+        mmmerge.patch(model, r=4, timestamps=stamps[::-1])
 
 
 # ----------------------------------------------------------------------------------------------- pooling
@@ -262,19 +280,24 @@ def test_weighted_mean_equals_mean_of_originals_constructed():
 
 
 def test_videomae_pooling_is_size_weighted():
+    # The mean-pooling head gets one row per original token (output="original" by default), so its own
+    # plain mean is the size-weighted mean of the merged tokens.
     model = tiny(VideoMAEForVideoClassification)
-    mmmerge.patch(model, r=10, trace_source=True)
-    seen = {}
-    model.fc_norm.register_forward_pre_hook(lambda m, a: seen.setdefault("pooled", a[0]))
     x = clip()
+    mmmerge.patch(model, r=10, trace_source=True, output="merged")
     with torch.no_grad():
         hidden = model.videomae(pixel_values=x).last_hidden_state  # merged: [2, 24, 32]
-        seen.clear()
-        model(pixel_values=x)
+        size = mmmerge.last_info(model).size
+        expected = model.classifier(model.fc_norm(weighted_mean(hidden, size)))
+        plain = model.classifier(model.fc_norm(hidden.mean(1)))
     assert hidden.shape[1] == 24
-    full = mmmerge.unmerge(hidden, mmmerge.last_info(model).state)  # every original token's value
-    torch.testing.assert_close(seen["pooled"], full.mean(1), atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(seen["pooled"], hidden.mean(1), atol=1e-4)  # a plain mean would differ
+    mmmerge.patch(model, r=10)
+    assert patch_spec(model).output == "original"
+    with torch.no_grad():
+        rows = model.videomae(pixel_values=x).last_hidden_state
+    assert rows.shape == (2, 64, 32)
+    torch.testing.assert_close(output(model, x), expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(output(model, x), plain, atol=1e-4)  # a plain mean of merged tokens would differ
 
 
 def test_frame_features_unmerge_to_grid():
@@ -291,6 +314,10 @@ def test_frame_features_unmerge_to_grid():
         model(pixel_values=clip())
     with pytest.raises(ValueError, match="trace_source=True"):
         video.frame_features(model, hidden)
+    mmmerge.patch(model, r=10, output="original")  # or ask for one row per token: no source map needed
+    with torch.no_grad():
+        rows = model(pixel_values=clip()).last_hidden_state
+    assert video.frame_features(model, rows).shape == (2, 4, 4, 4, 32)
 
 
 def test_gradients_flow_through_merged_model():
@@ -305,9 +332,11 @@ def test_gradients_flow_through_merged_model():
 def test_wrong_input_size_after_patch_is_explained():
     model = tiny(VivitModel)
     mmmerge.patch(model, r=4)  # set up for 32x32 inputs: 65 tokens
-    # (upstream ViViT cannot interpolate here, so the encoder's entry check is called directly)
+    # (upstream ViViT cannot interpolate here, so the first patched layer is called directly)
     with pytest.raises(ValueError, match="got 145 tokens but this patch was set up for 65; re-patch"):
-        model._mmmerge.start(torch.zeros(1, 145, 32))
+        model.layers[0](torch.zeros(1, 145, 32))
+    with pytest.raises(RuntimeError, match="ran out of order"):
+        model.layers[1](torch.zeros(1, 65, 32))
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -319,8 +348,7 @@ def test_unsupported_model_raises_type_error_and_is_untouched():
         mmmerge.patch(model, r=4)
     with pytest.raises(TypeError, match="supports"):
         video.patch(model, r=4)
-    assert not hasattr(model, "_mmmerge")
-    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert untouched(model)
     assert {name: type(m) for name, m in model.named_modules()} == before
 
 
@@ -331,8 +359,7 @@ def test_infeasible_r_raises_before_any_change(bad):
     reference = output(model, x)
     with pytest.raises((ValueError, TypeError)):
         mmmerge.patch(model, r=bad)
-    assert not hasattr(model, "_mmmerge")
-    assert all("forward" not in layer.__dict__ for layer in model.vivit.layers)
+    assert untouched(model)
     assert torch.equal(output(model, x), reference)
 
 
@@ -342,14 +369,14 @@ def test_failed_repatch_keeps_previous_patch():
     with pytest.raises(ValueError):
         mmmerge.patch(model, r=1000)
     output(model, clip())
-    assert mmmerge.last_info(model).tokens_per_layer == [65, 59, 53, 47]
+    assert mmmerge.last_info(model).tokens_per_layer == [65, 59, 53, 47, 41]
 
 
 def test_unknown_method_is_refused():
     model = tiny(VivitModel)
     with pytest.raises(ValueError, match="method"):
         mmmerge.patch(model, r=4, method="magic")
-    assert not hasattr(model, "_mmmerge")
+    assert untouched(model)
 
 
 def test_unknown_matcher_option_is_refused():
@@ -358,7 +385,15 @@ def test_unknown_matcher_option_is_refused():
         mmmerge.patch(model, r=4, method="pitome", margn=0.5)  # a typo must not be ignored silently
     with pytest.raises(ValueError, match="'tome' takes no option 'temperature'"):
         mmmerge.patch(model, r=4, temperature=0.5)
-    assert not hasattr(model, "_mmmerge")
+    with pytest.raises(ValueError, match="unknown pitome preset 'offical'"):
+        mmmerge.patch(model, r=4, method="pitome", preset="offical")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        mmmerge.patch(model, r=4, method="tps", temperature=0.0)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+        mmmerge.patch(model, r=4, method="random", generator=3)
+    with pytest.raises(ValueError, match="set by the encoder patch itself"):
+        mmmerge.patch(model, r=4, method="pitome", layer_idx=2)
+    assert untouched(model)
     mmmerge.patch(model, r=4, method="pitome", margin=0.5)  # a real option is accepted
     mmmerge.patch(model, r=4, method="tps", temperature=0.5)
 
@@ -445,23 +480,28 @@ def test_gradient_checkpointing_still_recomputes_and_matches(method):
         model(pixel_values=x).logits.sum().backward()
         grads.append(x.grad)
         calls.append(len(count))
-        assert mmmerge.last_info(model).tokens_per_layer == [65, 59, 53, 47]
+        assert mmmerge.last_info(model).tokens_per_layer == [65, 59, 53, 47, 41]
     assert calls == [1, 2]  # with checkpointing the layer body really is recomputed in backward
     torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
 
 
-def test_failing_adapter_hook_install_leaves_model_untouched():
-    from mmmerge.adapters.encoder import patch_layers
+def test_a_failure_while_patching_leaves_the_model_as_it_was(monkeypatch):
+    from mmmerge.adapters import encoder
 
     model = tiny(VideoMAEForVideoClassification)
     x = clip()
     reference = output(model, x)
+    original = encoder.merging_class
+    calls = []
 
-    def install(ctx):
-        raise RuntimeError("hook failed")
+    def failing(base):  # the third layer's class swap fails: the first two must be undone
+        calls.append(base)
+        if len(calls) == 3:
+            raise RuntimeError("swap failed")
+        return original(base)
 
-    with pytest.raises(RuntimeError, match="hook failed"):
-        patch_layers(model, model.videomae.encoder.layer, schedule=[4, 4, 4, 4], install=install)
-    assert not hasattr(model, "_mmmerge")
-    assert all("forward" not in layer.__dict__ for layer in model.videomae.encoder.layer)
+    monkeypatch.setattr(encoder, "merging_class", failing)
+    with pytest.raises(RuntimeError, match="swap failed"):
+        mmmerge.patch(model, r=4)
+    assert untouched(model)
     assert torch.equal(output(model, x), reference)
