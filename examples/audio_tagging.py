@@ -205,7 +205,7 @@ def run(args) -> int:
         info = mmmerge.last_info(model)
         timing = side_by_side()(lambda: unmerged(input_values=x)).compare(lambda: model(input_values=x), args.repeats)
 
-    print(f"\nmerging: method={args.method} time_mode={args.time_mode} within_band={args.within_band} "
+    print(f"\nmerging: method={args.method} time_mode={time_mode} within_band={args.within_band} "
           f"padding={'kept (invalid)' if args.keep_padding else 'dropped'}; r per layer={info.schedule}")
     print(f"tokens per layer: {info.tokens_per_layer}")
     print(f"\n{'':10}{'unmerged (padded input)':>44}{'merged':>44}")

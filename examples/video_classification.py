@@ -305,7 +305,7 @@ def run(args) -> int:
         what = "the decoded clip" + (f", {batch} copies" if batch > 1 else "")
     timing = side_by_side()(lambda: logits_of(unmerged, timed)).compare(lambda: logits_of(model, timed), args.repeats)
 
-    print(f"\nmerging: method={args.method} time_mode={args.time_mode} r per layer={info.schedule}")
+    print(f"\nmerging: method={args.method} time_mode={time_mode} r per layer={info.schedule}")
     print(f"tokens per layer: {info.tokens_per_layer}")
     print(f"\n{'':12}{'unmerged':>44}{'merged':>44}")
     for i, (a, b) in enumerate(zip(top5(base_logits, labels), top5(merged_logits, labels))):
