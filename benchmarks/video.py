@@ -8,7 +8,7 @@ For each model: GFLOPs (torch's counter via mmmerge.count_flops) and wall time o
 for tome in every time mode over a sweep of FLOPs targets, and for every method at 50% FLOPs.
 Each row's speedup is the median of per-pair ratios against unmerged runs interleaved with its own
 (timing.SideBySide.compare), so load changing during the run cancels out.
-Goal (issue 3): at 50% of the baseline FLOPs, speedup >= 0.85x the FLOPs ratio (about 1.7x).
+The project's goal: at 50% of the baseline FLOPs, speedup >= 0.85x the FLOPs ratio (about 1.7x).
 """
 from __future__ import annotations
 
