@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Opt
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 from torch import Tensor
 
 from mmmerge.attention import size_bias
@@ -767,8 +768,8 @@ def grid_features(model: nn.Module, last_hidden_state: Tensor, info: Optional[Me
             raise ValueError("no source map: patch with trace_source=True (or output='original') and run a forward "
                              "first")
         full = unmerge(last_hidden_state, info.state)
-    B, _, C = full.shape
-    return full[:, grid.protected:].reshape(B, *[s for _, s in grid.axes], C)
+    names = " ".join(name for name, _ in grid.axes)
+    return rearrange(full[:, grid.protected:], f"b ({names}) c -> b {names} c", **dict(grid.axes))
 
 
 def weighted_mean(x: Tensor, size: Tensor, valid: Optional[Tensor] = None) -> Tensor:

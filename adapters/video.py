@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import einops
 from torch import Tensor
 
 from mmmerge.constraints import parse_time_mode
@@ -441,7 +442,7 @@ def visualize(frames: Tensor, info: MergeInfo, layout: Optional[VideoLayout] = N
         raise ValueError(f"need {T * layout.tubelet} frames for {T} tubelets, got {frames.shape[0]}")
     Hp, Wp = first.shape[1] // H, first.shape[2] // W
     first = first[:, : H * Hp, : W * Wp]
-    patches = first.view(T, H, Hp, W, Wp, 3).mean(dim=(2, 4)).reshape(-1, 3)  # [T*H*W, 3]
+    patches = einops.reduce(first, "t (h hp) (w wp) c -> (t h w) c", "mean", h=H, w=W)  # each patch's mean colour
     source = info.source[batch_index, layout.protected:].cpu() - layout.protected  # group of each patch
     groups = int(source.max()) + 1
     colour = torch.zeros(groups, 3).index_add_(0, source, patches)
