@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ from torch import Tensor
 from mmmerge.attention import size_bias
 from mmmerge.constraints import AllOf, Constraint, Global, Partition, first_positions
 from mmmerge.info import MergeInfo
-from mmmerge.matchers import check_options, check_step, get_matcher
+from mmmerge.matchers import check_options, get_matcher
 from mmmerge.merge import merge_tokens, unmerge
 from mmmerge.schedule import (Grouping, LayerFlops, ScheduleSpec, layer_partitions, resolve_schedule,
                               tokens_per_layer, transformer_layer_flops)
@@ -214,7 +214,6 @@ class PatchSpec:
     rules: Mapping[str, str] = field(default_factory=dict)
     position_coords: Mapping[str, Tensor] = field(default_factory=dict)
     entry: bool = False  # an entry index (buffer) selects / reorders the embeddings
-    valid: bool = False  # a per-clip padding mask (buffer) marks padding
     family: str = "encoder"  # what patched it (video, audio, llava), for messages
     grid: Optional["TokenGrid"] = None  # the token layout entering the first layer (model's token order)
     extra: Mapping[str, Any] = field(default_factory=dict)  # the adapter's own record (e.g. its options)
@@ -251,8 +250,8 @@ class MergingCarry(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------ the merging layer
-_BUFFERS = ("entry", "valid", "time", "exit", "ids", "ids_a", "ids_b", "block_ab", "block_pairs", "sel", "sel_a",
-            "sel_pairs")
+# Static tensors of a partition (group ids, selection positions, cross-group masks), made at patch time.
+_PARTITION_BUFFERS = ("ids", "ids_a", "ids_b", "block_ab", "block_pairs", "sel", "sel_a", "sel_pairs")
 _MERGING_CLASSES: Dict[type, type] = {}
 _lock = threading.Lock()
 
@@ -295,7 +294,7 @@ def _partition(layer: nn.Module, spec: LayerSpec) -> Optional[Partition]:
     part = spec.partition
     if part is None:
         return None
-    cache = {name: _buffer(layer, name) for name in _BUFFERS[4:]}
+    cache = {name: _buffer(layer, name) for name in _PARTITION_BUFFERS}
     return replace(part, cache={k: v for k, v in cache.items() if v is not None})
 
 
@@ -415,8 +414,6 @@ _TRACE = threading.local()  # per thread: (weakref to the last patched layer, it
 def _record(layer: nn.Module, state: TokenState) -> None:
     """Keep the final state of this call for ``last_info`` (this thread only; eager only)."""
     if not torch.compiler.is_compiling():
-        import weakref
-
         _TRACE.last = (weakref.ref(layer), layer._mmmerge.patch, state)
 
 
@@ -679,7 +676,7 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
                      trace_source=trace_source, output=output, first=first, last=last, carried=carried,
                      rules={**dict(rules or {}), **span_rules},
                      position_coords={k: v.float() for k, v in (position_coords or {}).items()},
-                     entry=reordered, valid=valid is not None, family=family, grid=grid, extra=dict(extra or {}))
+                     entry=reordered, family=family, grid=grid, extra=dict(extra or {}))
     layer_specs, layer_buffers = [], []
     for i in range(first, last + 1):
         bias = prop_attn and bool(merges) and i > merges[0]

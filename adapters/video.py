@@ -30,7 +30,7 @@ from mmmerge.info import MergeInfo
 from mmmerge.patching import register
 from mmmerge.schedule import ScheduleSpec
 
-from .encoder import TokenGrid, encoder_flops, encoder_layers, grid_features, patch_encoder, patch_spec, plan_layout
+from .encoder import TokenGrid, encoder_flops, encoder_layers, grid_features, patch_encoder, plan_layout
 
 SUPPORTED = ("VivitModel", "VivitForVideoClassification", "VideoMAEModel", "VideoMAEForVideoClassification")
 TIME_MODES = ("global", "within_frame", "adjacent", "window(k)")

@@ -113,7 +113,7 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3, t
         info = mmmerge.last_info(model)
         rows.append({"input": label, "tokens": info.tokens_per_layer[0], "method": method, "time_mode": mode,
                      "target": target, "schedule": described,
-                     "final_tokens": info.tokens_per_layer[-1] - info.schedule[-1], "gflops": flops / 1e9,
+                     "final_tokens": info.tokens_out, "gflops": flops / 1e9,
                      "flops_ratio": flops / base_flops, **timed})
         mmmerge.unpatch(model)
         if progress is not None:

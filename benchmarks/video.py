@@ -81,8 +81,8 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3,
                 timed = timer.compare(lambda: model(pixel_values=x), 2 if quick else repeats)
                 info = mmmerge.last_info(model)
                 rows.append({"model": name, "tokens": layout.num_tokens, "method": method, "time_mode": mode,
-                             "target": fraction, "r": info.schedule[0], "final_tokens": info.tokens_per_layer[-1]
-                             - info.schedule[-1], "gflops": flops / 1e9, "flops_ratio": flops / base_flops, **timed})
+                             "target": fraction, "r": info.schedule[0], "final_tokens": info.tokens_out,
+                             "gflops": flops / 1e9, "flops_ratio": flops / base_flops, **timed})
                 mmmerge.unpatch(model)
                 if progress is not None:
                     progress.update(1)

@@ -94,7 +94,7 @@ def test_ci_runs_the_readme_test_command_then_the_oldest_transformers():
     readme = (ROOT / "README.md").read_text()
     command = 'pip install -e ".[test]" -c .ci/constraints.txt && python -m pytest -q'
     assert f"```bash\n{command}\n```" in readme
-    assert f"```bash\npip install -e \".[video]\" && python examples/video_classification.py\n```" in readme
+    assert "```bash\npip install -e \".[video]\" && python examples/video_classification.py\n```" in readme
     script = (ROOT / ".ci" / "run").read_text().splitlines()
     assert command in script
     assert any("--target" in line and ".ci/oldest.txt" in line for line in script[script.index(command):])

@@ -12,11 +12,11 @@ import torch
 from transformers import VideoMAEForVideoClassification, VideoMAEModel, VivitForVideoClassification
 
 import mmmerge
-from mmmerge import KeepRatio, TargetFlops
-from mmmerge.adapters import audio, video
-from mmmerge.adapters.encoder import MergingLayer, patch_spec
+from mmmerge import TargetFlops
+from mmmerge.adapters import audio
+from mmmerge.adapters.encoder import patch_spec
 
-from helpers import (AST_BANDS, DEVICE, clip, has_increasing_representatives, output, spectrogram, tiny_ast,
+from helpers import (DEVICE, clip, has_increasing_representatives, output, spectrogram, tiny_ast,
                      tiny_video, untouched)
 
 VIDEO_MODES = ["global", "within_frame", "adjacent", "window(2)"]
