@@ -391,8 +391,13 @@ def _merging_forward(self: nn.Module, hidden_states: Any, *args: Any, **kwargs: 
     x, state = carry
     noise = None
     if patch.method == "random" and spec.r > 0 and "noise" not in patch.options:
+        generator = patch.options.get("generator")
+        if generator is not None and torch.compiler.is_compiling():
+            raise RuntimeError("mmmerge: method 'random' with a torch.Generator cannot be compiled (torch.compile "
+                               "does not trace user generators); compile it without generator= (torch's own "
+                               "random stream) or run it eagerly")
         # Drawn outside the checkpointed body: the recompute reuses these draws, so it makes the same plan.
-        noise = torch.rand(x.shape[:2], device=x.device, generator=patch.options.get("generator"))
+        noise = torch.rand(x.shape[:2], device=x.device, generator=generator)
     if spec.attn_config is None:  # nothing merges here and no bias is due: the layer's own forward
         def body(h: Tensor) -> Tuple[Tensor, TokenState]:
             return type(self)._mmmerge_base.forward(self, h, *args, **kwargs), state

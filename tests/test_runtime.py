@@ -120,6 +120,17 @@ def test_compile_fullgraph_matches_eager_across_batch_sizes(method, mode):
         torch.testing.assert_close(output(compiled, x), output(model, x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_path_that_cannot_compile_says_so():
+    torch._dynamo.reset()
+    model = tiny_video(VideoMAEModel, layers=2)
+    mmmerge.patch(model, r=6, method="random", generator=torch.Generator(device=DEVICE).manual_seed(0))
+    with pytest.raises(Exception, match="'random' with a torch.Generator cannot be compiled"):
+        output(torch.compile(model, fullgraph=True, backend="eager"), clip())
+    mmmerge.patch(model, r=6, method="random")  # torch's own stream compiles
+    torch._dynamo.reset()
+    assert output(torch.compile(model, fullgraph=True, backend="eager"), clip()).shape == (2, 40, 32)
+
+
 def test_compile_with_inductor_matches_eager():
     torch._dynamo.reset()
     model = tiny_video(VivitForVideoClassification, layers=2)
