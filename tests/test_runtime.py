@@ -209,7 +209,7 @@ def test_any_r_under_the_band_rule(r):
     band = torch.cat([torch.tensor([-1, -2]), torch.arange(24) // 8])
     for b in range(2):
         for g in range(info.size.shape[1]):
-            assert len(set(band[info.source[b] == g].tolist())) == 1
+            assert len(set(band[info.source[b].cpu() == g].tolist())) == 1
 
 
 # ------------------------------------------------------------------------------------------ feasibility
@@ -295,7 +295,7 @@ def test_output_order_keeps_representatives_in_order():
     output(model, clip())
     info = mmmerge.last_info(model)
     for b in range(2):
-        assert info.source[b, 0] == 0 and has_increasing_representatives(info.source[b], 25)
+        assert info.source[b, 0] == 0 and has_increasing_representatives(info.source[b].cpu(), 25)
 
 
 # --------------------------------------------------------------------------------------------- op counts
