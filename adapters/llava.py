@@ -1276,7 +1276,7 @@ def _unpatch_model(model: nn.Module) -> None:
 
 def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "tome", processor: Any = None,
                          where: str = "post_projector", time_mode: str = "global", window: int = 1,
-                         prop_attn: bool = True, **hyper: Any) -> nn.Module:
+                         prop_attn: Optional[bool] = None, **hyper: Any) -> nn.Module:
     """Make a LLaVA model hand its language model fewer visual tokens per image (per video); in place.
 
     Args:
@@ -1289,7 +1289,8 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
         processor: the model's processor; patched to emit the reduced count per image (video).
         where: ``post_projector`` (default), ``pre_projector`` (LLaVA-1.5) or ``vision_tower`` (LLaVA-1.5).
         time_mode: videos: ``global``, ``within_frame``, ``adjacent``, ``window`` (``window`` frames) or ``window(k)``.
-        prop_attn: ``vision_tower`` only: proportional attention in the merged layers.
+        prop_attn: ``vision_tower`` only: proportional attention in the merged layers; default on, except for
+            ``prune`` (as in the video and audio adapters).
         **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``, random
             ``generator``, dominant ``contextual``), checked now.
     Returns:
@@ -1379,7 +1380,8 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
             tower = getattr(lm.vision_tower, "vision_model", lm.vision_tower)
             grid = TokenGrid(layout.cls, (("row", layout.rows), ("col", layout.cols)))
             patch_encoder(tower, layers, grid=grid, layout=plan_layout(grid, "global"), r=schedule, method=method,
-                          options=hyper, prop_attn=prop_attn, trace_source=True, family="llava")
+                          options=hyper, prop_attn=method != "prune" if prop_attn is None else prop_attn,
+                          trace_source=True, family="llava")
         for name, wrapper in wrappers:
             lm.__dict__[name] = _Replacement(lm, name, wrapper, lm.__dict__.get(name))
         if where == "pre_projector" and keep_tokens < layout.num_features:
