@@ -47,8 +47,11 @@ per video with the video adapter's time modes (``global``, ``within_frame``, ``a
 OneVision's one newline token per video is kept at its end.
 
 Methods: the engine's ``tome``, ``pitome``, ``tps``, ``random``, ``prune`` and ``dominant`` (VisionZip-style: keep
-the most important tokens, merge the rest into a few contextual tokens; ``contextual=`` sets how many). The
-similarity metric is the feature layer's head-averaged keys; the importance score (``dominant``, ``tps``,
+the most important tokens, merge the rest into a few contextual tokens; ``contextual=`` sets how many), and the
+selection methods ``divprune`` (the most diverse tokens) and ``cdpruner`` (a DPP conditioned on the prompt: the
+query of each image is its prompt's text embeddings, see "the prompt as CDPruner's query" below), which measure
+similarity on the tokens being reduced. For the other methods the similarity metric is the feature layer's
+head-averaged keys; the importance score (``dominant``, ``tps``,
 ``prune``) is the [CLS] attention of the feature layer for CLIP towers, and for towers without [CLS] (SigLIP,
 OneVision) the mean attention each token receives in the feature layer (averaged over heads and queries).
 Both come from the feature layer's own norm and query/key projections, applied once more to that layer's input,
@@ -526,11 +529,17 @@ def _raster_order(x: Tensor, state: TokenState) -> Tuple[Tensor, TokenState]:
 
 
 def _reduce(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor], keep: int, protected: int,
-            state: Optional[TokenState] = None, constraint=None) -> Tuple[Tensor, TokenState]:
-    """Reduce ``x`` ``[B, N, C]`` to ``[B, keep, C]`` with ``ctx.method``, in raster order (batched, no host sync)."""
+            state: Optional[TokenState] = None, constraint=None,
+            query: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, TokenState]:
+    """Reduce ``x`` ``[B, N, C]`` to ``[B, keep, C]`` with ``ctx.method``, in raster order (batched, no host sync).
+    ``query``: cdpruner's ``(text embeddings [B, L, C], mask [B, L])`` of each row's prompt (``_item_queries``)."""
     hyper = dict(ctx.hyper)
     if ctx.method in SCORED and score is not None:
         hyper["score"] = score
+    if ctx.method in SELF_METRIC:  # DivPrune and CDPruner compare the tokens handed to the LM themselves
+        metric = x
+        if query is not None:
+            hyper["query"], hyper["query_mask"] = query
     y, state = reduce_tokens(x, keep, ctx.method, metric=metric, protected=protected if state is None else 0,
                              state=state, constraint=constraint, check_layout=False,  # time-major by construction
                              **hyper)
@@ -611,8 +620,10 @@ def _image_features(lm: nn.Module, original: Callable, pixel_values: Tensor, vis
         out = call(**_hidden_request(ctx, kwargs))
         keys, score = _keys_and_scores(lm, layout, out.hidden_states, ctx.method in SCORED)
         d = layout.drop
-        y, info.state = _reduce(ctx, torch.stack(list(out.pooler_output)), keys[:, d:],
-                                None if score is None else score[:, d:], keep, layout.protected)
+        x = torch.stack(list(out.pooler_output))
+        query = _item_queries(ctx, lm, lm.config.image_token_id, torch.full((x.shape[0],), keep))
+        y, info.state = _reduce(ctx, x, keys[:, d:], None if score is None else score[:, d:], keep,
+                                layout.protected, query=query)
         out.pooler_output = list(y)
     _record(ctx, info)
     return out if return_dict else out.to_tuple()
@@ -674,20 +685,23 @@ def _ragged_plan(ctx: LlavaContext, images: Sequence[ImageLayout], device: torch
     return plan
 
 
-def _reduce_ragged(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor], plan: RaggedPlan
-                   ) -> Tuple[Tensor, TokenState]:
+def _reduce_ragged(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor], plan: RaggedPlan,
+                   query: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tuple[Tensor, TokenState]:
     """Reduce the packed tokens of a batch of anyres images ``[L, C]`` (all images concatenated).
 
     One batched engine call per row group (a handful: base views, and one per distinct crop layout). The kept
     tokens and the untouched newline tokens are then ordered by the position of their earliest original token,
     which keeps images, parts and rows in order. Returns ``([L', C], state)`` with one state row over the whole
-    batch: ``size`` ``[1, L']``, ``source`` ``[1, L]`` (packed position -> output token).
+    batch: ``size`` ``[1, L']``, ``source`` ``[1, L]`` (packed position -> output token). ``query``: cdpruner's
+    per-image ``(embeddings, mask, packed end of each image)``; each row gets its image's prompt.
     """
     L = x.shape[0]
     device = x.device
     outs, firsts, sizes, sources = [], [], [], []
     for idx, keep in plan.groups:  # a few static row shapes; each step is one batched reduction
-        y, state = _reduce(ctx, x[idx], metric[idx], None if score is None else score[idx], keep, 0)
+        rows = None if query is None else torch.searchsorted(query[2], idx[:, 0].contiguous(), right=True)  # image
+        y, state = _reduce(ctx, x[idx], metric[idx], None if score is None else score[idx], keep, 0,
+                           query=None if rows is None else (query[0][rows], query[1][rows]))
         first = torch.full_like(state.size, L, dtype=torch.long).scatter_reduce(1, state.source, idx, reduce="amin")
         outs.append(y.flatten(0, 1))
         firsts.append(first.flatten())
@@ -751,7 +765,10 @@ def _anyres_image_features(lm: nn.Module, original: Callable, pixel_values: Tens
                                  ctx.layout.strategy, aspect))
         width = keys.shape[-1]
         metric, score = packed[:, :width].to(keys.dtype), None if score is None else packed[:, width]
-    y, state = _reduce_ragged(ctx, tokens, metric, score, plan)
+    query = _item_queries(ctx, lm, lm.config.image_token_id, torch.tensor(plan.lengths_out))
+    if query is not None:
+        query = (*query, _to_device(torch.tensor([i.length for i in images]).cumsum(0), tokens.device))
+    y, state = _reduce_ragged(ctx, tokens, metric, score, plan, query)
     total_in = sum(i.length for i in images)
     _record(ctx, MergeInfo(schedule=[total_in - y.shape[0]], tokens_per_layer=[total_in, y.shape[0]], state=state,
                            items=plan.items))
@@ -824,8 +841,10 @@ def _video_features(lm: nn.Module, original: Callable, pixel_values_videos: Tens
     metric = _pool_frames(ctx, lm, keys[:, d:])  # [B*T, n, c]
     if score is not None:
         score = _pool_frames(ctx, lm, score[:, d:, None])[..., 0]  # [B*T, n]
+    query = _item_queries(ctx, lm, lm.config.video_token_id, torch.full((B,), keep + newline.shape[1]))
     if ctx.time_mode == "within_frame":
-        y, state = _reduce(ctx, x.reshape(B * T, n, -1), metric, score, keep // T, 0)
+        query = None if query is None else tuple(q.repeat_interleave(T, dim=0) for q in query)  # per frame
+        y, state = _reduce(ctx, x.reshape(B * T, n, -1), metric, score, keep // T, 0, query=query)
         y = y.reshape(B, keep, -1)
         # Per-frame states back to one [B, T * n] source map over the whole video.
         offsets = (torch.arange(T, device=x.device) * (keep // T)).repeat(B).unsqueeze(1)
@@ -836,12 +855,83 @@ def _video_features(lm: nn.Module, original: Callable, pixel_values_videos: Tens
                            rules={"t_min": "min", "t_max": "max"})
         y, state = _reduce(ctx, x, metric.reshape(B, T * n, -1),
                            None if score is None else score.reshape(B, T * n), keep, 0, state=state,
-                           constraint=time_constraint(ctx.time_mode, ctx.window, T))
+                           constraint=time_constraint(ctx.time_mode, ctx.window, T), query=query)
     info.state = state
     _record(ctx, info)
     y = torch.cat([y, newline], 1)
     out.pooler_output = y.unsqueeze(1).unbind(0) if split else y
     return out if return_dict else out.to_tuple()
+
+
+# ------------------------------------------------------------------------- the prompt as CDPruner's query
+# method="cdpruner": the query of every image (video) is the text of its own prompt, embedded by the LM's own
+# input embedding table (placeholders and padding left out), and it is compared with the projected visual
+# tokens: DivPrune and CDPruner measure similarity on the tokens being reduced, the LM's visual inputs, as the
+# papers do (the other methods use the feature layer's keys). So the tokens kept follow the question. The
+# prompt is held for one call in a per-thread slot: set by a pre-hook on the inner model's forward (when pixels
+# come with it) or by ``generate()`` (which runs the tower before its first forward), and used once. Without a
+# prompt (``get_image_features`` called alone, or ``inputs_embeds``) cdpruner is plain DPP diversity. Cost: one
+# embedding lookup of the prompt and an ``[items, N, L]`` cosine, about N * L * C multiply-adds per item
+# (LLaVA-1.5-7B, 576 tokens, a 100-token prompt, C = 4096: 0.24 GFLOP, under 0.1% of the ViT-L/336 tower).
+SELF_METRIC = ("divprune", "cdpruner")
+
+
+def _check_query_options(method: str, where: str, hyper: Dict[str, Any]) -> None:
+    if method == "cdpruner" and where != "post_projector":
+        raise ValueError("method 'cdpruner' compares the prompt's text embeddings with projected visual tokens: use "
+                         "where='post_projector'")
+    for name in ("query", "query_mask"):
+        if name in hyper:
+            raise ValueError(f"{name}= is made by the adapter (the prompt's text embeddings of each image); remove "
+                             f"{name}=")
+
+
+def _hold_prompt(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+    """Forward pre-hook on the inner model (registered once, for cdpruner): hold this call's prompt for the
+    reduction, in this thread."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is not None and any(kwargs.get(name) is not None for name in ("pixel_values", "pixel_values_videos")):
+        _CALL.prompt = (ids, kwargs.get("attention_mask"))
+    return None
+
+
+def _generate_with_prompt(model: nn.Module, original: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Replacement of ``generate`` (cdpruner): hold the prompt for the vision step that runs before the first
+    forward, in this thread, for the call."""
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    outer = getattr(_CALL, "prompt", None)
+    _CALL.prompt = (ids, kwargs.get("attention_mask")) if isinstance(ids, Tensor) else None
+    try:
+        return original(*args, **kwargs)
+    finally:
+        _CALL.prompt = outer
+
+
+def _item_queries(ctx: LlavaContext, lm: nn.Module, token_id: int, counts: Tensor
+                  ) -> Optional[Tuple[Tensor, Tensor]]:
+    """cdpruner's query of every item (image / video) of this call: ``(embeddings [items, L, C], mask [items, L])``
+    of the prompt row that holds the item's placeholders; None for other methods or without a prompt.
+
+    ``counts`` ``[items]``: placeholders of each item, in order; item i's prompt row is the row of its first
+    placeholder in the batch read row by row (one ``searchsorted``, no host sync). Uses the held prompt once.
+    """
+    prompt = getattr(_CALL, "prompt", None)
+    if ctx.method != "cdpruner" or prompt is None:
+        return None
+    ids, attention_mask = prompt
+    _CALL.prompt = None
+    counts = counts.to(ids.device)
+    row_end = (ids == token_id).sum(1).cumsum(0)  # [B] placeholders up to the end of each row
+    rows = torch.searchsorted(row_end, counts.cumsum(0) - counts, right=True).clamp_max(ids.shape[0] - 1)
+    text = ids != token_id
+    for other in ("image_token_id", "video_token_id"):
+        other_id = getattr(lm.config, other, None)
+        if other_id is not None:
+            text = text & (ids != other_id)
+    if attention_mask is not None:
+        text = text & attention_mask.bool()
+    embeddings = lm.get_input_embeddings()(ids)  # [B, L, C]
+    return embeddings[rows], text[rows]
 
 
 # ------------------------------------------------------------------------------------ placeholder counts
@@ -1235,7 +1325,7 @@ class _Replacement:
         return f"<{self.name} of {type(self.owner).__name__}, reduced by mmmerge.llava ({self.fn.__name__})>"
 
 
-_HOOKS = (_check_placeholder_runs, _tower_output_hook, _projector_input_hook)  # what the patch may register
+_HOOKS = (_check_placeholder_runs, _tower_output_hook, _projector_input_hook, _hold_prompt)  # all the patch registers
 
 
 def _remove_hooks(root: nn.Module) -> None:
@@ -1262,12 +1352,13 @@ def _unpatch_model(model: nn.Module) -> None:
         ctx.processor_undo.clear()
         if ctx.where == "vision_tower":
             unpatch_encoder(getattr(lm.vision_tower, "vision_model", lm.vision_tower))
-    for name, value in list(lm.__dict__.items()):
-        if isinstance(value, _Replacement) and value.owner is lm:
-            if value.previous is not None:
-                lm.__dict__[name] = value.previous
-            else:
-                del lm.__dict__[name]
+    for owner in {id(model): model, id(lm): lm}.values():
+        for name, value in list(owner.__dict__.items()):
+            if isinstance(value, _Replacement) and value.owner is owner:
+                if value.previous is not None:
+                    owner.__dict__[name] = value.previous
+                else:
+                    del owner.__dict__[name]
     _remove_hooks(lm)
     for module in {id(model): model, id(lm): lm}.values():
         for key in ("_mmmerge_llava", "_mmmerge", "_mmmerge_undo"):
@@ -1285,14 +1376,15 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
         keep: an int (tokens per image / video; anyres images: a budget spread over base view and crops, an image
             with fewer features keeps all), or a float in (0, 1]: each item keeps ``ceil(keep * its tokens)``.
             Keeping everything is an exact no-op.
-        method: ``tome``, ``pitome``, ``tps``, ``random``, ``prune`` or ``dominant`` (VisionZip-style).
+        method: ``tome``, ``pitome``, ``tps``, ``random``, ``prune``, ``dominant`` (VisionZip-style), ``divprune``
+            or ``cdpruner`` (its query is each image's prompt, taken from ``forward`` / ``generate``).
         processor: the model's processor; patched to emit the reduced count per image (video).
         where: ``post_projector`` (default), ``pre_projector`` (LLaVA-1.5) or ``vision_tower`` (LLaVA-1.5).
         time_mode: videos: ``global``, ``within_frame``, ``adjacent``, ``window`` (``window`` frames) or ``window(k)``.
         prop_attn: ``vision_tower`` only: proportional attention in the merged layers; default on, except for
             ``prune`` (as in the video and audio adapters).
         **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``, random
-            ``generator``, dominant ``contextual``), checked now.
+            ``generator``, dominant ``contextual``, divprune / cdpruner ``drop_unselected``), checked now.
     Returns:
         the model. ``restore_visual_tokens(model, processor)`` undoes everything. The reduced model can be
         deep-copied, pickled, called from several threads and compiled (see the module docstring).
@@ -1309,6 +1401,7 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
     layout = _layout(lm)
     where = _where(where, hyper)
     device = next(lm.parameters()).device
+    _check_query_options(method, where, hyper)
     _check_method_options(method, hyper, device)
     if not isinstance(time_mode, str):
         raise TypeError(f"time_mode must be a string such as 'adjacent' or 'window(2)', got {type(time_mode).__name__}")
@@ -1388,6 +1481,11 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
             lm.vision_tower.register_forward_hook(_tower_output_hook)
             lm.multi_modal_projector.register_forward_pre_hook(_projector_input_hook)
         lm.register_forward_pre_hook(_check_placeholder_runs, with_kwargs=True)
+        if method == "cdpruner":  # the prompt of each call is the query (see "the prompt as CDPruner's query")
+            lm.register_forward_pre_hook(_hold_prompt, with_kwargs=True)
+            if model is not lm and callable(getattr(type(model), "generate", None)):
+                model.__dict__["generate"] = _Replacement(model, "generate", _generate_with_prompt,
+                                                          model.__dict__.get("generate"))
         if processor is not None:
             ctx.processor_undo.append(_patch_processor(processor, ctx, lm))
         if schedule is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -145,15 +145,75 @@ def report(rows: List[Dict[str, object]]) -> str:
     return "\n\n".join(parts)
 
 
+# ------------------------------------------------------------- DivPrune / CDPruner against the CLIP tower
+SELECTION_METHODS = ("divprune", "cdpruner", "cdpruner+query")
+SELECTION_TOKENS = ((576, 1), (2880, 5))  # (visual tokens, images of 576): LLaVA-1.5, five 336 px crops
+SELECTION_GOAL = 0.05  # issue 15: the selection costs under 5% of the vision tower's time
+
+
+def clip_vit_l336():
+    """CLIP ViT-L/14 at 336 px (LLaVA-1.5's tower), random weights, from its config."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                              num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+    config._attn_implementation = "sdpa"
+    return CLIPVisionModel(config).eval()
+
+
+def selection_rows(keep: int = 64, width: int = 4096, repeats: int = 3,
+                   tokens: Sequence[Tuple[int, int]] = SELECTION_TOKENS, query_tokens: int = 40,
+                   tower: Optional[nn.Module] = None) -> List[Dict[str, object]]:
+    """Cost of ``reduce_tokens(x, keep, method)`` for the selection methods against the CLIP ViT-L/336 tower.
+
+    For each (N, images): ``x`` ``[1, N, width]`` (projected visual tokens; 4096 = LLaVA-1.5-7B's LM width), the
+    reduction to ``keep`` (select + merge every other token into its nearest kept one), timed interleaved with
+    the tower's forward over the same ``images`` (with the hidden states LLaVA asks for); fraction = median of
+    per-pair ratios. ``cdpruner+query``: with a ``[1, query_tokens, width]`` text query.
+    """
+    from mmmerge import reduce_tokens
+
+    tower = tower or clip_vit_l336()
+    rows: List[Dict[str, object]] = []
+    with torch.no_grad():
+        for n, images in tokens:
+            pixels = torch.randn(images, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+            timer = SideBySide(lambda: tower(pixels, output_hidden_states=True))
+            x = torch.randn(1, n, width, generator=torch.Generator().manual_seed(2))
+            query = torch.randn(1, query_tokens, width, generator=torch.Generator().manual_seed(3))
+            for name in SELECTION_METHODS:
+                method, _, extra = name.partition("+")
+                hyper = {"query": query} if extra == "query" else {}
+                timed = timer.compare(lambda: reduce_tokens(x, keep, method, **hyper), repeats)
+                rows.append({"method": name, "N": n, "images": images, "keep": keep, "C": width,
+                             "reduce_ms": timed["ms"], "tower_ms": timed["base_ms"],
+                             "fraction_of_tower": 1.0 / timed["speedup"]})
+    return rows
+
+
+SELECTION_COLUMNS = ["method", "N", "images", "keep", "C", "reduce_ms", "tower_ms", "fraction_of_tower"]
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timed (matcher, layer) pairs per row")
     parser.add_argument("--sections", nargs="+", default=["time", "ops"], choices=["time", "ops"])
+    parser.add_argument("--selection", action="store_true", help="only the DivPrune/CDPruner cost at keep=64 "
+                        "of 576 and 2880 tokens against the CLIP ViT-L/336 tower")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.selection:
+        rows = selection_rows(repeats=args.repeats)
+        print(f"machine: {machine()}, batch 1")
+        print(markdown_table(rows, SELECTION_COLUMNS))
+        worst = max(float(r["fraction_of_tower"]) for r in rows)  # type: ignore[arg-type]
+        print(f"goal selection < {SELECTION_GOAL:.0%} of the tower: worst {worst:.2%} "
+              f"({'met' if worst < SELECTION_GOAL else 'MISSED'})")
+        return
     rows = run(quick=args.quick, batch=args.batch, repeats=args.repeats, sections=args.sections)
     print(f"machine: {machine()}, batch {args.batch}")
     print(report(rows))

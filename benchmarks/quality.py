@@ -32,6 +32,8 @@ from . import results
 from .timing import SideBySide
 
 MODELS = ("videomae", "vivit", "ast")
+# Reference models of other tasks than the order tasks (``benchmarks.time_quality`` sweeps them).
+TASK_NAMES = {"videomae_when": "video which-first"}
 METHODS = ("tome", "pitome", "tps", "random", "prune")
 TIME_MODES = {"video": ("global", "within_frame", "adjacent", "window(2)"),
               "audio": ("global", "same_band", "adjacent", "window(4)")}
@@ -42,7 +44,7 @@ TIME_BATCH = 32
 
 def adapter_for(name: str):
     """(modality, adapter module) of a reference model; the audio adapter may not exist yet."""
-    if name == "ast":
+    if name.startswith("ast"):
         from mmmerge.adapters import audio
 
         return "audio", audio
@@ -132,7 +134,8 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, progress: Any = Non
         base_flops = mmmerge.count_flops(reference, **{key: x[:1]})
         timer = SideBySide(lambda: reference(**{key: x_time}))
         tokens = layout_of(model).num_tokens
-        base_row = {"model": name, "task": f"{modality} order", "method": "none", "time_mode": "-", "target": 1.0,
+        task = TASK_NAMES.get(name, f"{modality} order")
+        base_row = {"model": name, "task": task, "method": "none", "time_mode": "-", "target": 1.0,
                     "r": 0, "tokens": tokens, "final_tokens": tokens, "gflops": base_flops / 1e9,
                     "flops_ratio": 1.0, **compare(base_logits, base_logits, labels)}
         rows.append(base_row)
@@ -142,7 +145,7 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, progress: Any = Non
         for method, mode, fraction in grid:
             if progress is not None:
                 progress.set_postfix_str(f"{name} {method} {mode} {fraction}")
-            row: Dict[str, Any] = {"model": name, "task": f"{modality} order", "method": method, "time_mode": mode,
+            row: Dict[str, Any] = {"model": name, "task": task, "method": method, "time_mode": mode,
                                    "target": fraction, "tokens": tokens}
             try:
                 spec, row["schedule"] = schedule_for(model, fraction, method, mode)
@@ -247,7 +250,7 @@ def report(rows: Sequence[Dict[str, Any]]) -> str:
 
 def plot(rows: Sequence[Dict[str, Any]], out_dir: Path) -> List[Path]:
     """One PNG per model: accuracy (top) and agreement (bottom) against measured speedup."""
-    paths = []
+    paths: List[Path] = []
     for model in dict.fromkeys(r["model"] for r in rows if r.get("method") == "none"):
         sub = [r for r in rows if r.get("model") == model and r.get("method") not in ("none", "-")]
         base = next(r for r in rows if r.get("model") == model and r.get("method") == "none")

@@ -6,7 +6,9 @@
 The text between the two marker lines below (in README.md) is replaced by: the machine and command the
 results came from (the JSON's ``meta``), the quality summary at 50% and 35% of the baseline FLOPs
 (``benchmarks.quality.summary``), the reference models' held-out accuracy (their ``training.json``) and
-links to the plots. Everything outside the markers is left as it is.
+links to the plots; then, when their results exist, the reference LLaVA sweep (``llava_quality.json``,
+``benchmarks.llava_quality.summary``) and the which-came-first video task (``time_quality.json``).
+Everything outside the markers is left as it is.
 """
 from __future__ import annotations
 
@@ -58,6 +60,68 @@ def quality_section(results_dir: Path, reference_dir: Path, link_prefix: str = "
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _meta_line(meta: dict) -> str:
+    return (f"Command: `{meta.get('command', '?')}`; machine: {meta.get('cpu', '?')} CPU, {meta.get('threads', '?')} "
+            f"thread(s), torch {meta.get('torch', '?')}, transformers {meta.get('transformers', '?')}; "
+            f"{meta.get('seconds', '?')} s.")
+
+
+def _record_line(name: str, reference_dir: Path) -> Optional[str]:
+    record = Path(reference_dir) / name / "training.json"
+    if not record.is_file():
+        return None
+    t = json.loads(record.read_text())
+    factors = ", ".join(f"{k} {100 * v:.1f}%" for k, v in t.get("held_out_factor_accuracy", {}).items())
+    return (f"- `{name}`: {100 * t['held_out_accuracy']:.1f}% held-out (chance {100 * t['chance']:.1f}%"
+            f"{'; ' + factors if factors else ''}), {t['steps']} steps, {t['train_seconds']:.0f} s on one CPU thread "
+            f"(`{t['command']}`)")
+
+
+def llava_section(results_dir: Path, reference_dir: Path, link_prefix: str = "benchmarks/results/") -> str:
+    """Markdown for ``results_dir/llava_quality.json`` (every method on the reference LLaVA), or "" if absent."""
+    from .llava_quality import summary
+
+    path = Path(results_dir) / "llava_quality.json"
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    lines = ["### Quality on the reference LLaVA", "", _meta_line(data.get("meta", {}))]
+    if data.get("meta", {}).get("note"):
+        lines.append(f"Note: {data['meta']['note']}")
+    record = _record_line("llava", reference_dir)
+    lines += ["", "Reference model (`benchmarks/reference/llava/`, a plain `LlavaForConditionalGeneration` trained "
+              "from scratch; per question kind: colour at a named cell, count of a colour, left of):", ""]
+    lines += [record, ""] if record else []
+    lines.append(summary(results.read_json(path)))
+    if (Path(results_dir) / "llava_quality.png").is_file():
+        lines.append(f"Plot: [llava_quality.png]({link_prefix}llava_quality.png). Every row: "
+                     f"[{link_prefix}llava_quality.md]({link_prefix}llava_quality.md).")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def time_section(results_dir: Path, reference_dir: Path, link_prefix: str = "benchmarks/results/") -> str:
+    """Markdown for ``results_dir/time_quality.json`` (the which-came-first video task), or "" if absent."""
+    from .quality import summary
+
+    path = Path(results_dir) / "time_quality.json"
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    rows = results.read_json(path)
+    lines = ["### Time structure: the which-came-first video task", "", _meta_line(data.get("meta", {})), ""]
+    names = list(dict.fromkeys(r["model"] for r in rows if r.get("method") == "none"))
+    records = [line for line in (_record_line(n, reference_dir) for n in names) if line]
+    if records:
+        lines += ["Reference model (two flashes that look alike, one token each; label: the quadrant of the first):",
+                  "", *records, ""]
+    lines.append(summary(rows).replace("### ", "#### "))
+    plots = [f"quality_{n}.png" for n in names if (Path(results_dir) / f"quality_{n}.png").is_file()]
+    if plots:
+        lines.append("Plots: " + ", ".join(f"[{p}]({link_prefix}{p})" for p in plots) + ". Every row: "
+                     f"[{link_prefix}time_quality.md]({link_prefix}time_quality.md).")
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def replace_section(text: str, section: str) -> str:
     """``text`` with everything between the START and END marker lines replaced by ``section``."""
     if START not in text or END not in text:
@@ -74,7 +138,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
     text = args.readme.read_text()
-    args.readme.write_text(replace_section(text, quality_section(args.results, args.reference)))
+    parts = [quality_section(args.results, args.reference), llava_section(args.results, args.reference),
+             time_section(args.results, args.reference)]
+    args.readme.write_text(replace_section(text, "\n".join(p for p in parts if p)))
     print(f"wrote the results section of {args.readme}")
 
 

@@ -132,6 +132,100 @@ def video_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:
     return render_video(p), video_labels(p)
 
 
+# ------------------------------------------------------------------------------------ video: which came first
+# Two flashes that look exactly alike, each filling exactly one token (a 4 x 4 px patch for one tubelet of 2
+# frames), at different tubelets and in different quadrants; the label is the quadrant of the first one. A
+# merge that fuses the two flash tokens (or a flash token with tokens of other tubelets) keeps "a flash
+# here, a flash there" but loses which came first, so merging across time can destroy the answer.
+WHEN_CLASSES = 4
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+WHEN_LABELS = [f"first flash {q}" for q in QUADRANTS]
+_WHEN_PATCH, _WHEN_TUBELET = 4, 2
+
+
+def when_params(n: int, seed: int) -> Params:
+    """``n`` random clip descriptions: flash tubelets ``first_t < second_t`` (in 0..3), their patch cells
+    (row, col on the 8 x 8 grid, in different quadrants), a moving white square and a static blue box as
+    nuisance, pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    T, S = VIDEO_FRAMES, VIDEO_SIZE
+    tubelets, cells = T // _WHEN_TUBELET, S // _WHEN_PATCH
+
+    def randint(lo: int, hi: Tensor | int) -> Tensor:  # uniform in [lo, hi] per clip
+        hi = torch.as_tensor(hi).expand(n)
+        return lo + (torch.rand(n, generator=g) * (hi - lo + 1)).floor().long()
+
+    pair = torch.rand(n, tubelets, generator=g).argsort(dim=1)[:, :2].sort(dim=1).values  # [n, 2] t1 < t2
+    quads = torch.rand(n, 4, generator=g).argsort(dim=1)[:, :2]  # two different quadrants
+    half = cells // 2
+    rows = (quads // 2) * half + (torch.rand(n, 2, generator=g) * half).floor().long()
+    cols = (quads % 2) * half + (torch.rand(n, 2, generator=g) * half).floor().long()
+    speed = randint(1, 2)
+    direction = randint(0, 3)
+    unit = torch.tensor([_VELOCITY[d] for d in range(4)])[direction]
+    vx, vy = unit[:, 0] * speed, unit[:, 1] * speed
+    travel = speed * (T - 1)
+    x0 = randint(0, S - MOVER - torch.where(vx != 0, travel, 0))
+    y0 = randint(0, S - MOVER - torch.where(vy != 0, travel, 0))
+    x0 = torch.where(vx < 0, x0 + travel, x0)
+    y0 = torch.where(vy < 0, y0 + travel, y0)
+    return {
+        "first_t": pair[:, 0], "second_t": pair[:, 1], "first_row": rows[:, 0], "first_col": cols[:, 0],
+        "second_row": rows[:, 1], "second_col": cols[:, 1],
+        "x0": x0, "y0": y0, "vx": vx, "vy": vy,
+        "box_x": randint(0, S - 8), "box_y": randint(0, S - 8), "box_w": randint(4, 8), "box_h": randint(4, 8),
+        "noise": 0.04 * torch.randn(n, T, 3, S, S, generator=g),
+    }
+
+
+def when_labels(p: Params) -> Tensor:
+    """``[B]`` long in [0, 4): the quadrant (top left, top right, bottom left, bottom right) of the first flash."""
+    half = VIDEO_SIZE // _WHEN_PATCH // 2
+    return 2 * (p["first_row"] >= half).long() + (p["first_col"] >= half).long()
+
+
+def reverse_when_params(p: Params) -> Params:
+    """Parameters of the clips played backwards: ``render_when(reverse(p)) == render_when(p).flip(1)``."""
+    T = VIDEO_FRAMES
+    last = T // _WHEN_TUBELET - 1
+    q = dict(p)
+    q["x0"], q["y0"] = p["x0"] + p["vx"] * (T - 1), p["y0"] + p["vy"] * (T - 1)
+    q["vx"], q["vy"] = -p["vx"], -p["vy"]
+    q["first_t"], q["second_t"] = last - p["second_t"], last - p["first_t"]
+    q["first_row"], q["second_row"] = p["second_row"], p["first_row"]
+    q["first_col"], q["second_col"] = p["second_col"], p["first_col"]
+    q["noise"] = p["noise"].flip(1)
+    return q
+
+
+def render_when(p: Params) -> Tensor:
+    """Clips ``[B, T, 3, H, W]`` float32 in [-1, 1]: both flashes yellow, each on one patch for one tubelet."""
+    T = VIDEO_FRAMES
+    B = p["x0"].shape[0]
+    frames = torch.full((B, T, 3, VIDEO_SIZE, VIDEO_SIZE), 0.15)
+    colour = {"white": (0.95, 0.95, 0.95), "yellow": (0.95, 0.9, 0.1), "blue": (0.2, 0.3, 0.9)}
+
+    def paint(t: int, mask: Tensor, name: str) -> None:  # mask [B, S, S]
+        rgb = torch.tensor(colour[name]).view(1, 3, 1, 1)
+        frames[:, t] = torch.where(mask.unsqueeze(1), rgb, frames[:, t])
+
+    box = _box(p["box_x"], p["box_y"], p["box_w"], p["box_h"])
+    for t in range(T):
+        paint(t, box, "blue")
+        paint(t, _box(p["x0"] + p["vx"] * t, p["y0"] + p["vy"] * t, MOVER, MOVER), "white")
+        for which in ("first", "second"):  # on top: the mover never hides a flash
+            on = p[f"{which}_t"] == t // _WHEN_TUBELET
+            cell = _box(_WHEN_PATCH * p[f"{which}_col"], _WHEN_PATCH * p[f"{which}_row"], _WHEN_PATCH, _WHEN_PATCH)
+            paint(t, cell & on.view(-1, 1, 1), "yellow")
+    return ((frames + p["noise"]).clamp(0, 1) - 0.5) / 0.5
+
+
+def when_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:
+    """``n`` clips ``[n, 8, 3, 32, 32]`` and their labels ``[n]`` (quadrant of the first flash) from ``seed``."""
+    p = when_params(n, seed)
+    return render_when(p), when_labels(p)
+
+
 # ------------------------------------------------------------------------------------------------ audio
 SAMPLE_RATE, AUDIO_FRAMES, MEL_BINS, AUDIO_CLASSES = 16000, 256, 128, 8
 AUDIO_SAMPLES = 400 + (AUDIO_FRAMES - 1) * 160  # exactly 256 fbank frames (25 ms window, 10 ms hop)
@@ -262,3 +356,154 @@ def audio_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:
     """``n`` fbank clips ``[n, 256, 128]`` and labels ``[n]`` from ``seed``."""
     p = audio_params(n, seed)
     return fbank(render_audio(p)), audio_labels(p)
+
+
+# ------------------------------------------------------------------------------------------- visual questions
+# Images of 48 x 48 RGB on a 12 x 12 grid of 4 x 4 px cells: with a 4 px patch, one cell is one visual token
+# (144 per image), so every shape lives in exactly one token and a question about it is lost with that token.
+VQA_SIZE, VQA_GRID, VQA_CELL = 48, 12, 4
+VQA_COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
+_VQA_RGB = ((0.95, 0.15, 0.1), (0.1, 0.85, 0.15), (0.15, 0.3, 0.95), (0.95, 0.9, 0.1), (0.9, 0.15, 0.9),
+            (0.1, 0.9, 0.9))
+VQA_MAX_COUNT = 4  # each colour that is not one of the two unique ones appears 0..4 times
+VQA_KINDS = ("colour", "count", "left")  # question kinds, drawn with equal probability
+# Word-level vocabulary of the reference LLaVA: specials, question words, positions, colours, answers.
+VQA_VOCAB = (["<pad>", "<s>", "<image>", "colour", "count", "left", "shapes"]
+             + [f"row{i}" for i in range(VQA_GRID)] + [f"col{i}" for i in range(VQA_GRID)]
+             + list(VQA_COLOURS) + [str(i) for i in range(10)] + ["yes", "no", "none"])
+VQA_TOKEN = {w: i for i, w in enumerate(VQA_VOCAB)}
+VQA_IMAGE_TOKEN, VQA_BOS, VQA_PAD = VQA_TOKEN["<image>"], VQA_TOKEN["<s>"], VQA_TOKEN["<pad>"]
+VQA_QUESTION = 3  # words after the image: the kind and two arguments; the answer is the next token
+
+
+def vqa_params(n: int, seed: int) -> Params:
+    """``n`` random scenes and one question each.
+
+    Scene: two colours that appear exactly once (the "unique" pair, in different columns), and each of the other
+    four colours 0..4 times, every shape in its own cell. Question (kind drawn uniformly):
+        colour   "colour rowR colC"  -> the colour of the shape in that cell (always a filled cell)
+        count    "count shapes X"    -> how many X shapes there are (0..4; X is never a unique colour)
+        left     "left X Y"          -> is the (unique) X shape in a column left of the (unique) Y shape
+    The last word of every question is one the answer hinges on (the column, the colour counted, Y)
+    Returns ``cells`` ``[n, 144]`` long (colour index or -1 for empty, raster order), per-cell offsets/sizes of
+    the shapes, the background level and pixel noise, and the question/answer fields.
+    """
+    g = torch.Generator().manual_seed(seed)
+    cells_n = VQA_GRID * VQA_GRID
+    colours = len(VQA_COLOURS)
+    order = torch.rand(n, cells_n, generator=g).argsort(dim=1)  # [n, 144] a random ranking of the cells
+    col = order % VQA_GRID
+    # The two unique colours: a random ordered pair of different colours.
+    pair = torch.rand(n, colours, generator=g).argsort(dim=1)[:, :2]  # [n, 2]
+    # Cell of the first unique shape: order[:, 0]; of the second: the first ranked cell in another column.
+    other_col = col != col[:, :1]
+    other_col[:, 0] = False
+    second = torch.argmax(other_col.int(), dim=1)  # [n] rank of that cell
+    counts = (torch.rand(n, colours, generator=g) * (VQA_MAX_COUNT + 1)).floor().long()
+    counts.scatter_(1, pair, 1)
+    # Colour of each ranked slot: the unique pair in slots 0 and `second`, then the other colours' shapes in
+    # the remaining slots (slot order is random, so positions are random).
+    rest = counts.clone()
+    rest.scatter_(1, pair, 0)
+    colour_of_rest = torch.repeat_interleave(torch.arange(colours).repeat(n), rest.flatten())  # flat
+    per_image = rest.sum(1)  # [n]
+    slot_colour = torch.full((n, cells_n), -1, dtype=torch.long)
+    # Slots other than 0 and `second`, in rank order, receive the rest.
+    ranks = torch.arange(cells_n).expand(n, -1)
+    free = (ranks != 0) & (ranks != second.unsqueeze(1))
+    free_rank = free.long().cumsum(1) - 1  # 0, 1, ... over the free slots
+    take = free & (free_rank < per_image.unsqueeze(1))
+    slot_colour[take] = colour_of_rest
+    slot_colour[:, 0] = pair[:, 0]
+    slot_colour.scatter_(1, second.unsqueeze(1), pair[:, 1:2])
+    cells = torch.full((n, cells_n), -1, dtype=torch.long).scatter_(1, order, slot_colour)
+    scene = {
+        "cells": cells, "pair": pair, "size": 3 + (torch.rand(n, cells_n, generator=g) < 0.5).long(),  # 3 or 4 px
+        "dx": (torch.rand(n, cells_n, generator=g) * 2).floor().long(),
+        "dy": (torch.rand(n, cells_n, generator=g) * 2).floor().long(),
+        "background": 0.05 + 0.15 * torch.rand(n, generator=g),
+        "noise": 0.04 * torch.randn(n, 3, VQA_SIZE, VQA_SIZE, generator=g),
+    }
+    return {**scene, **_vqa_question(cells, pair, g)}
+
+
+def vqa_ask(p: Params, seed: int) -> Params:
+    """The same scenes as ``p`` with another question each, drawn from ``seed`` (for multi-turn training)."""
+    return {**p, **_vqa_question(p["cells"], p["pair"], torch.Generator().manual_seed(seed))}
+
+
+def _vqa_question(cells: Tensor, pair: Tensor, g: torch.Generator) -> Params:
+    n, cells_n = cells.shape
+    colours = len(VQA_COLOURS)
+    kind = (torch.rand(n, generator=g) * len(VQA_KINDS)).floor().long()
+    filled = cells >= 0
+    pick = torch.argmax(torch.rand(n, cells_n, generator=g) * filled, dim=1)  # a random filled cell
+    # Count questions ask about one of the four colours that are not unique (answers 0..4 evenly).
+    not_unique = torch.ones(n, colours).scatter_(1, pair, 0.0)
+    count_colour = torch.argmax(torch.rand(n, colours, generator=g) * not_unique, dim=1)
+    swap = torch.rand(n, generator=g) < 0.5  # ask "left a b" or "left b a"
+    left_x = torch.where(swap, pair[:, 1], pair[:, 0])
+    left_y = torch.where(swap, pair[:, 0], pair[:, 1])
+    return {"kind": kind, "pick": pick, "count_colour": count_colour, "left_x": left_x, "left_y": left_y}
+
+
+def vqa_answers(p: Params) -> Tensor:
+    """``[n]`` vocabulary ids of the answers (a colour, a count 0..4, or yes/no)."""
+    cells, n = p["cells"], p["cells"].shape[0]
+    colour_word = torch.tensor([VQA_TOKEN[c] for c in VQA_COLOURS])
+    colour = colour_word[cells.gather(1, p["pick"].unsqueeze(1)).squeeze(1).clamp_min(0)]
+    count = (cells == p["count_colour"].unsqueeze(1)).sum(1)
+    count_word = torch.tensor([VQA_TOKEN[str(i)] for i in range(10)])[count]
+    col = torch.arange(cells.shape[1]) % VQA_GRID
+    col_of = lambda c: torch.where(cells == c.unsqueeze(1), col, -1).amax(1)  # the unique shape's column
+    left = col_of(p["left_x"]) < col_of(p["left_y"])
+    yes_no = torch.where(left, VQA_TOKEN["yes"], VQA_TOKEN["no"])
+    return torch.where(p["kind"] == 0, colour, torch.where(p["kind"] == 1, count_word, yes_no))
+
+
+def vqa_questions(p: Params) -> Tensor:
+    """``[n, 3]`` vocabulary ids of the question words that follow the image."""
+    n = p["kind"].shape[0]
+    colour_word = torch.tensor([VQA_TOKEN[c] for c in VQA_COLOURS])
+    row_word = VQA_TOKEN["row0"] + p["pick"] // VQA_GRID
+    col_word = VQA_TOKEN["col0"] + p["pick"] % VQA_GRID
+    q = torch.empty((n, VQA_QUESTION), dtype=torch.long)
+    kind = p["kind"]
+    q[:, 0] = torch.tensor([VQA_TOKEN[k] for k in VQA_KINDS])[kind]
+    q[:, 1] = torch.where(kind == 0, row_word, torch.where(kind == 1, VQA_TOKEN["shapes"], colour_word[p["left_x"]]))
+    q[:, 2] = torch.where(kind == 0, col_word, colour_word[torch.where(kind == 1, p["count_colour"], p["left_y"])])
+    return q
+
+
+def render_vqa(p: Params) -> Tensor:
+    """Images ``[n, 3, 48, 48]`` float32 in [-1, 1] (what the CLIP tower takes as ``pixel_values``)."""
+    cells = p["cells"]
+    n = cells.shape[0]
+    S, G, P = VQA_SIZE, VQA_GRID, VQA_CELL
+    rgb = torch.tensor(_VQA_RGB)  # [colours, 3]
+    # Per-pixel cell index and offset inside the cell.
+    ys, xs = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    cell = (ys // P) * G + xs // P  # [S, S]
+    oy, ox = ys % P, xs % P
+    c = cells[:, cell]  # [n, S, S] colour per pixel's cell
+    size, dx, dy = p["size"][:, cell], p["dx"][:, cell], p["dy"][:, cell]
+    dx, dy = torch.where(size == P, 0, dx), torch.where(size == P, 0, dy)  # a full-cell shape has no offset
+    inside = (c >= 0) & (ox >= dx) & (ox < dx + size) & (oy >= dy) & (oy < dy + size)
+    image = p["background"].view(n, 1, 1, 1).expand(n, 3, S, S).clone()
+    colour = rgb[c.clamp_min(0)].permute(0, 3, 1, 2)  # [n, 3, S, S]
+    image = torch.where(inside.unsqueeze(1), colour, image)
+    return ((image + p["noise"]).clamp(0, 1) - 0.5) / 0.5
+
+
+def vqa_input_ids(questions: Tensor, image_tokens: int = VQA_GRID * VQA_GRID) -> Tensor:
+    """``[n, 1 + image_tokens + 3]``: ``<s>``, ``image_tokens`` ``<image>`` placeholders, the question."""
+    n = questions.shape[0]
+    bos = torch.full((n, 1), VQA_BOS, dtype=torch.long)
+    image = torch.full((n, image_tokens), VQA_IMAGE_TOKEN, dtype=torch.long)
+    return torch.cat([bos, image, questions], dim=1)
+
+
+def vqa_batch(n: int, seed: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``n`` images ``[n, 3, 48, 48]``, questions ``[n, 3]`` (vocabulary ids) and answers ``[n]`` from ``seed``."""
+    p = vqa_params(n, seed)
+    return render_vqa(p), vqa_questions(p), vqa_answers(p)

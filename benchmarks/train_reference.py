@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ class Recipe:
     # (deep supervision for CLS-pooled models; the saved model is the plain class with its own head).
     aux_mean_pool: float = 0.0
     lr_schedule: str = "cosine"  # "cosine": warmup then cosine decay to 0; "constant": warmup then flat
+    task: str = "video"  # which FACTORS the held-out report splits the label into ("video", "audio", "when")
 
 
 def _labels(names: List[str]) -> Dict[str, Dict]:
@@ -79,6 +80,16 @@ def _videomae_config():
                           attention_probs_dropout_prob=0.0, **_labels(tasks.VIDEO_LABELS))
 
 
+def _videomae_when_config():
+    from transformers import VideoMAEConfig
+
+    # The VideoMAE reference's shape (4 x 8 x 8 = 256 tokens, mean pooling) on the which-came-first task.
+    return VideoMAEConfig(image_size=tasks.VIDEO_SIZE, num_frames=tasks.VIDEO_FRAMES, tubelet_size=2, patch_size=4,
+                          hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                          num_labels=tasks.WHEN_CLASSES, use_mean_pooling=True, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0, **_labels(tasks.WHEN_LABELS))
+
+
 def _ast_config():
     from transformers import ASTConfig
 
@@ -96,7 +107,9 @@ RECIPES: Dict[str, Recipe] = {
     "videomae": Recipe("videomae", _videomae_config, "VideoMAEForVideoClassification", tasks.video_batch,
                        "pixel_values", steps=800),
     "ast": Recipe("ast", _ast_config, "ASTForAudioClassification", tasks.audio_batch, "input_values",
-                  steps=1200, pool=6144, aux_mean_pool=1.0),
+                  steps=1200, pool=6144, aux_mean_pool=1.0, task="audio"),
+    "videomae_when": Recipe("videomae_when", _videomae_when_config, "VideoMAEForVideoClassification",
+                            tasks.when_batch, "pixel_values", steps=800, task="when"),
 }
 
 
@@ -144,13 +157,22 @@ def load_reference(name: str, directory: Optional[Path] = None):
     import transformers
     from safetensors.torch import load_file
 
-    recipe = RECIPES[name]
+    recipe = RECIPES[name] if name in RECIPES else LLAVA_RECIPES[name]
     folder = Path(directory or REFERENCE_DIR) / name
     config_cls = type(recipe.make_config())
     config = config_cls.from_pretrained(folder)
     config._attn_implementation = "sdpa"
     model = getattr(transformers, recipe.model_class)(config)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    weights = load_file(str(folder / "model.safetensors"))
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in weights:
+        model.load_state_dict(weights, strict=False)  # the LM head is tied to the input embedding
+        model.tie_weights()
+        missing = set(model.state_dict()) - set(weights) - {"lm_head.weight"}
+        if missing:
+            raise ValueError(f"{folder / 'model.safetensors'} lacks {sorted(missing)[:3]}...: retrain with "
+                             f"python -m benchmarks.train_reference {name}")
+    else:
+        model.load_state_dict(weights)
     return model.eval()
 
 
@@ -181,12 +203,13 @@ def accuracy(model, x: Tensor, y: Tensor, key: str, batch: int = 128) -> float:
 
 # The factors each task's label is made of: name -> (divisor, modulus) of the class index.
 FACTORS = {"video": {"direction": (2, 4), "order": (1, 2)},
-           "audio": {"order": (4, 2), "sweep": (2, 2), "gap": (1, 2)}}
+           "audio": {"order": (4, 2), "sweep": (2, 2), "gap": (1, 2)},
+           "when": {"top/bottom": (2, 2), "left/right": (1, 2)}}
 
 
 def factor_accuracy(name: str, pred: Tensor, y: Tensor) -> Dict[str, float]:
     """Accuracy of each factor of the label alone (e.g. video: direction and flash order)."""
-    factors = FACTORS["audio" if name == "ast" else "video"]
+    factors = FACTORS[RECIPES[name].task]
     return {f: float(((pred // d) % m == (y // d) % m).float().mean()) for f, (d, m) in factors.items()}
 
 
@@ -288,22 +311,310 @@ def train(recipe: Recipe, out_dir: Path, steps: Optional[int] = None, pool: Opti
     return record
 
 
+# ------------------------------------------------------------------------------------------ reference LLaVA
+@dataclass
+class LlavaRecipe:
+    """How the reference LLaVA is built and trained (the visual questions of ``tasks.vqa_*``).
+
+    A plain ``LlavaForConditionalGeneration``: a CLIP vision tower (48 x 48 px, 4 px patches: 144 visual tokens
+    + [CLS]), LLaVA's two-layer MLP projector and a Llama LM with a word-level vocabulary
+    (``tasks.VQA_VOCAB``), all from configs and trained from scratch. Prompt: ``<s>``, 144 ``<image>``, then
+    the three question words; the answer is the next token after the last word.
+    Training choices, each needed for the small model to learn in minutes (and why):
+    - The CLIP position embeddings start from a 2-D sine table (rows in one half of the channels, columns in
+      the other), then are learned: from the default random start the questions about a named cell stayed
+      at chance.
+    - ``align``: LLaVA's stage-1 feature alignment at the token level: each projected visual token is trained
+      to name its cell (colour or "none", row word, column word) through the LM's own output embedding,
+      which is tied to the input embedding. Projected tokens and word embeddings share one space, as in LLaVA
+      after its alignment stage (this is also what makes CDPruner's text relevance meaningful here).
+    - ``turns``: every training image comes with a dialogue of ``turns`` questions, each answered before the
+      next is asked (as in LLaVA's multi-turn instruction data): ``turns`` supervised answers per image for
+      little more compute (the image's tokens are most of the sequence). Single questions stayed near chance
+      in the same time. Held-out questions are asked one per image.
+    - ``text_heads``, ``rope_theta``: two heads of 32 channels and a large RoPE base, so that most channels of a
+      head rotate slowly over the ~150 positions and a question word can find a visual token by content
+      wherever it sits (with 4 heads of 16 channels and base 10^4 few channels are left for that).
+    - ``shuffle``: the visual tokens reach the LM in a random order during training (the LM's positions say
+      nothing about where a token came from), so the model reads a token's place from its content, as
+      from the position embedding it carries. A reduced token set shifts every later sequence position;
+      a model that had learned raster positions would fail after any reduction, whichever tokens are kept.
+    """
+
+    name: str = "llava"
+    model_class: str = "LlavaForConditionalGeneration"
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    align: float = 1.0
+    shuffle: bool = True
+    turns: int = 8
+    vision_layers: int = 2
+    text_layers: int = 2
+    text_heads: int = 2
+    rope_theta: float = 1e6
+    width: int = 64
+    lr_schedule: str = "cosine"
+    task: str = "vqa"
+
+    def make_config(self):
+        return _llava_config(self)
+
+
+def _llava_config(recipe: "LlavaRecipe"):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(image_size=tasks.VQA_SIZE, patch_size=tasks.VQA_CELL, hidden_size=recipe.width,
+                              intermediate_size=4 * recipe.width, num_hidden_layers=recipe.vision_layers,
+                              num_attention_heads=4, projection_dim=recipe.width)
+    text = LlamaConfig(vocab_size=64, hidden_size=recipe.width, intermediate_size=3 * recipe.width,
+                       num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.text_heads,
+                       num_key_value_heads=recipe.text_heads, rope_theta=recipe.rope_theta,
+                       max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tasks.VQA_PAD,
+                       bos_token_id=tasks.VQA_BOS, eos_token_id=None)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=tasks.VQA_IMAGE_TOKEN,
+                       vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                       image_seq_length=tasks.VQA_GRID ** 2, tie_word_embeddings=True)
+
+
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """``[grid * grid, dim]`` float32: sine/cosine of the row in the first half of the channels, of the
+    column in the second (MAE's 2-D table), raster order."""
+    def table(pos: Tensor, d: int) -> Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        angle = pos.double().unsqueeze(1) * omega.unsqueeze(0)
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    rows = torch.arange(grid).repeat_interleave(grid)
+    cols = torch.arange(grid).repeat(grid)
+    return torch.cat([table(rows, dim // 2), table(cols, dim // 2)], dim=1).float()
+
+
+def build_llava(recipe: "LlavaRecipe", seed: Optional[int] = None):
+    import transformers
+
+    torch.manual_seed(recipe.seed if seed is None else seed)
+    config = recipe.make_config()
+    config._attn_implementation = "sdpa"
+    model = getattr(transformers, recipe.model_class)(config)
+    emb = model.model.vision_tower.embeddings.position_embedding  # [1 + 144, C]: [CLS] first, then raster
+    with torch.no_grad():
+        emb.weight[1:] = sincos_2d(tasks.VQA_GRID, config.vision_config.hidden_size)
+    return model
+
+
+def vqa_dialogue(questions: Sequence[Tensor], answers: Sequence[Tensor],
+                 image_tokens: int = tasks.VQA_GRID ** 2) -> Tuple[Tensor, List[int]]:
+    """A multi-turn prompt: ``<s>``, the image placeholders, then for each turn the question words followed
+    by the answer (the last turn's answer left out, it is what is predicted). Returns ``input_ids`` ``[B, L]``
+    and the positions whose next token is each turn's answer (the last word of each question)."""
+    parts = [tasks.vqa_input_ids(questions[0], image_tokens)]
+    readout = [parts[0].shape[1] - 1]
+    for prev, q in zip(answers[:-1], questions[1:]):
+        parts += [prev.unsqueeze(1), q]
+        readout.append(readout[-1] + 1 + q.shape[1])
+    return torch.cat(parts, dim=1), readout
+
+
+def vqa_logits(model, pixels: Tensor, input_ids: Tensor, readout: Sequence[int],
+               order: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Answer logits ``[B, turns, V]`` at the ``readout`` positions (what ``model(input_ids, pixel_values)``
+    gives there) and the projected visual tokens ``[B, N, C]``. ``order`` ``[B, N]`` hands the visual tokens to
+    the LM permuted (training only). The placeholders must sit right after ``<s>``, as ``vqa_dialogue`` makes."""
+    inner = model.model
+    tokens = torch.stack(list(inner.get_image_features(pixel_values=pixels, return_dict=True).pooler_output))
+    shown = tokens if order is None else tokens.gather(1, order.unsqueeze(-1).expand_as(tokens))
+    n = tokens.shape[1]
+    embeds = inner.get_input_embeddings()(input_ids)
+    embeds = torch.cat([embeds[:, :1], shown.to(embeds.dtype), embeds[:, 1 + n:]], dim=1)
+    hidden = inner.language_model(inputs_embeds=embeds).last_hidden_state[:, list(readout)]
+    return model.lm_head(hidden), tokens
+
+
+# Word groups each projected visual token is aligned with (``LlavaRecipe.align``).
+_ALIGN_WORDS = {
+    "colour": [tasks.VQA_TOKEN[c] for c in tasks.VQA_COLOURS] + [tasks.VQA_TOKEN["none"]],
+    "row": [tasks.VQA_TOKEN[f"row{i}"] for i in range(tasks.VQA_GRID)],
+    "col": [tasks.VQA_TOKEN[f"col{i}"] for i in range(tasks.VQA_GRID)],
+}
+
+
+def alignment_loss(model, tokens: Tensor, cells: Tensor) -> Tensor:
+    """Mean over word groups of the cross-entropy of naming each visual token's cell through the LM head."""
+    logits = model.lm_head(tokens)  # [B, 144, V]
+    n_cells = cells.shape[1]
+    pos = torch.arange(n_cells)
+    targets = {"colour": torch.where(cells >= 0, cells, len(tasks.VQA_COLOURS)),
+               "row": (pos // tasks.VQA_GRID).expand_as(cells), "col": (pos % tasks.VQA_GRID).expand_as(cells)}
+    losses = [torch.nn.functional.cross_entropy(logits[..., words].flatten(0, 1), targets[group].flatten())
+              for group, words in _ALIGN_WORDS.items()]
+    return sum(losses) / len(losses)
+
+
+def vqa_test_set(n: int = 1024) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Held-out images, questions, answers and question kinds (seed ``TEST_SEED``)."""
+    p = tasks.vqa_params(n, TEST_SEED)
+    return tasks.render_vqa(p), tasks.vqa_questions(p), tasks.vqa_answers(p), p["kind"]
+
+
+@torch.no_grad()
+def vqa_predict(model, pixels: Tensor, questions: Tensor, batch: int = 128) -> Tensor:
+    model.eval()
+    out = []
+    for i in range(0, len(pixels), batch):
+        ids, readout = vqa_dialogue([questions[i:i + batch]], [])
+        out.append(vqa_logits(model, pixels[i:i + batch], ids, readout)[0][:, -1].argmax(-1))
+    return torch.cat(out)
+
+
+def vqa_report(pred: Tensor, answers: Tensor, kinds: Tensor) -> Dict[str, object]:
+    """Accuracy overall and per question kind, and the chance level of each kind (uniform over its answers)."""
+    ok = (pred == answers).float()
+    per_kind = {k: float(ok[kinds == i].mean()) for i, k in enumerate(tasks.VQA_KINDS)}
+    chance = {"colour": 1 / len(tasks.VQA_COLOURS), "count": 1 / (tasks.VQA_MAX_COUNT + 1), "left": 0.5}
+    return {"accuracy": float(ok.mean()), "per_kind": per_kind,
+            "chance": sum(chance[k] * float((kinds == i).float().mean()) for i, k in enumerate(tasks.VQA_KINDS)),
+            "chance_per_kind": chance}
+
+
+def train_llava(recipe: "LlavaRecipe", out_dir: Path, steps: Optional[int] = None, log_every: int = 100,
+                eval_questions: int = 1024) -> Dict[str, object]:
+    """Train the reference LLaVA and save it to ``out_dir / recipe.name``; returns the training record.
+
+    Every step draws a fresh batch from seed ``seed * 10**6 + step`` (the held-out set uses ``TEST_SEED``) and
+    its token order from one seeded generator, so the run is a pure function of the recipe."""
+    setup_determinism()
+    steps = recipe.steps if steps is None else steps
+    start = time.time()
+    x_test, q_test, a_test, k_test = vqa_test_set(eval_questions)
+    model = build_llava(recipe)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98), fused=True)
+    warmup = max(1, steps // 20)
+    if recipe.lr_schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule '{recipe.lr_schedule}' for the LLaVA recipe; use 'cosine'")
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    order_gen = torch.Generator().manual_seed(recipe.seed + 17)
+    n_tokens = tasks.VQA_GRID ** 2
+    losses: List[float] = []
+    for step in range(steps):
+        p = tasks.vqa_params(recipe.batch_size, recipe.seed * 10 ** 6 + step)
+        turns = [p] + [tasks.vqa_ask(p, (recipe.seed * 10 ** 6 + step) * 100 + t) for t in range(1, recipe.turns)]
+        answers = [tasks.vqa_answers(t) for t in turns]
+        ids, readout = vqa_dialogue([tasks.vqa_questions(t) for t in turns], answers, n_tokens)
+        order = (torch.rand(recipe.batch_size, n_tokens, generator=order_gen).argsort(dim=1)
+                 if recipe.shuffle else None)
+        logits, tokens = vqa_logits(model, tasks.render_vqa(p), ids, readout, order)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.stack(answers, dim=1).flatten())
+        if recipe.align:
+            loss = loss + recipe.align * alignment_loss(model, tokens, p["cells"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if log_every and (step + 1) % log_every == 0:
+            recent = sum(losses[-log_every:]) / log_every
+            print(f"[{recipe.name}] step {step + 1}/{steps} loss {recent:.3f} ({time.time() - start:.0f} s)",
+                  flush=True)
+    train_s = time.time() - start
+    held_out = vqa_report(vqa_predict(model, x_test, q_test), a_test, k_test)
+    p_train = tasks.vqa_params(eval_questions, recipe.seed * 10 ** 6)  # the first training batches' seed
+    train_acc = vqa_report(vqa_predict(model, tasks.render_vqa(p_train), tasks.vqa_questions(p_train)),
+                           tasks.vqa_answers(p_train), p_train["kind"])["accuracy"]
+    folder = Path(out_dir) / recipe.name
+    folder.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "vocab.json").write_text(json.dumps(tasks.VQA_VOCAB) + "\n")
+    import transformers
+
+    record = {"name": recipe.name, "class": recipe.model_class, "steps": steps, "batch_size": recipe.batch_size,
+              "seed": recipe.seed, "threads": THREADS, "lr": recipe.lr, "lr_schedule": recipe.lr_schedule,
+              "align": recipe.align, "shuffle": recipe.shuffle, "turns": recipe.turns, "visual_tokens": n_tokens,
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "held_out_accuracy": held_out["accuracy"], "held_out_factor_accuracy": held_out["per_kind"],
+              "held_out_clips": eval_questions, "train_accuracy": train_acc, "chance": held_out["chance"],
+              "chance_per_kind": held_out["chance_per_kind"],
+              "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "data_seconds": 0.0,
+              "train_seconds": round(train_s, 1), "size_bytes": (folder / "model.safetensors").stat().st_size,
+              "sha256_16": state_hash(model), "torch": torch.__version__, "transformers": transformers.__version__,
+              "command": f"python -m benchmarks.train_reference {recipe.name}",
+              "note": "final_loss is the training loss: answer cross-entropy plus align x the alignment loss; "
+                      "held_out_factor_accuracy is per question kind; chance is uniform over each kind's answers"}
+    (folder / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record), flush=True)
+    return record
+
+
+LLAVA_RECIPES: Dict[str, LlavaRecipe] = {"llava": LlavaRecipe()}
+
+CHECKED = ("videomae_when", "llava")  # references whose training.json records a reproduction check
+# The short run whose hash each new reference records (``check`` in its training.json), so a test can re-run
+# the recipe in seconds and see that it still makes the same weights.
+CHECK = {"steps": 3, "batch_size": 4, "pool": 64, "eval": 16}
+
+
+def reproduction_check(name: str) -> Dict[str, object]:
+    """Train ``name``'s recipe for ``CHECK['steps']`` steps on small batches (into a temporary folder) and return
+    ``{steps, batch_size, sha256_16, torch, transformers}``: the same code path as the full training."""
+    import tempfile
+    from dataclasses import replace
+
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if name in LLAVA_RECIPES:
+            recipe = replace(LLAVA_RECIPES[name], batch_size=CHECK["batch_size"])
+            record = train_llava(recipe, Path(tmp), steps=CHECK["steps"], log_every=0, eval_questions=CHECK["eval"])
+        else:
+            recipe = replace(RECIPES[name], batch_size=CHECK["batch_size"])
+            record = train(recipe, Path(tmp), steps=CHECK["steps"], pool=CHECK["pool"], log_every=0,
+                           eval_clips=CHECK["eval"])
+    return {"steps": CHECK["steps"], "batch_size": CHECK["batch_size"], "sha256_16": record["sha256_16"],
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def record_check(name: str, out_dir: Path) -> None:
+    """Add ``reproduction_check(name)`` to ``out_dir / name / training.json``."""
+    path = Path(out_dir) / name / "training.json"
+    record = json.loads(path.read_text())
+    record["check"] = reproduction_check(name)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"models to train: {', '.join(RECIPES)}")
-    parser.add_argument("--all", action="store_true", help="train vivit, videomae and ast")
+    parser.add_argument("--all", action="store_true", help="train every reference model")
     parser.add_argument("--out", type=Path, default=REFERENCE_DIR)
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count (checks only)")
     parser.add_argument("--pool", type=int, default=None, help="override the training pool size (checks only)")
     args = parser.parse_args(argv)
-    names = list(RECIPES) if args.all else args.names
+    every = list(RECIPES) + list(LLAVA_RECIPES)
+    names = every if args.all else args.names
     if not names:
-        parser.error("name a model (vivit, videomae, ast) or pass --all")
-    unknown = [n for n in names if n not in RECIPES]
+        parser.error(f"name a model ({', '.join(every)}) or pass --all")
+    unknown = [n for n in names if n not in every]
     if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(RECIPES)}")
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(every)}")
     for name in names:
-        train(RECIPES[name], args.out, steps=args.steps, pool=args.pool)
+        if name in LLAVA_RECIPES:
+            train_llava(LLAVA_RECIPES[name], args.out, steps=args.steps)
+        else:
+            train(RECIPES[name], args.out, steps=args.steps, pool=args.pool)
+        if name in CHECKED:
+            record_check(name, args.out)
 
 
 if __name__ == "__main__":

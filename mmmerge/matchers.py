@@ -631,3 +631,262 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
 
 MATCHERS["dominant"] = dominant
 METHOD_KINDS["dominant"] = "select"
+
+
+# ------------------------------------------------------------------ diversity and question-aware selection
+# DivPrune (Alvar et al., CVPR 2025) and CDPruner (Zhang et al., 2025) select the ``keep = M - r`` mergeable
+# tokens to keep with a greedy loop of ``keep`` batched steps (no loop over tokens or batch, no host sync); every
+# other token then merges into its most similar allowed kept token (size-weighted, so sizes and the source map
+# stay exact) or, with ``drop_unselected=True``, only its bookkeeping moves there (its value is dropped, as in
+# the papers). Rules, partitions and padding:
+# - A token is "covered" once a kept token may host it. Tokens not covered yet are taken first (the best of
+#   them by the method's own score), so each such pick covers at least one whole clique that had no kept
+#   token: at most ``cliques`` picks cover everything, and any r within ``step_limit`` (select kind: M minus
+#   one token per clique) leaves every removed token an allowed host. Without a rule nothing changes.
+# - With a partition every group keeps its own ``size - budget`` tokens and the greedy runs inside each group
+#   (similarities across groups are not looked at): the same picks as one greedy per group.
+# - Padding (``state.valid``) is taken only to host other padding (one kept token per clique of padding) or
+#   when no real token is left.
+_TIER = 4.0  # larger than any gain (cosine distance <= 2, DPP gain <= 1): one tier of priority
+
+
+class _Greedy:
+    """Bookkeeping of one greedy selection: taken tokens, coverage under the rule, per-group quotas."""
+
+    def __init__(self, state: TokenState, constraint: Constraint, partition: Optional[Partition], M: int,
+                 device: torch.device) -> None:
+        B, P = state.size.shape[0], state.protected
+        idx = _arange(B, P, P + M, 1, device)
+        needs = partition is not None or state.valid is not None or not isinstance(constraint, Global)
+        self.allowed = allowed_pairs(state, constraint, idx, idx, partition) if needs else None  # [B, M, M]
+        self.valid = None if state.valid is None else state.valid[:, P:]
+        self.taken = torch.zeros(B, M, dtype=torch.bool, device=device)
+        self.covered = None if self.allowed is None else torch.zeros_like(self.taken)
+        self.group = None  # [M] group of each token, and per-group counts / quotas
+        if partition is not None:
+            self.group = partition.group_ids(device)
+            self.quota = torch.tensor(partition.after(), device=device)[self.group]  # [M] keep of own group
+            self.counts = torch.zeros(B, partition.num_groups, dtype=torch.long, device=device)
+
+    def same_group(self) -> Optional[Tensor]:
+        """``[M, M]`` bool (static), or None without a partition."""
+        return None if self.group is None else self.group.unsqueeze(0) == self.group.unsqueeze(1)
+
+    def pick(self, score: Tensor) -> Tensor:
+        """``[B]`` the best token not taken (and whose group has room), by tiers: real tokens without an allowed
+        kept host, padding without one, real tokens, padding; by ``score`` inside a tier."""
+        if self.covered is not None:
+            score = score + 2 * _TIER * (~self.covered).float()
+        if self.valid is not None:
+            score = score - _TIER * (~self.valid).float()
+        blocked = self.taken
+        if self.group is not None:
+            B = self.taken.shape[0]
+            blocked = blocked | (self.counts.gather(1, self.group.expand(B, -1)) >= self.quota)
+        return score.masked_fill(blocked, NEG_INF).argmax(dim=-1)
+
+    def take(self, j: Tensor) -> None:
+        """Mark the picked tokens ``j`` ``[B]``: taken, their hosts' coverage, their group's count."""
+        B, M = self.taken.shape
+        self.taken.scatter_(1, j.unsqueeze(1), True)
+        if self.covered is not None:
+            self.covered |= self.allowed.gather(2, j.view(B, 1, 1).expand(B, M, 1)).squeeze(2)
+        if self.group is not None:
+            self.counts.scatter_add_(1, self.group[j].unsqueeze(1), torch.ones_like(j).unsqueeze(1))
+
+
+def _row(sim: Tensor, j: Tensor) -> Tensor:
+    """Row ``j`` ``[B]`` of ``sim`` ``[B, M, M]``: ``[B, M]``."""
+    B, M, _ = sim.shape
+    return sim.gather(1, j.view(B, 1, 1).expand(B, 1, M)).squeeze(1)
+
+
+def max_min_select(sim: Tensor, keep: int, greedy: Optional[_Greedy] = None) -> Tensor:
+    """DivPrune's greedy max-min selection: ``[B, keep]`` indices (in the order picked).
+
+    First the token whose nearest other token is farthest (cosine distance ``1 - sim``), then, ``keep - 1``
+    times, the token farthest from everything picked so far (largest minimum distance to the picked set).
+    ``greedy``: rules, groups and padding (see the block comment); None: plain DivPrune.
+
+    Args:
+        sim: ``[B, M, M]`` cosine similarity. keep: tokens to pick, ``1 <= keep <= M``.
+    """
+    B, M, _ = sim.shape
+    greedy = greedy or _Greedy(_plain_state(B, M, sim.device), Global(), None, M, sim.device)
+    unseen = torch.eye(M, dtype=torch.bool, device=sim.device)
+    same = greedy.same_group()
+    if same is not None:
+        unseen = unseen | ~same
+    nearest = 1.0 - sim.masked_fill(unseen, NEG_INF).amax(dim=-1)  # [B, M] distance to the nearest other token
+    min_dist = torch.full_like(nearest, POS_INF)  # to the picked tokens (of the same group)
+    picks = []
+    for _ in range(keep):
+        j = greedy.pick(torch.where(torch.isinf(min_dist), nearest, min_dist))  # no pick in the group yet: nearest
+        picks.append(j)
+        greedy.take(j)
+        dist = 1.0 - _row(sim, j)
+        if same is not None:
+            dist = dist.masked_fill(~same[j], POS_INF)
+        min_dist = torch.minimum(min_dist, dist)
+    return torch.stack(picks, dim=1)
+
+
+def dpp_select(sim: Tensor, keep: int, quality: Optional[Tensor] = None, greedy: Optional[_Greedy] = None,
+               eps: float = 1e-10) -> Tensor:
+    """Greedy MAP of the DPP with kernel ``L = diag(q) S diag(q)``: ``[B, keep]`` indices (in the order picked).
+
+    The fast greedy of Chen et al. (NeurIPS 2018): each step takes the token with the largest marginal gain
+    ``d_j^2`` (the log-det increase) and updates every gain with one Cholesky row, ``O(keep^2 M)`` in all.
+    Once the gains are exhausted (``keep`` above the kernel's rank) the rest have zero gain and are taken in
+    order of their residual. ``greedy``: rules, groups and padding (see the block comment).
+
+    Args:
+        sim: ``[B, M, M]`` cosine similarity S (positive semi-definite). quality: ``[B, M]`` q >= 0, or None (1).
+    """
+    B, M, _ = sim.shape
+    greedy = greedy or _Greedy(_plain_state(B, M, sim.device), Global(), None, M, sim.device)
+    same = greedy.same_group()
+    if same is not None:  # block-diagonal kernel: the groups' selections do not interact
+        sim = sim.masked_fill(~same, 0.0)
+    q = torch.ones(B, M, device=sim.device) if quality is None else quality.float()
+    unit = (sim.diagonal(dim1=1, dim2=2) > 0.5).float()  # S_jj: exactly 1 (0 for zero vectors), ties stay ties
+    gain = q * q * unit  # [B, M] d_j^2 = L_jj
+    rows = sim.new_zeros(B, keep, M)  # Cholesky rows of the picked tokens
+    picks = []
+    for step in range(keep):
+        j = greedy.pick(gain)
+        picks.append(j)
+        greedy.take(j)
+        kernel_j = q.gather(1, j.unsqueeze(1)) * _row(sim, j) * q  # [B, M] row L_j
+        if step:
+            c_j = rows[:, :step].gather(2, j.view(B, 1, 1).expand(B, step, 1))  # [B, step, 1]
+            kernel_j = kernel_j - (c_j * rows[:, :step]).sum(1)
+        d_j = gain.gather(1, j.unsqueeze(1))  # [B, 1]
+        e = torch.where(d_j > eps, kernel_j / d_j.clamp_min(eps).sqrt(), torch.zeros_like(kernel_j))
+        rows[:, step] = e
+        gain = gain - e * e
+    return torch.stack(picks, dim=1)
+
+
+def _plain_state(B: int, M: int, device: torch.device) -> TokenState:
+    return TokenState(size=torch.ones(B, M, device=device))
+
+
+def query_relevance(metric: Tensor, query: Tensor, query_mask: Optional[Tensor] = None,
+                    valid: Optional[Tensor] = None) -> Tensor:
+    """CDPruner's relevance: each token's best cosine to the query tokens, min-max normalised per sample.
+
+    Args:
+        metric: ``[B, M, C]`` tokens. query: ``[B, Q, C]``. query_mask: ``[B, Q]`` bool, False for query tokens
+            to ignore (padding). valid: ``[B, M]`` bool, False for padding tokens.
+    Returns:
+        ``[B, M]`` float32 in (0, 1] (1: the most relevant real token of its sample; padding 0).
+    """
+    B, M, C = metric.shape
+    if query.dim() != 3 or query.shape[0] != B or query.shape[-1] != C:
+        raise ValueError(f"query must be [B, Q, C] = [{B}, Q, {C}] (the metric's batch and width), got "
+                         f"{tuple(query.shape)}; for LLaVA pass text embeddings against projected visual tokens")
+    if query_mask is not None and tuple(query_mask.shape) != tuple(query.shape[:2]):
+        raise ValueError(f"query_mask must be [B, Q]={list(query.shape[:2])}, got {tuple(query_mask.shape)}")
+    qn = _normalized(query.float(), 0)
+    cos = torch.bmm(_normalized(metric.float(), 0), qn.transpose(1, 2))  # [B, M, Q]
+    if query_mask is not None:
+        cos = cos.masked_fill(~query_mask.bool().unsqueeze(1), NEG_INF)
+    rel = cos.amax(dim=-1).clamp_min(-1.0).nan_to_num(nan=-1.0)  # an all-masked query gives -1 everywhere
+    real = torch.ones_like(rel, dtype=torch.bool) if valid is None else valid
+    lo = rel.masked_fill(~real, POS_INF).amin(dim=-1, keepdim=True)
+    hi = rel.masked_fill(~real, NEG_INF).amax(dim=-1, keepdim=True)
+    out = ((rel - lo) / (hi - lo).clamp_min(1e-6)).clamp(0.0, 1.0)
+    # The least relevant real token keeps a small quality (as in the official code), so it can still be taken.
+    return out.clamp_min(1e-6).masked_fill(~real, 0.0)
+
+
+def _select_plan(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint],
+                 partition: Optional[Partition], select: Callable[[Tensor, int, _Greedy], Tensor],
+                 drop_unselected: bool) -> MergePlan:
+    """Shared body: select ``M - r`` tokens, every other one joins its most similar allowed selected token."""
+    if r == 0:
+        return identity_plan(state)
+    P = state.protected
+    B, N = metric.shape[:2]
+    M = N - P
+    keep = M - r
+    device = metric.device
+    with torch.no_grad():
+        m = _normalized(metric, P).float()
+        sim = torch.bmm(m, m.transpose(1, 2))  # [B, M, M]
+        greedy = _Greedy(state, constraint or Global(), partition, M, device)
+        selected = select(sim, keep, greedy)  # [B, keep]
+        host_sim = sim.gather(2, selected.unsqueeze(1).expand(B, M, keep))  # [B, M, keep]
+        if greedy.allowed is not None:
+            host_sim = host_sim.masked_fill(~greedy.allowed.gather(2, selected.unsqueeze(1).expand(B, M, keep)),
+                                            NEG_INF)
+        slot = host_sim.argmax(dim=-1)  # [B, M]
+        target = torch.where(greedy.taken, _arange(B, 0, M, 1, device), selected.gather(1, slot))
+        weight = state.size
+        if drop_unselected:
+            kept = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), greedy.taken], dim=1)
+            weight = state.size * kept
+    return plan_from_targets(target, weight, r, P)
+
+
+def divprune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+             partition: Optional[Partition] = None, *, drop_unselected: bool = False) -> MergePlan:
+    """DivPrune: keep the ``M - r`` most diverse tokens (greedy max-min cosine distance, ``max_min_select``).
+
+    Every other token merges into its most similar kept token (size-weighted mean), or with
+    ``drop_unselected=True`` is dropped as in the paper (its size and source still go to that token).
+    Any r up to M - 1 in one step (M - cliques under a rule).
+
+    Args:
+        metric: ``[B, N, C]`` similarity features (all tokens, protected included). state: TokenState of the
+            N tokens. r: tokens to remove. constraint / partition: see the block comment.
+    """
+    return _select_plan(metric, state, r, constraint, partition, max_min_select, drop_unselected)
+
+
+def cdpruner(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
+             partition: Optional[Partition] = None, *, query: Optional[Tensor] = None,
+             query_mask: Optional[Tensor] = None, drop_unselected: bool = False) -> MergePlan:
+    """CDPruner: keep the ``M - r`` tokens of the greedy MAP of a conditional DPP (``dpp_select``).
+
+    Kernel ``L = diag(q) S diag(q)``: S the cosine similarity of ``metric``, q each token's relevance to
+    ``query`` (``query_relevance``: best cosine to the query tokens, min-max normalised per sample). Without a
+    query q = 1: plain DPP diversity. Unselected tokens merge into their most similar kept token, or with
+    ``drop_unselected=True`` are dropped as in the paper. Any r up to M - 1 in one step (M - cliques under a
+    rule).
+
+    Args:
+        metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
+        query: ``[B, Q, C]`` query tokens of the metric's width (e.g. a prompt's text embeddings against
+            projected visual tokens). query_mask: ``[B, Q]`` bool, False for query tokens to ignore.
+    """
+    if query is None and query_mask is not None:
+        raise ValueError("cdpruner: query_mask given without a query")
+    quality = None
+    if query is not None and r > 0:
+        P = state.protected
+        with torch.no_grad():
+            quality = query_relevance(metric[:, P:] if P else metric, query, query_mask,
+                                      None if state.valid is None else state.valid[:, P:])
+
+    def select(sim: Tensor, keep: int, greedy: _Greedy) -> Tensor:
+        return dpp_select(sim, keep, quality, greedy)
+
+    return _select_plan(metric, state, r, constraint, partition, select, drop_unselected)
+
+
+def _flag(name: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    return check
+
+
+MATCHERS["divprune"] = divprune
+MATCHERS["cdpruner"] = cdpruner
+METHOD_KINDS["divprune"] = "select"
+METHOD_KINDS["cdpruner"] = "select"
+OPTION_CHECKS["query"] = _instance("query", Tensor, "a [B, Q, C] tensor")
+OPTION_CHECKS["query_mask"] = _instance("query_mask", Tensor, "a [B, Q] bool tensor")
+OPTION_CHECKS["drop_unselected"] = _flag("drop_unselected")

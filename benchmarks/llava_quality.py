@@ -1,0 +1,170 @@
+"""Accuracy of every visual-token reduction method on the reference LLaVA, with the prefill speedup.
+
+    python -m benchmarks llava_quality --out benchmarks/results     # full sweep (held-out 2048 questions)
+    python -m benchmarks llava_quality --quick --out /tmp/lq          # smoke run: 256 questions, keep 16 only
+
+The reference LLaVA (``benchmarks/reference/llava/``, ``python -m benchmarks.train_reference llava``) answers
+single-token visual questions about 48 x 48 scenes of 144 visual tokens, one shape per token
+(``benchmarks.tasks.vqa_*``: the colour at a named cell, how many shapes of a colour, whether one shape is
+left of another). For every method of ``mmmerge.adapters.llava.reduce_visual_tokens`` (tome, pitome, tps,
+dominant, divprune, cdpruner, random, prune) at ``KEEPS`` visual tokens (11%, 22% and 33% of 144) it measures:
+    accuracy        top-1 answer accuracy on held-out questions, overall and per question kind
+    agreement       share of questions answered as the keep-all model answers them
+    speedup         prefill time (tower, reduction, projector, LM over the prompt, last-token logits) of a
+                    batch of ``TIME_BATCH`` prompts, keep-all over reduced, timed side by side in one process,
+                    interleaved (``timing.SideBySide``), 1 thread
+The keep-all model is the same checkpoint unpatched (``method == "none"``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from . import results, tasks
+from .timing import SideBySide
+
+METHODS = ("tome", "pitome", "tps", "dominant", "divprune", "cdpruner", "random", "prune")
+KEEPS = (16, 32, 48)  # of 144 visual tokens: about 11%, 22%, 33% (64 / 128 / 192 of 576 for LLaVA-1.5)
+THREADS = 1
+TIME_BATCH = 32
+QUESTIONS = 2048
+
+
+@torch.no_grad()
+def answers_of(model, pixels: torch.Tensor, questions: torch.Tensor, image_tokens: int,
+               batch: int = 256) -> torch.Tensor:
+    """Predicted answer ids ``[n]``: ``model(input_ids, pixel_values)`` with ``image_tokens`` placeholders."""
+    out = []
+    for i in range(0, len(pixels), batch):
+        ids = tasks.vqa_input_ids(questions[i:i + batch], image_tokens)
+        out.append(model(input_ids=ids, pixel_values=pixels[i:i + batch], logits_to_keep=1).logits[:, -1].argmax(-1))
+    return torch.cat(out)
+
+
+def scores(pred: torch.Tensor, base: torch.Tensor, answers: torch.Tensor, kinds: torch.Tensor) -> Dict[str, float]:
+    """accuracy (overall and ``acc_<kind>``) and agreement with the keep-all answers."""
+    ok = (pred == answers).float()
+    row = {"accuracy": float(ok.mean()), "agreement": float((pred == base).float().mean())}
+    for i, kind in enumerate(tasks.VQA_KINDS):
+        row[f"acc_{kind}"] = float(ok[kinds == i].mean())
+    return row
+
+
+def run(out_dir: Optional[Path] = None, quick: bool = False, progress: Any = None,
+        methods: Sequence[str] = METHODS, keeps: Sequence[int] = KEEPS, questions: Optional[int] = None,
+        repeats: int = 5) -> List[Dict[str, Any]]:
+    """Rows: method, keep, keep_share, accuracy, acc_<kind>, agreement, acc_drop, ms, speedup; the first row is
+    the keep-all model (``method == "none"``)."""
+    from mmmerge.adapters import llava
+
+    from .train_reference import REFERENCE_DIR, load_reference, vqa_test_set
+
+    if not (REFERENCE_DIR / "llava" / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no reference LLaVA in {REFERENCE_DIR / 'llava'}: run "
+                                "python -m benchmarks.train_reference llava")
+    torch.set_num_threads(THREADS)
+    n = questions or (256 if quick else QUESTIONS)
+    keeps = keeps[:1] if quick else keeps
+    repeats = 1 if quick else repeats
+    grid = [(m, k) for k in keeps for m in methods]
+    if progress is not None:
+        progress.reset(total=len(grid) + 1)
+    model, reference = load_reference("llava"), load_reference("llava")
+    pixels, question_ids, answers, kinds = vqa_test_set(n)
+    full = tasks.VQA_GRID ** 2
+    base = answers_of(reference, pixels, question_ids, full)
+    t_pixels, t_ids_full = pixels[:TIME_BATCH], tasks.vqa_input_ids(question_ids[:TIME_BATCH], full)
+    timer = SideBySide(lambda: reference(input_ids=t_ids_full, pixel_values=t_pixels, logits_to_keep=1))
+    rows: List[Dict[str, Any]] = [{"method": "none", "keep": full, "keep_share": 1.0,
+                                   **scores(base, base, answers, kinds)}]
+    if progress is not None:
+        progress.update(1)
+    with torch.no_grad():
+        for method, keep in grid:
+            if progress is not None:
+                progress.set_postfix_str(f"{method} keep={keep}")
+            llava.reduce_visual_tokens(model, keep=keep, method=method)
+            torch.manual_seed(0)  # the random baseline draws from the global generator
+            pred = answers_of(model, pixels, question_ids, keep)
+            t_ids = tasks.vqa_input_ids(question_ids[:TIME_BATCH], keep)
+            torch.manual_seed(0)
+            timed = timer.compare(lambda: model(input_ids=t_ids, pixel_values=t_pixels, logits_to_keep=1), repeats)
+            llava.restore_visual_tokens(model)
+            rows.append({"method": method, "keep": keep, "keep_share": keep / full,
+                         **scores(pred, base, answers, kinds), "ms": timed["ms"], "base_ms": timed["base_ms"],
+                         "speedup": timed["speedup"]})
+            if progress is not None:
+                progress.update(1)
+    rows[0].update({"ms": timer.baseline_median * 1e3, "speedup": 1.0})
+    for row in rows:
+        row["acc_drop"] = 100.0 * (rows[0]["accuracy"] - row["accuracy"])
+    return rows
+
+
+COLUMNS = ["method", "keep", "keep_share", "accuracy", "acc_drop", "acc_colour", "acc_count", "acc_left", "agreement",
+           "ms", "speedup"]
+
+
+def summary(rows: Sequence[Dict[str, Any]]) -> str:
+    """Markdown: accuracy % (points lost) / agreement % / speedup for every method x keep, and the ranking."""
+    base = next(r for r in rows if r["method"] == "none")
+    keeps = sorted({r["keep"] for r in rows if r["method"] != "none"})
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
+    out = [f"Keep-all: {100 * base['accuracy']:.1f}% on {base['keep']} visual tokens (colour "
+           f"{100 * base['acc_colour']:.1f}%, count {100 * base['acc_count']:.1f}%, "
+           f"left {100 * base['acc_left']:.1f}%), "
+           f"prefill {base['ms']:.1f} ms for {TIME_BATCH} prompts.\n",
+           "Accuracy % (points lost against keep-all), agreement with keep-all %, measured prefill speedup:\n",
+           "| method | " + " | ".join(f"keep {k} ({100 * k / base['keep']:.0f}%)" for k in keeps) + " |",
+           "|---|" + "---|" * len(keeps)]
+    for m in methods:
+        cells = []
+        for k in keeps:
+            r = next((r for r in rows if r["method"] == m and r["keep"] == k), None)
+            cells.append("" if r is None else f"{100 * r['accuracy']:.1f} ({r['acc_drop']:+.1f}), "
+                         f"{100 * r['agreement']:.1f}, {r['speedup']:.2f}x")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    out.append("\nPer question kind at the smallest keep (accuracy %: colour at a cell / count / left of):\n")
+    out.append("| method | colour | count | left |")
+    out.append("|---|---|---|---|")
+    for m in methods:
+        r = next((r for r in rows if r["method"] == m and r["keep"] == keeps[0]), None)
+        if r is not None:
+            out.append(f"| {m} | {100 * r['acc_colour']:.1f} | {100 * r['acc_count']:.1f} | "
+                       f"{100 * r['acc_left']:.1f} |")
+    ranking = sorted((r for r in rows if r["keep"] == keeps[0] and r["method"] != "none"),
+                     key=lambda r: -r["accuracy"])
+    out.append(f"\nRanking at keep {keeps[0]}: " + " > ".join(f"{r['method']} {100 * r['accuracy']:.1f}"
+                                                          for r in ranking) + "\n")
+    return "\n".join(out) + "\n"
+
+
+def report(rows: Sequence[Dict[str, Any]]) -> str:
+    text = ("Accuracy of every method on the reference LLaVA (`benchmarks/reference/llava/`), held-out questions of "
+            "`benchmarks/tasks.py` (vqa). Speedup: prefill of a batch of "
+            f"{TIME_BATCH} prompts, {THREADS} CPU thread(s), timed side by side with the keep-all model.\n\n")
+    return text + "## Summary\n\n" + summary(rows) + "\n## All rows\n\n" + results.markdown_table(rows, COLUMNS)
+
+
+def plot(rows: Sequence[Dict[str, Any]], out_dir: Path) -> List[Path]:
+    """Accuracy (top) and measured prefill speedup (bottom) against the visual tokens kept, one line per method."""
+    base = next(r for r in rows if r["method"] == "none")
+    sub = [r for r in rows if r["method"] != "none"]
+    return [results.plot_lines(sub, Path(out_dir) / "llava_quality.png", x="keep", y="accuracy", line="method",
+                               title="reference LLaVA: accuracy and prefill speedup vs visual tokens kept (of 144)",
+                               xlabel="visual tokens kept", reference=base, extra_panels_y=("speedup",))]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args()
+    from .__main__ import run_suite
+
+    for p in run_suite("llava_quality", args.out, quick=args.quick):
+        print(p)
