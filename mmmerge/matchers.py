@@ -166,7 +166,7 @@ def energy_score(m: Tensor, margin: float, alpha: float = 1.0, shift: bool = Fal
     if shift:
         f = F.elu(sim - margin, alpha=alpha)
     else:
-        negative = torch.expm1(sim - margin)
+        negative = torch.exp(sim - margin) - 1.0  # (expm1 is one op less but much slower on CPU)
         f = torch.where(sim >= margin, sim, negative if alpha == 1.0 else alpha * negative)
     if valid is None:
         return f.mean(-1)
