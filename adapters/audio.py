@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -32,6 +33,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from mmmerge.constraints import parse_time_mode
+from mmmerge.extras import require
 from mmmerge.info import MergeInfo
 from mmmerge.patching import register
 from mmmerge.schedule import ScheduleSpec
@@ -282,19 +284,50 @@ def column_logits(model: nn.Module, input_values: Tensor, pool: str = "mean") ->
 
 
 # ---------------------------------------------------------------------------------------------- loading
+SAMPLE_RATE = 16000  # AST's input rate
+FRAME_SAMPLES, HOP_SAMPLES = 400, 160  # the fbank's 25 ms window and 10 ms hop at 16 kHz
+READ_BLOCK = 16384  # frames per soundfile read: a decoder error mid-file loses at most one block
+PCM_FULL_SCALE = {torch.int8: 2.0 ** 7, torch.int16: 2.0 ** 15, torch.int32: 2.0 ** 31}
+MAX_CHANNELS = 8  # a [S, C] array with C <= this (and S >= one frame) is channels-last audio, not a batch
+
+
+def wav_declared_frames(path: Union[str, os.PathLike]) -> Optional[int]:
+    """Frames a RIFF/WAVE header declares (data chunk bytes / block align); None for other files.
+
+    libsndfile trims a truncated WAV's length to the bytes present, so the header is read here to tell.
+    """
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        block = None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            name, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if name == b"data":
+                streaming = size in (0, 0xFFFFFFFF)  # length unknown when the header was written
+                return None if streaming or not block else size // block
+            body = f.read(size + (size & 1))  # chunks are padded to an even size
+            if name == b"fmt " and len(body) >= 14:
+                block = int.from_bytes(body[12:14], "little")
+
+
 def load_audio(path: Union[str, os.PathLike], sample_rate: Optional[int] = 16000,
                mono: bool = True) -> Tuple[Tensor, int]:
     """Read WAV/FLAC/OGG with soundfile and resample with torchaudio.
+
+    A file that decodes to less than its header announces (a truncated WAV, a FLAC whose decoder loses
+    sync) gives a warning with both durations, and what decodes is returned.
 
     Returns:
         waveform float32, ``[S]`` if ``mono`` (channels averaged) else ``[channels, S]``, in [-1, 1]; and its
         rate in Hz (``sample_rate``, or the file's own rate when ``sample_rate`` is None).
     Raises:
-        FileNotFoundError (no file), ValueError (not a readable audio file; an empty file: 0 bytes or no
-        samples in it).
+        FileNotFoundError (no file), ImportError (soundfile or torchaudio missing: names the ``audio`` extra),
+        ValueError (not a readable audio file, a damaged one, an empty one: 0 bytes or no samples in it).
     """
-    import soundfile as sf
-
     path = os.fspath(path)
     if sample_rate is not None and (isinstance(sample_rate, bool) or int(sample_rate) <= 0):
         raise ValueError(f"sample_rate must be a positive rate in Hz (or None to keep the file's), got {sample_rate}")
@@ -302,21 +335,75 @@ def load_audio(path: Union[str, os.PathLike], sample_rate: Optional[int] = 16000
         raise FileNotFoundError(f"no audio file at '{path}'")
     if os.path.getsize(path) == 0:
         raise ValueError(f"'{path}' is an empty file (0 bytes), not audio")
+    sf = require("soundfile", "load_audio")
+    blocks, stopped = [], None
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)  # [S, channels]
-    except Exception as err:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
-        raise ValueError(f"could not read '{path}' as audio (WAV/FLAC/OGG via soundfile): {err}") from None
-    if data.shape[0] == 0:
+        with sf.SoundFile(path) as file:
+            rate, announced = int(file.samplerate), int(file.frames)
+            try:
+                for block in file.blocks(blocksize=READ_BLOCK, dtype="float32", always_2d=True):  # [s, channels]
+                    blocks.append(torch.from_numpy(block))
+            except RuntimeError as err:  # LibsndfileError mid-file: the decoder stopped (lost sync, cut data)
+                stopped = err
+    except Exception as err:  # soundfile raises LibsndfileError (a RuntimeError) for files it cannot open
+        raise ValueError(f"could not read '{path}' as audio (WAV/FLAC/OGG via soundfile; not an audio file, or "
+                         f"damaged): {err}") from None
+    announced = wav_declared_frames(path) or announced
+    decoded = sum(b.shape[0] for b in blocks)
+    if decoded == 0:
+        if stopped is not None or announced > 0:
+            raise ValueError(f"'{path}' is damaged: its header announces {announced / rate:.2f} s but no samples "
+                             f"decode ({stopped or 'no data'})")
         raise ValueError(f"'{path}' holds no audio samples (empty file)")
-    waveform = torch.from_numpy(data.T.copy())  # [channels, S]
+    if stopped is not None or decoded < announced:
+        why = f" (the decoder stopped: {stopped})" if stopped is not None else ""
+        warnings.warn(f"'{path}' looks damaged or truncated: its header says {announced / rate:.2f} s, "
+                      f"{decoded / rate:.2f} s decode{why}; using what decodes", stacklevel=2)
+    waveform = torch.cat(blocks).T.contiguous()  # [channels, S]
     if mono:
         waveform = waveform.mean(0)
     if sample_rate is not None and sample_rate != rate:
-        import torchaudio.functional as AF
+        AF = require("torchaudio.functional", "load_audio (resampling)")
+        waveform = AF.resample(waveform, orig_freq=rate, new_freq=int(sample_rate))
+        rate = int(sample_rate)
+    return waveform, rate
 
-        waveform = AF.resample(waveform, orig_freq=int(rate), new_freq=int(sample_rate))
-        rate = sample_rate
-    return waveform, int(rate)
+
+def as_mono_float(clip: Union[Tensor, Any], name: str = "clip") -> Tensor:
+    """One clip as float32 mono ``[S]`` in [-1, 1], from what users hand in.
+
+    Integer PCM is scaled by its full range (int16 / 32768, int32 / 2**31, int8 / 128, uint8: (x - 128) / 128);
+    a channels-last ``[S, C]`` array (soundfile's layout, C <= 8) is mixed down to mono with a warning.
+    Raises ValueError for other layouts and for dtypes that are not audio samples (int64, bool, complex).
+    """
+    x = torch.as_tensor(clip)
+    if is_channels_last(x):
+        warnings.warn(f"{name} of shape {list(x.shape)} is channels-last ({x.shape[1]} channels, soundfile's "
+                      "layout): mixed down to mono; pass mono [S] (or load_audio(mono=True)) to skip this",
+                      stacklevel=3)
+        x = x.float().mean(1) if x.is_floating_point() else as_pcm_float(x, name).mean(1)
+    if x.dim() != 1:
+        raise ValueError(f"{name} must be mono [S]; got shape {tuple(x.shape)} (use load_audio(mono=True), "
+                         "or data.mean(1) for a soundfile [S, channels] array)")
+    return x.float() if x.is_floating_point() else as_pcm_float(x, name)
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """A ``[S, C]`` array with few columns (C <= 8) and at least one 25 ms frame of rows: channels, not a batch.
+
+    (A batch ``[B, S]`` of clips that short could not be features anyway.)
+    """
+    return x.dim() == 2 and x.shape[1] <= MAX_CHANNELS and x.shape[0] >= FRAME_SAMPLES
+
+
+def as_pcm_float(x: Tensor, name: str = "clip") -> Tensor:
+    """Integer PCM samples as float32 in [-1, 1] (see ``as_mono_float``)."""
+    if x.dtype == torch.uint8:  # 8-bit WAV is unsigned, centred on 128
+        return (x.float() - 128.0) / 128.0
+    if x.dtype not in PCM_FULL_SCALE:
+        raise ValueError(f"{name} has dtype {x.dtype}, not an audio sample format: pass float audio in [-1, 1] or "
+                         "integer PCM (int16, int32, int8, uint8)")
+    return x.float() / PCM_FULL_SCALE[x.dtype]
 
 
 def features(waveform: Union[Tensor, Sequence[Tensor]], sample_rate: int = 16000, *, num_mel_bins: int = 128,
@@ -325,43 +412,50 @@ def features(waveform: Union[Tensor, Sequence[Tensor]], sample_rate: int = 16000
     """AST's input: 128-bin Kaldi log-mel fbank (25 ms Hann window, 10 ms hop), padded or cut to ``max_length``.
 
     Matches ``transformers.ASTFeatureExtractor`` (same torchaudio Kaldi fbank, zero padding, then
-    ``(x - mean) / (2 * std)``). Audio at another rate is resampled to 16 kHz first.
+    ``(x - mean) / (2 * std)``). Audio at another rate is resampled to 16 kHz first. A clip longer than
+    ``max_length`` frames (10.24 s for AST) is cut, with a warning: ``tag_windows`` tags a whole recording.
 
     Args:
         waveform: ``[S]`` one clip, ``[B, S]`` clips of equal length, or a list of ``[S_i]`` clips (mono);
-            tensors or numpy arrays.
+            tensors or numpy arrays, float in [-1, 1] or integer PCM (scaled by its full range). A
+            channels-last ``[S, C]`` array (C <= 8, soundfile's layout) is mixed down to mono, with a warning.
         sample_rate: rate of ``waveform`` in Hz.
     Returns:
         input_values ``[B, max_length, num_mel_bins]`` float32, and lengths ``[B]`` long: real frames per clip
         (before padding, at most ``max_length``), to pass to ``patch(..., lengths=...)``.
     """
-    import torchaudio.compliance.kaldi as kaldi
-    import torchaudio.functional as AF
-
     if isinstance(sample_rate, bool) or int(sample_rate) <= 0:
         raise ValueError(f"sample_rate must be a positive rate in Hz, got {sample_rate}")
     if isinstance(waveform, (list, tuple)):
-        clips = list(waveform)
+        clips = [as_mono_float(c, f"clip {i}") for i, c in enumerate(waveform)]
     else:
         waveform = torch.as_tensor(waveform)
-        clips = list(waveform) if waveform.dim() == 2 else [waveform]
+        if waveform.dim() == 2 and not is_channels_last(waveform):  # a batch [B, S]
+            clips = [as_mono_float(c, f"clip {i}") for i, c in enumerate(waveform)]
+        else:
+            clips = [as_mono_float(waveform, "waveform")]
     if not clips:
         raise ValueError("no clips given; pass a waveform [S], a batch [B, S] or a list of [S_i] clips")
-    rows, lengths = [], []
-    for clip in clips:
-        clip = torch.as_tensor(clip, dtype=torch.float32)
-        if clip.dim() != 1:
-            raise ValueError(f"each clip must be mono [S]; got shape {tuple(clip.shape)} (use load_audio(mono=True))")
-        if sample_rate != 16000:
-            clip = AF.resample(clip, orig_freq=int(sample_rate), new_freq=16000)
-        if clip.numel() < 400:
+    kaldi = require("torchaudio.compliance.kaldi", "audio.features")
+    rows, lengths, cut = [], [], []
+    for i, clip in enumerate(clips):
+        if sample_rate != SAMPLE_RATE:
+            AF = require("torchaudio.functional", "audio.features (resampling)")
+            clip = AF.resample(clip, orig_freq=int(sample_rate), new_freq=SAMPLE_RATE)
+        if clip.numel() < FRAME_SAMPLES:
             raise ValueError(f"clip has {clip.numel()} samples at 16 kHz; AST needs at least one 25 ms frame (400)")
-        fbank = kaldi.fbank(clip.unsqueeze(0), sample_frequency=16000, window_type="hanning",
+        fbank = kaldi.fbank(clip.unsqueeze(0), sample_frequency=SAMPLE_RATE, window_type="hanning",
                             num_mel_bins=num_mel_bins)  # [frames, mel]
+        if fbank.shape[0] > max_length:
+            cut.append(f"clip {i}: {clip.numel() / SAMPLE_RATE:.2f} s")
         n = min(fbank.shape[0], max_length)
         fbank = torch.nn.functional.pad(fbank[:max_length], (0, 0, 0, max_length - n))
         rows.append((fbank - mean) / (std * 2) if normalize else fbank)
         lengths.append(n)
+    if cut:
+        warnings.warn(f"features keeps the first {max_length * HOP_SECONDS:.2f} s ({max_length} frames) of each clip "
+                      f"and cuts the rest of {', '.join(cut)}; audio.tag_windows(model, waveform, rate) tags a "
+                      "whole recording in windows", stacklevel=2)
     return torch.stack(rows), torch.tensor(lengths, dtype=torch.long)
 
 
@@ -386,6 +480,156 @@ def real_lengths(input_values: Tensor, mean: float = AST_MEAN, std: float = AST_
     is_pad = ((x.float() - pad).abs() <= atol).all(-1)  # [B, frames]
     trailing = is_pad.flip(1).long().cumprod(1).sum(1)  # padded frames at the end
     return (x.shape[1] - trailing).clamp_min(1)
+
+
+# -------------------------------------------------------------------------------------- long recordings
+@dataclass
+class WindowTags:
+    """What ``tag_windows`` found in a recording, window by window and second by second.
+
+    ``starts`` ``[W]`` seconds where each window starts; ``lengths`` ``[W]`` real fbank frames per window (every
+    window holds ``max_length`` but a shorter last one); ``columns`` ``[W]`` time columns the encoder saw (fewer
+    in a short last window, whose padding is dropped); ``tokens_per_layer``: per window, as the patched model ran
+    it; ``logits`` ``[W, L]`` each window's clip logits; ``scores`` ``[L]`` the recording's scores, the max over
+    windows of ``activation(logits)`` (a tag heard in any window scores high); ``timeline`` ``[ceil(seconds), L]``
+    per-second scores: the per-column scores (``column_logits``) of every window, averaged over the columns that
+    overlap each second, weighted by the overlap. ``seconds``: the recording's duration.
+    """
+
+    starts: Tensor
+    lengths: Tensor
+    columns: Tensor
+    tokens_per_layer: List[List[int]]
+    logits: Tensor
+    scores: Tensor
+    timeline: Tensor
+    seconds: float
+    window_seconds: float
+    hop_seconds: float
+
+
+def window_starts(samples: int, window: int, hop: int) -> List[int]:
+    """Start samples of windows of ``window`` samples, ``hop`` apart, that cover ``samples`` samples.
+
+    The last window may run past the end (it is padded); a tail shorter than one 25 ms fbank frame after the
+    previous window gets no window of its own.
+    """
+    count = 1 + max(0, math.ceil((samples - window) / hop))
+    starts = [k * hop for k in range(count)]
+    if count > 1 and samples - starts[-1] < FRAME_SAMPLES:
+        starts.pop()
+    return starts
+
+
+def _timeline(spans: Tensor, scores: Tensor, seconds: float) -> Tensor:
+    """Per-second scores ``[ceil(seconds), L]`` from column spans ``[M, 2]`` (s) and column scores ``[M, L]``."""
+    bins = max(1, math.ceil(seconds))
+    edges = torch.arange(bins, device=scores.device, dtype=scores.dtype).unsqueeze(1)  # [bins, 1]
+    overlap = (torch.minimum(spans[:, 1], edges + 1) - torch.maximum(spans[:, 0], edges)).clamp_min(0)  # [bins, M]
+    # A last second holding less than one fbank frame may overlap no column: it takes its nearest column.
+    centre = spans.mean(1)
+    nearest = (centre - (edges + 0.5)).abs().argmin(1)  # [bins]
+    empty = overlap.sum(1) == 0
+    overlap[empty, nearest[empty]] = 1.0
+    return overlap @ scores / overlap.sum(1, keepdim=True)
+
+
+@torch.no_grad()
+def tag_windows(model: nn.Module, waveform: Union[Tensor, Any], sample_rate: int = 16000, *,
+                hop_seconds: Optional[float] = None, batch_size: int = 8, activation: str = "sigmoid",
+                mean: float = AST_MEAN, std: float = AST_STD) -> WindowTags:
+    """Tag a recording of any length with a patched ASTForAudioClassification, in windows of the model's length.
+
+    AST sees ``max_length`` frames (10.24 s); ``features`` of a longer recording keeps only its start. Here the
+    recording is cut into windows of exactly that length, ``hop_seconds`` apart (default: half a window), each
+    window runs through the model as patched (merging included), and the last, shorter window goes through the
+    adapter's padding path (``set_lengths``: its padded columns are dropped before layer 0 when the patch has
+    ``drop_padding=True``, kept but never merged otherwise). The patch's own lengths are restored afterwards.
+
+    Args:
+        model: an ASTForAudioClassification patched by ``audio.patch(model, ..., trace_source=True)`` (the
+            timeline needs the source map, or ``output="original"``; ``r=0`` merges nothing).
+        waveform: one recording, mono ``[S]`` (float in [-1, 1] or integer PCM; ``[S, C]`` is mixed down).
+        sample_rate: its rate in Hz (resampled to 16 kHz).
+        hop_seconds: seconds between window starts, from 0.01 s to one window (rounded to 10 ms frames).
+        batch_size: full windows per forward.
+        activation: ``sigmoid`` (multi-label tagging, AudioSet) or ``softmax`` (one class per clip).
+        mean, std: the feature extractor's normalisation.
+    Returns:
+        ``WindowTags`` (per-window logits, recording scores, per-second timeline).
+    Raises:
+        TypeError (not an ASTForAudioClassification), ValueError (not patched, no ``trace_source``, bad
+        options, a recording shorter than one 25 ms frame, an ``r`` the short last window cannot take).
+    """
+    spec = _audio_patch(model)
+    if not hasattr(model, "classifier"):
+        raise TypeError("tag_windows needs an ASTForAudioClassification (it uses the classifier head)")
+    options = spec.extra["options"]
+    if not (options.get("trace_source") or options.get("output") == "original"):
+        raise ValueError("tag_windows needs per-column outputs: patch with audio.patch(model, r=..., "
+                         "trace_source=True) (r=0 merges nothing)")
+    if activation not in ("sigmoid", "softmax"):
+        raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(sample_rate, bool) or int(sample_rate) <= 0:
+        raise ValueError(f"sample_rate must be a positive rate in Hz, got {sample_rate}")
+    layout = ast_layout(model)
+    window = FRAME_SAMPLES + (layout.max_length - 1) * HOP_SAMPLES  # samples giving exactly max_length frames
+    window_seconds = layout.max_length * HOP_SECONDS
+    hop_seconds = window_seconds / 2 if hop_seconds is None else hop_seconds
+    hop_frames = round(float(hop_seconds) / HOP_SECONDS) if math.isfinite(float(hop_seconds)) else 0
+    if not 1 <= hop_frames <= layout.max_length:
+        raise ValueError(f"hop_seconds must be between 0.01 s and one window ({window_seconds:.2f} s), so that "
+                         f"windows touch or overlap; got {hop_seconds}")
+    clip = as_mono_float(waveform, "waveform")
+    if int(sample_rate) != SAMPLE_RATE:
+        AF = require("torchaudio.functional", "tag_windows (resampling)")
+        clip = AF.resample(clip, orig_freq=int(sample_rate), new_freq=SAMPLE_RATE)
+    starts = window_starts(clip.numel(), window, hop_frames * HOP_SAMPLES)
+    x, lengths = features([clip[s:s + window] for s in starts], num_mel_bins=layout.num_mel_bins,
+                          max_length=layout.max_length, mean=mean, std=std)
+    weight = next(model.parameters())
+    x = x.to(weight.device, weight.dtype)
+    full = int((lengths == layout.max_length).sum())  # windows are full but (maybe) the last
+    logits, spans, column_scores, columns, tokens = [], [], [], [], []
+
+    def run(batch: Tensor, first: int) -> None:
+        clip_logits, per_column = column_logits(model, batch)  # [b, L], [b, T', L]
+        seen = patched_layout(model)  # set_lengths made a new patch
+        for i in range(batch.shape[0]):
+            real = seen.real_columns(int(lengths[first + i]))
+            start = starts[first + i] / SAMPLE_RATE
+            spans.append(seen.column_seconds()[:real].to(per_column.device) + start)
+            column_scores.append(per_column[i, :real].float())
+            columns.append(seen.columns)
+            tokens.append(list(merge_info(model).tokens_per_layer))
+        logits.append(clip_logits.float())
+
+    saved = spec.extra["lengths"]
+    try:
+        if full:
+            set_lengths(model, None)
+            for first in range(0, full, batch_size):
+                run(x[first:min(full, first + batch_size)], first)
+        if full < len(starts):
+            try:
+                set_lengths(model, lengths[full:])
+            except ValueError as err:
+                raise ValueError(f"the last window holds {int(lengths[-1]) * HOP_SECONDS:.2f} s of the recording, "
+                                 f"and the patch cannot run it: {err}; a relative r (TargetFlops, KeepRatio) fits "
+                                 "every length") from None
+            run(x[full:], full)
+    finally:
+        set_lengths(model, saved)
+    logits_all = torch.cat(logits)  # [W, L]
+    act = torch.sigmoid if activation == "sigmoid" else (lambda v: v.softmax(-1))
+    seconds = clip.numel() / SAMPLE_RATE
+    timeline = _timeline(torch.cat(spans), act(torch.cat(column_scores)), seconds)
+    return WindowTags(starts=torch.tensor(starts, dtype=torch.float32) / SAMPLE_RATE, lengths=lengths,
+                      columns=torch.tensor(columns), tokens_per_layer=tokens, logits=logits_all,
+                      scores=act(logits_all).amax(0), timeline=timeline, seconds=seconds,
+                      window_seconds=window_seconds, hop_seconds=hop_frames * HOP_SECONDS)
 
 
 # ------------------------------------------------------------------------------------------ visualizing

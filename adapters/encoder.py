@@ -25,20 +25,21 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 from torch import Tensor
 
 from mmmerge.attention import size_bias
 from mmmerge.constraints import AllOf, Constraint, Global, Partition, first_positions
 from mmmerge.info import MergeInfo
-from mmmerge.matchers import check_options, check_step, get_matcher
+from mmmerge.matchers import check_options, get_matcher
 from mmmerge.merge import merge_tokens, unmerge
 from mmmerge.schedule import (Grouping, LayerFlops, ScheduleSpec, layer_partitions, resolve_schedule,
                               tokens_per_layer, transformer_layer_flops)
@@ -213,7 +214,6 @@ class PatchSpec:
     rules: Mapping[str, str] = field(default_factory=dict)
     position_coords: Mapping[str, Tensor] = field(default_factory=dict)
     entry: bool = False  # an entry index (buffer) selects / reorders the embeddings
-    valid: bool = False  # a per-clip padding mask (buffer) marks padding
     family: str = "encoder"  # what patched it (video, audio, llava), for messages
     grid: Optional["TokenGrid"] = None  # the token layout entering the first layer (model's token order)
     extra: Mapping[str, Any] = field(default_factory=dict)  # the adapter's own record (e.g. its options)
@@ -250,8 +250,8 @@ class MergingCarry(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------ the merging layer
-_BUFFERS = ("entry", "valid", "time", "exit", "ids", "ids_a", "ids_b", "block_ab", "block_pairs", "sel", "sel_a",
-            "sel_pairs")
+# Static tensors of a partition (group ids, selection positions, cross-group masks), made at patch time.
+_PARTITION_BUFFERS = ("ids", "ids_a", "ids_b", "block_ab", "block_pairs", "sel", "sel_a", "sel_pairs")
 _MERGING_CLASSES: Dict[type, type] = {}
 _lock = threading.Lock()
 
@@ -294,7 +294,7 @@ def _partition(layer: nn.Module, spec: LayerSpec) -> Optional[Partition]:
     part = spec.partition
     if part is None:
         return None
-    cache = {name: _buffer(layer, name) for name in _BUFFERS[4:]}
+    cache = {name: _buffer(layer, name) for name in _PARTITION_BUFFERS}
     return replace(part, cache={k: v for k, v in cache.items() if v is not None})
 
 
@@ -391,8 +391,13 @@ def _merging_forward(self: nn.Module, hidden_states: Any, *args: Any, **kwargs: 
     x, state = carry
     noise = None
     if patch.method == "random" and spec.r > 0 and "noise" not in patch.options:
+        generator = patch.options.get("generator")
+        if generator is not None and torch.compiler.is_compiling():
+            raise RuntimeError("mmmerge: method 'random' with a torch.Generator cannot be compiled (torch.compile "
+                               "does not trace user generators); compile it without generator= (torch's own "
+                               "random stream) or run it eagerly")
         # Drawn outside the checkpointed body: the recompute reuses these draws, so it makes the same plan.
-        noise = torch.rand(x.shape[:2], device=x.device, generator=patch.options.get("generator"))
+        noise = torch.rand(x.shape[:2], device=x.device, generator=generator)
     if spec.attn_config is None:  # nothing merges here and no bias is due: the layer's own forward
         def body(h: Tensor) -> Tuple[Tensor, TokenState]:
             return type(self)._mmmerge_base.forward(self, h, *args, **kwargs), state
@@ -414,8 +419,6 @@ _TRACE = threading.local()  # per thread: (weakref to the last patched layer, it
 def _record(layer: nn.Module, state: TokenState) -> None:
     """Keep the final state of this call for ``last_info`` (this thread only; eager only)."""
     if not torch.compiler.is_compiling():
-        import weakref
-
         _TRACE.last = (weakref.ref(layer), layer._mmmerge.patch, state)
 
 
@@ -678,7 +681,7 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
                      trace_source=trace_source, output=output, first=first, last=last, carried=carried,
                      rules={**dict(rules or {}), **span_rules},
                      position_coords={k: v.float() for k, v in (position_coords or {}).items()},
-                     entry=reordered, valid=valid is not None, family=family, grid=grid, extra=dict(extra or {}))
+                     entry=reordered, family=family, grid=grid, extra=dict(extra or {}))
     layer_specs, layer_buffers = [], []
     for i in range(first, last + 1):
         bias = prop_attn and bool(merges) and i > merges[0]
@@ -767,8 +770,8 @@ def grid_features(model: nn.Module, last_hidden_state: Tensor, info: Optional[Me
             raise ValueError("no source map: patch with trace_source=True (or output='original') and run a forward "
                              "first")
         full = unmerge(last_hidden_state, info.state)
-    B, _, C = full.shape
-    return full[:, grid.protected:].reshape(B, *[s for _, s in grid.axes], C)
+    names = " ".join(name for name, _ in grid.axes)
+    return rearrange(full[:, grid.protected:], f"b ({names}) c -> b {names} c", **dict(grid.axes))
 
 
 def weighted_mean(x: Tensor, size: Tensor, valid: Optional[Tensor] = None) -> Tensor:

@@ -22,6 +22,11 @@ Where the tokens are reduced (``where``, one knob):
     pre_projector   LLaVA-1.5 only: reduce the tower's features and project only ``keep`` tokens.
     vision_tower    LLaVA-1.5 only: ToMe/PiToMe-style merging inside the CLIP layers (the shared encoder patch),
                     spread over the layers up to the feature layer so that it outputs ``keep`` tokens.
+LLaVA-NeXT, OneVision and NeXT-Video take ``post_projector`` only, and say so at patch time: the model packs every
+crop's full rows x cols grid after the projector (unpadding to the image's aspect ratio, a newline after each row,
+OneVision's resampling of large grids) and pools every frame's full grid, so tokens merged in the tower or before
+the projector have no grid left to pack (pool). Unmerging them back to the grid first would keep the LM's count,
+which is what the reduction is for.
 The old pair ``where="pre_llm"`` + ``stage=...`` is gone: ``where="pre_llm"`` maps to ``"post_projector"`` with a
 FutureWarning, ``stage=`` is rejected with the new spelling.
 
@@ -49,8 +54,10 @@ similarity on the tokens being reduced. For the other methods the similarity met
 head-averaged keys; the importance score (``dominant``, ``tps``,
 ``prune``) is the [CLS] attention of the feature layer for CLIP towers, and for towers without [CLS] (SigLIP,
 OneVision) the mean attention each token receives in the feature layer (averaged over heads and queries).
-Both come from the feature layer's own query/key projections, captured for one call by hooks: the tower keeps
-its attention backend (sdpa, flash), nothing is forced eager.
+Both come from the feature layer's own norm and query/key projections, applied once more to that layer's input,
+a hidden state the tower returns anyway (bit for bit what the layer computed; the cost is one projection of one
+layer for the keys, two with a score: about 0.3% / 0.6% of the FLOPs of a 24-layer ViT-L/336 tower): no hook in
+the tower, which keeps its attention backend (sdpa, flash), nothing is forced eager.
 
 On device, batched, no host sync: every reduction is one batched engine call per distinct row shape. For
 LLaVA-1.5 and videos that is one call for the whole batch. For anyres images the rows are the base views (all
@@ -59,11 +66,27 @@ sizes (different crop counts) get one call each, so a batch of k distinct sizes 
 has no per-row budget yet). The per-image bookkeeping (counts, index maps) is host arithmetic on the image sizes,
 cached per size; the image sizes are read on the host once per call (the model itself reads them per image).
 
-How it is wired: the model's own ``get_image_features`` / ``get_video_features`` is wrapped by an instance
-attribute (the class is untouched); the projector gets a pre-hook only for the duration of a pre_projector call.
-``restore_visual_tokens`` removes every attribute and hook, so outputs are bit-identical to before. While patched,
-a LLaVA-1.5 or video forward checks on device (``torch._assert_async``) that each run of placeholders is a whole
-number of reduced items; transformers itself checks the total for every model.
+How it is wired: the inner model's own ``get_image_features`` / ``get_video_features`` is replaced by an instance
+attribute (a ``_Replacement``: the class is untouched) that calls the original and reduces its output; the
+context (``LlavaContext``, the settings) is a plain attribute of the inner model. Every hook is a module-level
+function registered once, at patch time: a pre-hook on the inner model checks, on device
+(``torch._assert_async``), that each run of LLaVA-1.5 or video placeholders is a whole number of reduced items
+(transformers itself checks the total for every model); for ``pre_projector``, a tower hook and a projector
+pre-hook reduce the projector's input during that model's call in that thread (a ``threading.local`` slot the
+replacement sets for the call), and do nothing otherwise. So a reduced model:
+    - copies: ``copy.deepcopy`` gives an independent reduced model (its replacements, hooks and context are its
+      own); ``restore_visual_tokens`` / ``mmmerge.unpatch`` of the copy restore the copy only. A processor patched
+      with the model stays with the original (the copy does not own it).
+    - pickles: ``torch.save(model)`` / pickle round-trip to a working reduced model wherever the unpatched model
+      pickles (transformers installs local output-capturing hooks at a model's first forward, after which no LLaVA
+      model pickles; ``save_pretrained`` is byte-identical to the unreduced checkpoint in every case).
+    - serves threads: nothing is written on a module or the context during a forward (two memos of host
+      arithmetic excepted, see ``LlavaContext``); ``mmmerge.last_info(model)`` is this thread's last reduction
+      by this model (per-thread records), under ``torch.compile`` not recorded (no Python side effects).
+    - compiles: the language model with ``fullgraph=True`` (it only sees fewer tokens), and the post_projector and
+      pre_projector reductions too (``torch.compile(model.model.get_image_features, fullgraph=True)``, after one
+      eager call: transformers installs its capture hooks, under a lock, at the first call).
+``restore_visual_tokens`` removes every attribute and hook, so outputs are bit-identical to before.
 """
 from __future__ import annotations
 
@@ -71,8 +94,10 @@ import functools
 import inspect
 import math
 import sys
+import threading
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -84,11 +109,10 @@ from torch import Tensor
 from mmmerge.info import MergeInfo
 from mmmerge.matchers import MATCHERS
 from mmmerge.patching import register
+from mmmerge.matchers import check_options
 from mmmerge.reduce import reduce_tokens
 from mmmerge.schedule import TargetTokens, resolve_schedule
 from mmmerge.state import TokenState, init_state
-
-from mmmerge.matchers import check_options
 
 from .encoder import TokenGrid, encoder_layers, layer_parts, patch_encoder, plan_layout, unpatch_encoder
 from .video import TIME_MODES
@@ -191,6 +215,12 @@ class Layout:
     def square(self) -> bool:
         """The features are exactly the rows x cols grid (what anyres packing and video pooling need)."""
         return self.num_features == self.rows * self.cols and self.protected == 0
+
+    @property
+    def key_layer(self) -> int:
+        """The tower layer whose attention gives the metric and score: the one that produces the (last) feature
+        layer (layer 0 when the features are the embeddings); its input is ``hidden_states[key_layer]``."""
+        return max(self.feature_layers[-1] - 1, 0)
 
 
 def _layout(lm: nn.Module) -> Layout:
@@ -321,8 +351,17 @@ class RaggedPlan:
     items: List[Tuple[int, int]]  # (tokens in, tokens out) per image
 
 
-@dataclass
+@dataclass(eq=False)  # identity: one context per patched model (per copy), a key of the per-thread records
 class LlavaContext:
+    """What one ``reduce_visual_tokens`` call set up; lives on the inner model (``_mmmerge_llava``).
+
+    Fixed at patch time and only read by a forward, except two memos of host arithmetic (anyres layouts per
+    image size, index plans per batch layout) that a forward may fill: pure functions of their keys, written
+    whole under the GIL, so threads never see a partial entry (at worst two compute the same one).
+    A copy (``copy.deepcopy``, pickle) carries the settings; it starts with empty memos and without the
+    processors, which belong to the user and stay patched for the original model.
+    """
+
     kind: ModelKind
     keep: KeepSpec  # as given (fractions of anyres images and videos resolve per item)
     keep_tokens: Optional[int]  # uniform images: resolved per image
@@ -332,17 +371,28 @@ class LlavaContext:
     time_mode: str
     window: int
     hyper: Dict[str, Any]
-    info: MergeInfo = field(default_factory=MergeInfo)
-    processors: List[Any] = field(default_factory=list)
-    undo: List[Callable[[], None]] = field(default_factory=list)
-    image_layouts: Dict[Tuple, ImageLayout] = field(default_factory=dict)  # cache: (size, cropped, aspect) -> layout
-    plans: Dict[Tuple, RaggedPlan] = field(default_factory=dict)  # cache: (layouts, device) -> plan
-    prompt: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # cdpruner: (input_ids, attention_mask) of this call
+    # The hidden states to ask the tower for (the feature layers and the key layer's input), or None where
+    # the model's get_*_features always returns every hidden state (transformers 5.17).
+    select_hidden: Optional[Tuple[int, ...]] = None
+    processor_undo: List[Callable[[], None]] = field(default_factory=list)
+    image_layouts: Dict[Tuple, ImageLayout] = field(default_factory=dict)  # memo: (size, cropped, aspect) -> layout
+    plans: Dict[Tuple, RaggedPlan] = field(default_factory=dict)  # memo: (keep, layouts, device) -> plan
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(processor_undo=[], image_layouts={}, plans={})
+        return state
+
+    @property
+    def info(self) -> MergeInfo:
+        """This thread's last reduction with this context (see ``last_info``)."""
+        return _last_record(self)
 
     def image_layout(self, lm: nn.Module, size: Sequence[int], cropped: bool, aspect: Optional[str]) -> ImageLayout:
         """The packed layout of one anyres image, found by running the model's own packing on token indices."""
         key = (tuple(int(s) for s in size), bool(cropped), aspect)
-        if key not in self.image_layouts:
+        image = self.image_layouts.get(key)
+        if image is None:
             tiles = _tiles(lm, key[0], cropped)
             n = self.layout.num_features
             index = torch.arange(tiles * n, dtype=torch.float64).view(tiles, n, 1)
@@ -355,10 +405,11 @@ class LlavaContext:
                                    "base view does not come first); please report it")
             exact = bool((packed == packed.round()).all())
             origin = packed.clamp_min(0).long() if exact else None
+            image = ImageLayout(key, packed.shape[0], n, newlines, tiles, origin)
             if len(self.image_layouts) > 256:
                 self.image_layouts.clear()
-            self.image_layouts[key] = ImageLayout(key, packed.shape[0], n, newlines, tiles, origin)
-        return self.image_layouts[key]
+            self.image_layouts[key] = image
+        return image
 
 
 def _cropped(sizes: Sequence, batch_num_images: Any) -> List[bool]:
@@ -376,56 +427,84 @@ def _host_sizes(image_sizes: Any) -> List[Tuple[int, int]]:
     return [(int(r[0]), int(r[1])) for r in rows]
 
 
+# ------------------------------------------------------------------------------- what a call did, per thread
+_RECORDS = threading.local()  # per thread: WeakKeyDictionary context -> MergeInfo of its last reduction
+
+
+def _record(ctx: LlavaContext, info: MergeInfo) -> None:
+    """Keep ``info`` as this thread's last reduction by ``ctx`` (eager calls only: a compiled graph has no
+    Python side effects)."""
+    if torch.compiler.is_compiling():
+        return
+    records = getattr(_RECORDS, "by_context", None)
+    if records is None:
+        records = _RECORDS.by_context = weakref.WeakKeyDictionary()
+    records[ctx] = info
+
+
+def _last_record(ctx: LlavaContext) -> MergeInfo:
+    """This thread's last reduction by ``ctx``; before one, what is known without input (LLaVA-1.5 images: the
+    counts; anyres images and videos have counts per input: an empty MergeInfo)."""
+    info = getattr(_RECORDS, "by_context", {}).get(ctx)
+    if info is not None:
+        return info
+    if ctx.kind.images == "uniform" and not ctx.kind.videos:
+        N = ctx.layout.num_features
+        return MergeInfo(schedule=[N - ctx.keep_tokens], tokens_per_layer=[N, ctx.keep_tokens])
+    return MergeInfo()
+
+
 # ------------------------------------------------------------------------------------- scores and metric
-def _attention_module(layer: nn.Module) -> nn.Module:
-    """The self-attention of a CLIP / SigLIP encoder layer (the module with ``q_proj``, ``k_proj``, ``num_heads``)."""
-    for module in layer.modules():
-        if all(isinstance(getattr(module, name, None), nn.Linear) for name in ("q_proj", "k_proj")) and \
-                hasattr(module, "num_heads"):
-            return module
-    raise TypeError(f"{type(layer).__name__} has no self-attention with q_proj/k_proj that mmmerge knows")
+def _hidden_request(ctx: LlavaContext, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``kwargs`` for the model's own ``get_*_features`` with the hidden states the reduction reads: the feature
+    layers (what the model selects itself) and the key layer's input. A caller's own request is kept."""
+    if ctx.select_hidden is None:  # the model's call returns every hidden state anyway
+        return kwargs
+    asked = kwargs.get("output_hidden_states")
+    if asked is True:
+        return kwargs
+    extra = () if asked in (None, False) else ((asked,) if isinstance(asked, int) else tuple(asked))
+    return {**kwargs, "output_hidden_states": sorted(set(ctx.select_hidden) | set(extra))}
 
 
-class _Capture:
-    """Forward hooks on the feature layer's query/key projections, registered for one call only."""
+def _select_hidden(layout: Layout, original: Callable) -> Optional[Tuple[int, ...]]:
+    """``LlavaContext.select_hidden`` for the model's ``get_*_features``: None where it takes
+    ``output_hidden_states`` itself (transformers 5.17 ignores it and returns every hidden state), else the
+    indices to ask for (transformers >= 5.24 keeps only the hidden states it is asked for)."""
+    if "output_hidden_states" in inspect.signature(original).parameters:
+        return None
+    return tuple(sorted({layout.key_layer, *layout.feature_layers}))
 
-    def __init__(self, lm: nn.Module, layout: Layout, need: bool) -> None:
-        self.q: List[Tensor] = []
-        self.k: List[Tensor] = []
-        self.handles = []
-        self.attn = None
-        self.cls = layout.cls
-        if need:
-            # The layer that produced hidden_states[f] is layer f-1 (layer 0 for the embeddings).
-            layer = _tower_layers(lm)[max(layout.feature_layers[-1] - 1, 0)]
-            self.attn = _attention_module(layer)
-            self.handles = [self.attn.q_proj.register_forward_hook(lambda m, i, o: self.q.append(o)),
-                            self.attn.k_proj.register_forward_hook(lambda m, i, o: self.k.append(o))]
 
-    def __enter__(self) -> "_Capture":
-        return self
+def _keys_and_scores(lm: nn.Module, layout: Layout, hidden_states: Sequence[Optional[Tensor]], need_score: bool
+                     ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Head-averaged keys ``[items, T, d]`` and an importance score ``[items, T]`` (float32) of the tower inputs
+    (T = tower tokens), from the key layer's own norm and query/key projections applied to its input
+    ``hidden_states[layout.key_layer]`` (what the tower computed in its forward, recomputed once here: no hook,
+    and the tower keeps its attention backend).
 
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def keys_and_scores(self, items: int, need_score: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
-        """Head-averaged keys ``[items, T, d]`` and an importance score ``[items, T]`` (float32) of the last
-        ``items`` tower inputs (T = tower tokens).
-
-        Score: the head-averaged [CLS] attention for towers with [CLS]; for towers without it, the mean attention
-        each token receives (averaged over heads and all queries) in the feature layer.
-        """
-        if not self.k:
-            raise RuntimeError("mmmerge.llava: the feature layer's key projection did not run")
-        q, k = self.q[-1][-items:], self.k[-1][-items:]
+    Score: the head-averaged [CLS] attention for towers with [CLS]; for towers without it, the mean attention
+    each token receives (averaged over heads and all queries) in the key layer.
+    """
+    index = layout.key_layer
+    h = hidden_states[index] if hidden_states is not None and index < len(hidden_states) else None
+    if h is None:
+        raise RuntimeError(f"mmmerge.llava: the vision tower returned no hidden_states[{index}] (the input of the "
+                           "feature layer); this transformers version selects hidden states differently, please "
+                           "report it")
+    parts = layer_parts(_tower_layers(lm)[index])
+    attn = parts.attention
+    with torch.no_grad():  # matching builds no graph
+        x = parts.norm1(h)
+        k = attn.k_proj(x)
         B, T, D = k.shape
-        heads = self.attn.num_heads
-        kh = k.detach().view(B, T, heads, D // heads)
+        heads = parts.num_heads
+        kh = k.view(B, T, heads, D // heads)
         keys = kh.mean(2)
         if not need_score:
             return keys, None
-        queries = q.detach()[:, : self.cls] if self.cls else q.detach()
+        q = attn.q_proj(x)  # all rows, as in the layer's own forward (same values, bit for bit)
+        queries = q[:, : layout.cls] if layout.cls else q
         qh = queries.reshape(B, queries.shape[1], heads, D // heads)
         logits = torch.einsum("bqhd,bthd->bhqt", qh.float(), kh.float()) * (D // heads) ** -0.5
         return keys, logits.softmax(-1).mean((1, 2))
@@ -468,43 +547,85 @@ def _reduce(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor
 
 
 # ------------------------------------------------------------------------------- LLaVA-1.5 image wrapper
-def _image_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_values: Tensor,
-                    vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
+_CALL = threading.local()  # per thread: the pre_projector call in progress (``_PreProjectorCall``), if any
+
+
+@dataclass(eq=False)
+class _PreProjectorCall:
+    """One pre_projector call of one model, in this thread: the tower hook hands over its hidden states, the
+    projector hook reduces the projector's input with them."""
+
+    lm: nn.Module
+    ctx: LlavaContext
+    hidden_states: Optional[Sequence[Tensor]] = None
+    state: Optional[TokenState] = None
+
+
+def _tower_output_hook(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook on the vision tower (registered once, at patch time, for where='pre_projector'): during a
+    pre_projector call of this model in this thread, keep the tower's hidden states for the projector hook."""
+    call = getattr(_CALL, "pre_projector", None)
+    if call is not None and call.lm.vision_tower is module:
+        call.hidden_states = output.hidden_states
+
+
+def _projector_input_hook(module: nn.Module, args: Tuple[Tensor, ...]) -> Optional[Tuple[Tensor, ...]]:
+    """Forward pre-hook on the projector (registered once, at patch time, for where='pre_projector'): during a
+    pre_projector call of this model in this thread, reduce its input ``[images, N, C_vision]`` to ``keep``."""
+    call = getattr(_CALL, "pre_projector", None)
+    if call is None or call.lm.multi_modal_projector is not module or call.hidden_states is None or not args:
+        return None
+    ctx, layout = call.ctx, call.ctx.layout
+    x = args[0]
+    keys, score = _keys_and_scores(call.lm, layout, call.hidden_states, ctx.method in SCORED)
+    d = layout.drop
+    y, call.state = _reduce(ctx, x, keys[:, d:], None if score is None else score[:, d:], ctx.keep_tokens,
+                            layout.protected)
+    call.hidden_states = None  # one projector call per image batch
+    return (y,) + tuple(args[1:])
+
+
+def _image_features(lm: nn.Module, original: Callable, pixel_values: Tensor, vision_feature_layer=None,
+                    vision_feature_select_strategy=None, **kwargs):
     """Replacement of ``LlavaModel.get_image_features``: the original call, with ``keep`` tokens per image.
 
-    ``pre_projector``: a one-call pre-hook on the projector reduces its input ``[images, N, C_vision]``.
     ``post_projector``: the projected ``pooler_output`` (images x ``[N, C_text]``) is reduced.
+    ``pre_projector``: the projector's input ``[images, N, C_vision]`` is reduced by the projector hook, which
+    this call arms for its own thread only.
     """
+    ctx = _context_of(lm)
     _check_call(ctx, vision_feature_layer, vision_feature_select_strategy)
     if kwargs.get("image_sizes") is not None:
         raise ValueError("mmmerge.llava: image_sizes (variable-resolution towers) is not supported for LLaVA-1.5")
     return_dict = kwargs.pop("return_dict", True)
     keep, layout = ctx.keep_tokens, ctx.layout
-    images = pixel_values.shape[0]
     N = layout.num_features
-    ctx.info = MergeInfo(schedule=[N - keep], tokens_per_layer=[N, keep])
-    needs_capture = keep < N
-    handle = None
-    with _Capture(lm, layout, needs_capture) as cap:
-        query = _item_queries(ctx, lm, lm.config.image_token_id, torch.full((images,), keep))
-
-        def reduce(x: Tensor) -> Tensor:
-            keys, score = cap.keys_and_scores(images, ctx.method in SCORED)
-            d = layout.drop
-            out, ctx.info.state = _reduce(ctx, x, keys[:, d:], None if score is None else score[:, d:], keep,
-                                          layout.protected, query=query)
-            return out
-
-        if needs_capture and ctx.where == "pre_projector":
-            handle = lm.multi_modal_projector.register_forward_pre_hook(lambda m, args: (reduce(args[0]),))
+    info = MergeInfo(schedule=[N - keep], tokens_per_layer=[N, keep])
+    call = functools.partial(original, pixel_values, vision_feature_layer=vision_feature_layer,
+                             vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True)
+    if keep == N:
+        out = call(**kwargs)
+    elif ctx.where == "pre_projector":
+        slot, outer = _PreProjectorCall(lm, ctx), getattr(_CALL, "pre_projector", None)
+        _CALL.pre_projector = slot
         try:
-            out = original(pixel_values, vision_feature_layer=vision_feature_layer,
-                           vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True, **kwargs)
+            out = call(**_hidden_request(ctx, kwargs))
         finally:
-            if handle is not None:
-                handle.remove()
-        if needs_capture and ctx.where == "post_projector":
-            out.pooler_output = list(reduce(torch.stack(list(out.pooler_output))))
+            _CALL.pre_projector = outer
+        if slot.state is None:
+            raise RuntimeError("mmmerge.llava: the projector did not run on the tower's features in this call; "
+                               "this transformers version computes image features differently, please report it")
+        info.state = slot.state
+    else:
+        out = call(**_hidden_request(ctx, kwargs))
+        keys, score = _keys_and_scores(lm, layout, out.hidden_states, ctx.method in SCORED)
+        d = layout.drop
+        x = torch.stack(list(out.pooler_output))
+        query = _item_queries(ctx, lm, lm.config.image_token_id, torch.full((x.shape[0],), keep))
+        y, info.state = _reduce(ctx, x, keys[:, d:], None if score is None else score[:, d:], keep,
+                                layout.protected, query=query)
+        out.pooler_output = list(y)
+    _record(ctx, info)
     return out if return_dict else out.to_tuple()
 
 
@@ -603,11 +724,12 @@ def _reduce_ragged(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional
     return torch.cat(outs)[order], state
 
 
-def _anyres_image_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_values: Tensor,
+def _anyres_image_features(lm: nn.Module, original: Callable, pixel_values: Tensor,
                            image_sizes: Optional[Tensor] = None, vision_feature_layer=None,
                            vision_feature_select_strategy=None, **kwargs):
     """Replacement of ``LlavaNextModel`` / ``LlavaOnevisionModel.get_image_features``: each image's packed tokens
     (base view, crops, newlines) are reduced to its budget (see the module docstring); newlines stay."""
+    ctx = _context_of(lm)
     _check_call(ctx, vision_feature_layer, vision_feature_select_strategy)
     return_dict = kwargs.pop("return_dict", True)
     sizes = _host_sizes(image_sizes)
@@ -615,22 +737,21 @@ def _anyres_image_features(lm: nn.Module, ctx: LlavaContext, original: Callable,
     aspect = _aspect(lm, kwargs.get("vision_aspect_ratio"))
     images = [ctx.image_layout(lm, s, c, aspect) for s, c in zip(sizes, cropped)]  # host bookkeeping, cached
     host_sizes = [list(s) for s in sizes]  # the model reads them per image: hand it host values
+    call = functools.partial(original, pixel_values, host_sizes, vision_feature_layer=vision_feature_layer,
+                             vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True)
     if all(reduced_length(ctx.keep, image) == image.length for image in images):
-        ctx.info = MergeInfo(schedule=[0], tokens_per_layer=[sum(i.length for i in images)] * 2,
-                             items=[(i.length, i.length) for i in images])
-        out = original(pixel_values, host_sizes, vision_feature_layer=vision_feature_layer,
-                       vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True, **kwargs)
+        _record(ctx, MergeInfo(schedule=[0], tokens_per_layer=[sum(i.length for i in images)] * 2,
+                               items=[(i.length, i.length) for i in images]))
+        out = call(**kwargs)
         return out if return_dict else out.to_tuple()
-    need_score = ctx.method in SCORED
-    with _Capture(lm, ctx.layout, True) as cap:
-        out = original(pixel_values, host_sizes, vision_feature_layer=vision_feature_layer,
-                       vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True, **kwargs)
-        tiles = [i.tiles for i in images]
-        keys, score = cap.keys_and_scores(sum(tiles), need_score)
+    out = call(**_hidden_request(ctx, kwargs))
+    tiles = [i.tiles for i in images]
+    keys, score = _keys_and_scores(lm, ctx.layout, out.hidden_states, ctx.method in SCORED)
     tokens = torch.cat(list(out.pooler_output))  # [L, C]: every image's packed tokens
-    if tokens.shape[0] != sum(i.length for i in images):
-        raise RuntimeError(f"mmmerge.llava: the model packed {tokens.shape[0]} tokens, the layouts say "
-                           f"{[i.length for i in images]}; this transformers version packs anyres images differently")
+    if tokens.shape[0] != sum(i.length for i in images) or keys.shape[0] != sum(tiles):
+        raise RuntimeError(f"mmmerge.llava: the model packed {tokens.shape[0]} tokens from {keys.shape[0]} tiles, the "
+                           f"layouts say {[i.length for i in images]} from {tiles}; this transformers version packs "
+                           "anyres images differently")
     d = ctx.layout.drop
     keys = keys[:, d:]
     score = None if score is None else score[:, d:]
@@ -649,8 +770,8 @@ def _anyres_image_features(lm: nn.Module, ctx: LlavaContext, original: Callable,
         query = (*query, _to_device(torch.tensor([i.length for i in images]).cumsum(0), tokens.device))
     y, state = _reduce_ragged(ctx, tokens, metric, score, plan, query)
     total_in = sum(i.length for i in images)
-    ctx.info = MergeInfo(schedule=[total_in - y.shape[0]], tokens_per_layer=[total_in, y.shape[0]], state=state,
-                         items=plan.items)
+    _record(ctx, MergeInfo(schedule=[total_in - y.shape[0]], tokens_per_layer=[total_in, y.shape[0]], state=state,
+                           items=plan.items))
     out.pooler_output = list(y.split(plan.lengths_out))
     return out if return_dict else out.to_tuple()
 
@@ -686,8 +807,8 @@ def _pool_frames(ctx: LlavaContext, lm: nn.Module, x: Tensor) -> Tensor:
     return F.avg_pool2d(grid, stride).flatten(2).transpose(1, 2)
 
 
-def _video_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_values_videos: Tensor,
-                    vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
+def _video_features(lm: nn.Module, original: Callable, pixel_values_videos: Tensor, vision_feature_layer=None,
+                    vision_feature_select_strategy=None, **kwargs):
     """Replacement of ``get_video_features`` (NeXT-Video, OneVision): ``keep`` tokens per video.
 
     The projected, pooled features ``[videos, frames * n, C]`` are reduced to ``[videos, keep, C]`` (OneVision's
@@ -696,20 +817,21 @@ def _video_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_
     frame to ``keep / frames`` on its own; ``adjacent``, ``window`` and ``global`` merge across frames under the
     matching constraint (frame spans stay contiguous).
     """
+    ctx = _context_of(lm)
     _check_call(ctx, vision_feature_layer, vision_feature_select_strategy)
     return_dict = kwargs.pop("return_dict", True)
     B, T = pixel_values_videos.shape[:2]
     n = _video_tokens(ctx, lm)
     keep = _video_keep(ctx, T, n)
-    ctx.info = MergeInfo(schedule=[T * n - keep], tokens_per_layer=[T * n, keep])
+    info = MergeInfo(schedule=[T * n - keep], tokens_per_layer=[T * n, keep])
     call = functools.partial(original, pixel_values_videos, vision_feature_layer=vision_feature_layer,
-                             vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True, **kwargs)
+                             vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True)
     if keep == T * n:
-        out = call()
+        _record(ctx, info)
+        out = call(**kwargs)
         return out if return_dict else out.to_tuple()
-    with _Capture(lm, ctx.layout, True) as cap:
-        out = call()
-        keys, score = cap.keys_and_scores(B * T, ctx.method in SCORED)
+    out = call(**_hidden_request(ctx, kwargs))
+    keys, score = _keys_and_scores(lm, ctx.layout, out.hidden_states, ctx.method in SCORED)
     pooled = out.pooler_output
     split = isinstance(pooled, (tuple, list))  # transformers 5.17: one [T, n, C] tensor per video
     x = torch.stack(list(pooled)).flatten(1, 2) if split else pooled
@@ -719,7 +841,7 @@ def _video_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_
     metric = _pool_frames(ctx, lm, keys[:, d:])  # [B*T, n, c]
     if score is not None:
         score = _pool_frames(ctx, lm, score[:, d:, None])[..., 0]  # [B*T, n]
-    query = _item_queries(ctx, lm, lm.config.video_token_id, torch.full((B,), _video_counts(ctx, lm, T)[1]))
+    query = _item_queries(ctx, lm, lm.config.video_token_id, torch.full((B,), keep + newline.shape[1]))
     if ctx.time_mode == "within_frame":
         query = None if query is None else tuple(q.repeat_interleave(T, dim=0) for q in query)  # per frame
         y, state = _reduce(ctx, x.reshape(B * T, n, -1), metric, score, keep // T, 0, query=query)
@@ -734,7 +856,8 @@ def _video_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_
         y, state = _reduce(ctx, x, metric.reshape(B, T * n, -1),
                            None if score is None else score.reshape(B, T * n), keep, 0, state=state,
                            constraint=time_constraint(ctx.time_mode, ctx.window, T), query=query)
-    ctx.info.state = state
+    info.state = state
+    _record(ctx, info)
     y = torch.cat([y, newline], 1)
     out.pooler_output = y.unsqueeze(1).unbind(0) if split else y
     return out if return_dict else out.to_tuple()
@@ -745,9 +868,9 @@ def _video_features(lm: nn.Module, ctx: LlavaContext, original: Callable, pixel_
 # input embedding table (placeholders and padding left out), and it is compared with the projected visual
 # tokens: DivPrune and CDPruner measure similarity on the tokens being reduced, the LM's visual inputs, as the
 # papers do (the other methods use the feature layer's keys). So the tokens kept follow the question. The
-# prompt is held for one call: taken by a pre-hook on the inner model's forward (when pixels come with it) or
-# by ``generate()`` (which runs the tower before its first forward), and used once. Without a prompt (e.g.
-# ``get_image_features`` called alone, or ``inputs_embeds``) cdpruner is plain DPP diversity. Cost: one
+# prompt is held for one call in a per-thread slot: set by a pre-hook on the inner model's forward (when pixels
+# come with it) or by ``generate()`` (which runs the tower before its first forward), and used once. Without a
+# prompt (``get_image_features`` called alone, or ``inputs_embeds``) cdpruner is plain DPP diversity. Cost: one
 # embedding lookup of the prompt and an ``[items, N, L]`` cosine, about N * L * C multiply-adds per item
 # (LLaVA-1.5-7B, 576 tokens, a 100-token prompt, C = 4096: 0.24 GFLOP, under 0.1% of the ViT-L/336 tower).
 SELF_METRIC = ("divprune", "cdpruner")
@@ -763,33 +886,25 @@ def _check_query_options(method: str, where: str, hyper: Dict[str, Any]) -> None
                              f"{name}=")
 
 
-def _hold_prompts(model: nn.Module, lm: nn.Module, ctx: LlavaContext) -> List[Callable[[], None]]:
-    """Hold each call's prompt for cdpruner: a pre-hook on the inner model's forward, and a ``generate``
-    wrapper on the model (instance attribute). Returns the undo steps."""
-    def hook(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        pixels = [kwargs.get(name) for name in ("pixel_values", "pixel_values_videos")]
-        if ids is not None and any(p is not None for p in pixels):
-            ctx.prompt = (ids, kwargs.get("attention_mask"))
-        return None
+def _hold_prompt(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+    """Forward pre-hook on the inner model (registered once, for cdpruner): hold this call's prompt for the
+    reduction, in this thread."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is not None and any(kwargs.get(name) is not None for name in ("pixel_values", "pixel_values_videos")):
+        _CALL.prompt = (ids, kwargs.get("attention_mask"))
+    return None
 
-    undo = [lm.register_forward_pre_hook(hook, with_kwargs=True).remove]
-    if callable(getattr(model, "generate", None)) and model is not lm:
-        present, old = "generate" in model.__dict__, model.__dict__.get("generate")
-        original = model.generate
 
-        @functools.wraps(original)
-        def generate(*args, **kwargs):
-            ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-            ctx.prompt = (ids, kwargs.get("attention_mask")) if isinstance(ids, Tensor) else None
-            try:
-                return original(*args, **kwargs)
-            finally:
-                ctx.prompt = None
-
-        model.generate = generate
-        undo.append(lambda: setattr(model, "generate", old) if present else model.__dict__.pop("generate", None))
-    return undo
+def _generate_with_prompt(model: nn.Module, original: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Replacement of ``generate`` (cdpruner): hold the prompt for the vision step that runs before the first
+    forward, in this thread, for the call."""
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    outer = getattr(_CALL, "prompt", None)
+    _CALL.prompt = (ids, kwargs.get("attention_mask")) if isinstance(ids, Tensor) else None
+    try:
+        return original(*args, **kwargs)
+    finally:
+        _CALL.prompt = outer
 
 
 def _item_queries(ctx: LlavaContext, lm: nn.Module, token_id: int, counts: Tensor
@@ -800,10 +915,11 @@ def _item_queries(ctx: LlavaContext, lm: nn.Module, token_id: int, counts: Tenso
     ``counts`` ``[items]``: placeholders of each item, in order; item i's prompt row is the row of its first
     placeholder in the batch read row by row (one ``searchsorted``, no host sync). Uses the held prompt once.
     """
-    if ctx.method != "cdpruner" or ctx.prompt is None:
+    prompt = getattr(_CALL, "prompt", None)
+    if ctx.method != "cdpruner" or prompt is None:
         return None
-    ids, attention_mask = ctx.prompt
-    ctx.prompt = None
+    ids, attention_mask = prompt
+    _CALL.prompt = None
     counts = counts.to(ids.device)
     row_end = (ids == token_id).sum(1).cumsum(0)  # [B] placeholders up to the end of each row
     rows = torch.searchsorted(row_end, counts.cumsum(0) - counts, right=True).clamp_max(ids.shape[0] - 1)
@@ -835,34 +951,35 @@ def _video_counts(ctx: LlavaContext, lm: nn.Module, frames: int) -> Tuple[int, i
     return frames * n + ctx.kind.video_newline, _video_keep(ctx, frames, n) + ctx.kind.video_newline
 
 
-def _count_check(ctx: LlavaContext, lm: nn.Module) -> Callable:
-    """Forward pre-hook on the inner model: every placeholder run is a whole number of reduced images (videos)
-    of LLaVA-1.5 and the video models (transformers only compares totals). Device-side assert: no host sync on
+def _check_placeholder_runs(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+    """Forward pre-hook on the inner model (registered once, at patch time; reads the context of the model it
+    runs on, so a copy checks its own): every placeholder run is a whole number of reduced images (videos) of
+    LLaVA-1.5 and the video models (transformers only compares totals). Device-side assert: no host sync on
     GPU. Anyres images have a count per image size; their totals are checked by transformers, their split by
     ``check_placeholder_counts``."""
-    def hook(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            return None
-        checks = []
-        encoded = kwargs.get("mm_encoder_outputs") or {}  # generate() runs the tower before the prefill
-        if ctx.kind.images == "uniform" and (kwargs.get("pixel_values") is not None or encoded.get("image") is not None):
-            checks.append((lm.config.image_token_id, ctx.keep_tokens, "image"))
-        videos = kwargs.get("pixel_values_videos")
-        if ctx.kind.videos and videos is not None:
-            checks.append((lm.config.video_token_id, _video_counts(ctx, lm, videos.shape[1])[1], "video"))
-        elif ctx.kind.videos and encoded.get("video") is not None:
-            pooled = encoded["video"].pooler_output
-            count = pooled[0].flatten(0, 1).shape[0] if isinstance(pooled, (tuple, list)) else pooled.shape[1]
-            checks.append((lm.config.video_token_id, count, "video"))
-        for token_id, keep, what in checks:
-            m, pos, end = _runs(ids, token_id)
-            torch._assert_async((((pos + 1) % keep == 0) | ~end).all(),
-                                f"mmmerge.llava: a run of {what} placeholders is not a multiple of keep={keep}; "
-                                f"the processor or input_ids were made for another keep: pass processor= to "
-                                f"reduce_visual_tokens or rewrite input_ids with compact_image_tokens")
+    ctx = module.__dict__.get("_mmmerge_llava")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ctx is None or ids is None:
         return None
-    return hook
+    config = module.config
+    checks = []
+    encoded = kwargs.get("mm_encoder_outputs") or {}  # generate() runs the tower before the prefill
+    if ctx.kind.images == "uniform" and (kwargs.get("pixel_values") is not None or encoded.get("image") is not None):
+        checks.append((config.image_token_id, ctx.keep_tokens, "image"))
+    videos = kwargs.get("pixel_values_videos")
+    if ctx.kind.videos and videos is not None:
+        checks.append((config.video_token_id, _video_counts(ctx, module, videos.shape[1])[1], "video"))
+    elif ctx.kind.videos and encoded.get("video") is not None:
+        pooled = encoded["video"].pooler_output
+        count = pooled[0].flatten(0, 1).shape[0] if isinstance(pooled, (tuple, list)) else pooled.shape[1]
+        checks.append((config.video_token_id, count, "video"))
+    for token_id, keep, what in checks:
+        m, pos, end = _runs(ids, token_id)
+        torch._assert_async((((pos + 1) % keep == 0) | ~end).all(),
+                            f"mmmerge.llava: a run of {what} placeholders is not a multiple of keep={keep}; "
+                            f"the processor or input_ids were made for another keep: pass processor= to "
+                            f"reduce_visual_tokens or rewrite input_ids with compact_image_tokens")
+    return None
 
 
 def _anyres_counts(ctx: LlavaContext, lm: nn.Module, image_sizes: Any, batch_num_images: Any
@@ -1161,15 +1278,96 @@ def _where(where: str, hyper: Dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------- patch / undo
 def _context(model: nn.Module) -> LlavaContext:
-    ctx = model.__dict__.get("_mmmerge_llava")
+    ctx = _inner(model).__dict__.get("_mmmerge_llava")
     if ctx is None:
         raise ValueError(f"{type(model).__name__} is not patched: call reduce_visual_tokens(model, keep=...) first")
     return ctx
 
 
+def _context_of(lm: nn.Module) -> LlavaContext:
+    ctx = lm.__dict__.get("_mmmerge_llava")
+    if ctx is None:  # only reachable if the patch's attributes were removed by hand
+        raise RuntimeError(f"{type(lm).__name__} has a reduced feature method but no mmmerge context; call "
+                           "restore_visual_tokens(model) and patch again")
+    return ctx
+
+
+class _Replacement:
+    """A method of the inner model replaced while patched (an instance attribute; the class is untouched).
+
+    Calling it calls ``fn(owner, original, *args, **kwargs)``, ``fn`` a module-level wrapper and ``original`` the
+    model's own method. It holds only its owner, the wrapper and the method's name, so ``copy.deepcopy`` of the
+    model gives the copy a replacement bound to the copy, and pickle stores the wrapper by reference (a bound
+    method would not do: it pickles as ``getattr(owner, fn.__name__)``). Its signature is the original's:
+    ``generate()`` routes pixel inputs by it.
+    """
+
+    def __init__(self, owner: nn.Module, name: str, fn: Callable, previous: Optional[Callable] = None) -> None:
+        self.owner = owner
+        self.name = name
+        self.fn = fn
+        self.previous = previous  # an instance attribute of that name the patch replaced (restored with it)
+
+    @property
+    def original(self) -> Callable:
+        if self.previous is not None:
+            return self.previous
+        return getattr(type(self.owner), self.name).__get__(self.owner, type(self.owner))
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.original)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(self.owner, self.original, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self.name} of {type(self.owner).__name__}, reduced by mmmerge.llava ({self.fn.__name__})>"
+
+
+_HOOKS = (_check_placeholder_runs, _tower_output_hook, _projector_input_hook, _hold_prompt)  # all the patch registers
+
+
+def _remove_hooks(root: nn.Module) -> None:
+    """Remove every hook of this adapter from ``root`` and its submodules (found by function, so it works on a
+    copy, whose hook dictionaries are copies of the original's)."""
+    for module in root.modules():
+        for hooks, extras in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+                              (module._forward_hooks, (module._forward_hooks_with_kwargs,
+                                                       module._forward_hooks_always_called))):
+            for key in [k for k, fn in hooks.items() if fn in _HOOKS]:
+                del hooks[key]
+                for extra in extras:
+                    extra.pop(key, None)
+
+
+def _unpatch_model(model: nn.Module) -> None:
+    """Undo what ``reduce_visual_tokens`` installed on ``model`` (or on a copy of it): replacements, hooks, the
+    encoder patch of the tower, the attributes, and the processors patched with it (the original's only)."""
+    lm = _inner(model)
+    ctx = lm.__dict__.get("_mmmerge_llava")
+    if ctx is not None:
+        for undo in reversed(ctx.processor_undo):
+            undo()
+        ctx.processor_undo.clear()
+        if ctx.where == "vision_tower":
+            unpatch_encoder(getattr(lm.vision_tower, "vision_model", lm.vision_tower))
+    for owner in {id(model): model, id(lm): lm}.values():
+        for name, value in list(owner.__dict__.items()):
+            if isinstance(value, _Replacement) and value.owner is owner:
+                if value.previous is not None:
+                    owner.__dict__[name] = value.previous
+                else:
+                    del owner.__dict__[name]
+    _remove_hooks(lm)
+    for module in {id(model): model, id(lm): lm}.values():
+        for key in ("_mmmerge_llava", "_mmmerge", "_mmmerge_undo"):
+            module.__dict__.pop(key, None)
+
+
 def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "tome", processor: Any = None,
                          where: str = "post_projector", time_mode: str = "global", window: int = 1,
-                         prop_attn: bool = True, **hyper: Any) -> nn.Module:
+                         prop_attn: Optional[bool] = None, **hyper: Any) -> nn.Module:
     """Make a LLaVA model hand its language model fewer visual tokens per image (per video); in place.
 
     Args:
@@ -1183,11 +1381,13 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
         processor: the model's processor; patched to emit the reduced count per image (video).
         where: ``post_projector`` (default), ``pre_projector`` (LLaVA-1.5) or ``vision_tower`` (LLaVA-1.5).
         time_mode: videos: ``global``, ``within_frame``, ``adjacent``, ``window`` (``window`` frames) or ``window(k)``.
-        prop_attn: ``vision_tower`` only: proportional attention in the merged layers.
+        prop_attn: ``vision_tower`` only: proportional attention in the merged layers; default on, except for
+            ``prune`` (as in the video and audio adapters).
         **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``, random
             ``generator``, dominant ``contextual``, divprune / cdpruner ``drop_unselected``), checked now.
     Returns:
-        the model. ``restore_visual_tokens(model, processor)`` undoes everything.
+        the model. ``restore_visual_tokens(model, processor)`` undoes everything. The reduced model can be
+        deep-copied, pickled, called from several threads and compiled (see the module docstring).
     Raises:
         TypeError (unsupported model or processor, wrong option type), ValueError (bad keep, method, where,
         time_mode, option value, or a processor that does not match): checked before any change, so the model
@@ -1222,9 +1422,12 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
     else:
         _check_keep(keep, "image" if kind.images else "video")
     if where != "post_projector" and kind.name != "llava":
-        raise ValueError(f"where='{where}' is implemented for LLaVA-1.5; {type(model).__name__} reduces after the "
-                         "projector (its anyres packing and video pooling need every crop's / frame's full grid): "
-                         "use where='post_projector'")
+        # The model packs every crop's full rows x cols grid (anyres: unpadding to the aspect ratio, a newline
+        # after each row, OneVision's resampling of large grids) and pools every frame's full grid (videos):
+        # tokens merged in the tower, or before the projector, have no grid left to pack or pool.
+        raise ValueError(f"where='{where}' is implemented for LLaVA-1.5; {type(model).__name__} packs (pools) every "
+                         "crop's / frame's full token grid after the projector, so tokens cannot be merged before "
+                         "it: use where='post_projector' (the default), which reduces each image's packed tokens")
     if where == "vision_tower" and method == "dominant":
         raise ValueError("method 'dominant' selects from the tower's output: use where='post_projector'")
     ctx = LlavaContext(kind, keep, keep_tokens, method, where, layout, time_mode, window, dict(hyper))
@@ -1250,60 +1453,46 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
     if processor is not None:
         _check_processor(processor, model, kind, layout)
 
-    previous = model.__dict__.get("_mmmerge_llava")
-    if previous is not None and previous.layout == layout:  # host-side caches outlive a re-patch
+    previous = _inner(model).__dict__.get("_mmmerge_llava")
+    if previous is not None and previous.layout == layout:  # host-side memos outlive a re-patch
         ctx.image_layouts, ctx.plans = previous.image_layouts, previous.plans
+    wrappers: List[Tuple[str, Callable]] = []
+    if where != "vision_tower":
+        if kind.images == "uniform":
+            wrappers.append(("get_image_features", _image_features))
+        elif kind.images == "anyres":
+            wrappers.append(("get_image_features", _anyres_image_features))
+        if kind.videos:
+            wrappers.append(("get_video_features", _video_features))
+        ctx.select_hidden = _select_hidden(layout, getattr(type(lm), wrappers[0][0]))
     # Everything is validated: replace any previous patch, then apply; any failure undoes what was done.
     restore_visual_tokens(model)
-    undo = ctx.undo
     try:
+        lm._mmmerge_llava = ctx
         if schedule is not None:
             tower = getattr(lm.vision_tower, "vision_model", lm.vision_tower)
             grid = TokenGrid(layout.cls, (("row", layout.rows), ("col", layout.cols)))
             patch_encoder(tower, layers, grid=grid, layout=plan_layout(grid, "global"), r=schedule, method=method,
-                          options=hyper, prop_attn=prop_attn, trace_source=True, family="llava")
-            undo.append(lambda: unpatch_encoder(tower))
-        elif where != "vision_tower":
-            wrappers = []
-            if kind.images == "uniform":
-                wrappers.append(("get_image_features", _image_features))
-            elif kind.images == "anyres":
-                wrappers.append(("get_image_features", _anyres_image_features))
-            if kind.videos:
-                wrappers.append(("get_video_features", _video_features))
-            for name, wrapper in wrappers:
-                had, old = name in lm.__dict__, lm.__dict__.get(name)
-                original = getattr(lm, name)
-                # generate() reads the signature to route pixel_values: keep the original's (via __wrapped__).
-                bound = functools.wraps(original)(
-                    lambda *a, _w=wrapper, _o=original, **k: _w(lm, ctx, _o, *a, **k))
-                setattr(lm, name, bound)
-                undo.append(lambda name=name, had=had, old=old:
-                            setattr(lm, name, old) if had else lm.__dict__.pop(name, None))
-        handle = lm.register_forward_pre_hook(_count_check(ctx, lm), with_kwargs=True)
-        undo.append(handle.remove)
-        if method == "cdpruner":
-            undo += _hold_prompts(model, lm, ctx)
+                          options=hyper, prop_attn=method != "prune" if prop_attn is None else prop_attn,
+                          trace_source=True, family="llava")
+        for name, wrapper in wrappers:
+            lm.__dict__[name] = _Replacement(lm, name, wrapper, lm.__dict__.get(name))
+        if where == "pre_projector" and keep_tokens < layout.num_features:
+            lm.vision_tower.register_forward_hook(_tower_output_hook)
+            lm.multi_modal_projector.register_forward_pre_hook(_projector_input_hook)
+        lm.register_forward_pre_hook(_check_placeholder_runs, with_kwargs=True)
+        if method == "cdpruner":  # the prompt of each call is the query (see "the prompt as CDPruner's query")
+            lm.register_forward_pre_hook(_hold_prompt, with_kwargs=True)
+            if model is not lm and callable(getattr(type(model), "generate", None)):
+                model.__dict__["generate"] = _Replacement(model, "generate", _generate_with_prompt,
+                                                          model.__dict__.get("generate"))
         if processor is not None:
-            undo.append(_patch_processor(processor, ctx, lm))
-            ctx.processors.append(processor)
-
-        def restore() -> None:
-            for step in reversed(undo):
-                step()
-            undo.clear()
-            for key in ("_mmmerge_llava", "_mmmerge", "_mmmerge_undo"):
-                model.__dict__.pop(key, None)
-
-        model._mmmerge_llava = ctx
+            ctx.processor_undo.append(_patch_processor(processor, ctx, lm))
         if schedule is None:
             model._mmmerge = ctx
-        model._mmmerge_undo = restore
+        model._mmmerge_undo = functools.partial(_unpatch_model, model)  # copies and pickles with the model
     except Exception:
-        for step in reversed(undo):
-            step()
-        for key in ("_mmmerge_llava", "_mmmerge", "_mmmerge_undo"):
-            model.__dict__.pop(key, None)
+        _unpatch_model(model)
         raise
     return model
 

@@ -8,7 +8,8 @@ Each suite is a module ``benchmarks/<suite>.py`` exposing ``run(out_dir: pathlib
 order) and ``report(rows) -> str`` (markdown text). A suite whose ``run`` accepts ``progress`` gets a tqdm
 bar: it calls ``progress.reset(total=n)`` once it knows how many steps it has, then
 ``progress.update(1)`` per step (``set_postfix_str`` for what it is doing). This writes
-``<out>/<suite>.json`` (rows plus the machine), ``<out>/<suite>.md`` and the suite's plots.
+``<out>/<suite>.json`` (rows plus the machine), ``<out>/<suite>.md`` and the suite's plots, and prints the
+markdown (the table, and the suite's goals where it has them).
 """
 from __future__ import annotations
 
@@ -84,8 +85,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results/)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = parser.parse_args(argv)
-    for path in run_suite(args.suite, args.out, quick=args.quick, show_progress=not args.no_progress):
-        print(path)
+    paths = run_suite(args.suite, args.out, quick=args.quick, show_progress=not args.no_progress)
+    for path in paths:  # the suite's table (and goals), as written to <suite>.md
+        if path.suffix == ".md":
+            print(path.read_text().rstrip() + "\n")
+    print("wrote: " + ", ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ All ratios are against the unmerged model on the padded 1024-frame input, timed 
 same run (timing.SideBySide.compare: warm-up, interleaved, median of per-pair ratios against the unmerged
 runs made right next to each variant run), with a fixed thread count.
 Targets a constant r cannot reach use the engine's TargetFlops fallback, the largest KeepRatio schedule whose
-estimated FLOPs meet them (``schedule`` column). Goal (issue 4): at 50% FLOPs, efficiency
+estimated FLOPs meet them (``schedule`` column). The project's goal: at 50% FLOPs, efficiency
 (= speedup x FLOPs ratio) >= 0.85.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3, t
         info = mmmerge.last_info(model)
         rows.append({"input": label, "tokens": info.tokens_per_layer[0], "method": method, "time_mode": mode,
                      "target": target, "schedule": described,
-                     "final_tokens": info.tokens_per_layer[-1] - info.schedule[-1], "gflops": flops / 1e9,
+                     "final_tokens": info.tokens_out, "gflops": flops / 1e9,
                      "flops_ratio": flops / base_flops, **timed})
         mmmerge.unpatch(model)
         if progress is not None:

@@ -12,8 +12,8 @@ keys ``[B, N, 64]`` as the metric, and prints the matcher's time as a fraction o
 Op counts (``ops`` section): aten ops dispatched per forward of VideoMAE-base (random weights, sdpa, fp32,
 batch 1, ``trace_source=False``), unmerged and merged at ``TargetFlops(0.5)``; "extra per layer" is the
 difference divided by the merging layers. On a GPU at small batch every op is a kernel launch.
-Goals: tome global <= 45, within_frame <= 60; pitome and tps within 1.5x of tome in the same mode.
-Goal (issue 2): tome <= 10% and pitome <= 20% of a layer at N=1568, C=768 on CPU.
+The project's goals: tome <= 10% and pitome <= 20% of a layer at N=1568, C=768 on CPU; tome global <= 45 and
+within_frame <= 60 extra ops per merging layer, pitome and tps within 1.5x of tome in the same mode.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def time_rows(quick: bool = False, batch: int = 1, repeats: int = 5) -> List[Dic
     return rows
 
 
-# Issue 2's goals: matcher + merge as a fraction of one layer at N=1568, C=768 (CPU).
+# The project's goals: matcher + merge as a fraction of one layer at N=1568, C=768 (CPU).
 GOALS = {"tome": 0.10, "pitome": 0.20}
 
 

@@ -215,7 +215,8 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
 
 
 def _reduction_rows(work: Workload, keeps, quick, repeats, info) -> List[Dict[str, object]]:
-    """Cost of the reduction itself against one vision-tower forward (with the hidden states LLaVA asks for)."""
+    """Cost of the reduction itself (the feature layer's keys and score, recomputed from its input, and the
+    engine's reduction) against one vision-tower forward (with the hidden states LLaVA asks for)."""
     rows: List[Dict[str, object]] = []
     model = work.model
     llava.restore_visual_tokens(model)
@@ -225,9 +226,7 @@ def _reduction_rows(work: Workload, keeps, quick, repeats, info) -> List[Dict[st
     pixels = work.pixels["pixel_values"]
     pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # NeXT: every tile is one tower input
     kind = llava._kind(model)
-    with llava._Capture(lm, layout, True) as cap:
-        out = tower(pixels, output_hidden_states=True)
-    items = pixels.shape[0]
+    out = tower(pixels, output_hidden_states=True)
     d = layout.drop
     x = out.hidden_states[layout.feature_layers[0]][:, d:]
     methods = ("tome", "pitome", "tps", "dominant") if not quick else ("tome", "dominant")
@@ -242,13 +241,13 @@ def _reduction_rows(work: Workload, keeps, quick, repeats, info) -> List[Dict[st
                 tokens = torch.cat(list(lm.get_image_features(**work.pixels).pooler_output))
 
                 def reduce(ctx=ctx, plan=plan, tokens=tokens, scored=scored):
-                    keys, score = cap.keys_and_scores(items, scored)
+                    keys, score = llava._keys_and_scores(lm, layout, out.hidden_states, scored)
                     metric = keys[:, d:].flatten(0, 1)[plan.origin]
                     score = None if score is None else score[:, d:].flatten()[plan.origin]
                     return llava._reduce_ragged(ctx, tokens, metric, score, plan)
             else:
                 def reduce(ctx=ctx, keep=keep, scored=scored):
-                    keys, score = cap.keys_and_scores(items, scored)
+                    keys, score = llava._keys_and_scores(lm, layout, out.hidden_states, scored)
                     return llava._reduce(ctx, x, keys[:, d:], None if score is None else score[:, d:], keep,
                                          layout.protected)
             fns[f"{method}_{keep}"] = reduce

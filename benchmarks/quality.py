@@ -21,7 +21,6 @@ one panel per time mode, one line per method.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -30,7 +29,7 @@ import torch
 import mmmerge
 
 from . import results
-from .timing import SideBySide, machine
+from .timing import SideBySide
 
 MODELS = ("videomae", "vivit", "ast")
 # Reference models of other tasks than the order tasks (``benchmarks.time_quality`` sweeps them).
@@ -171,7 +170,7 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, progress: Any = Non
             flops = mmmerge.count_flops(model, **{key: x[:1]})
             torch.manual_seed(0)
             seconds = timer.measure(lambda: model(**{key: x_time}), 1 if quick else 3)
-            row.update({"r": info.schedule[0], "final_tokens": info.tokens_per_layer[-1] - info.schedule[-1],
+            row.update({"r": info.schedule[0], "final_tokens": info.tokens_out,
                         "gflops": flops / 1e9, "flops_ratio": flops / base_flops,
                         **compare(logits, base_logits, labels), "ms": seconds * 1e3})
             mmmerge.unpatch(model)

@@ -8,7 +8,7 @@ For each model: GFLOPs (torch's counter via mmmerge.count_flops) and wall time o
 for tome in every time mode over a sweep of FLOPs targets, and for every method at 50% FLOPs.
 Each row's speedup is the median of per-pair ratios against unmerged runs interleaved with its own
 (timing.SideBySide.compare), so load changing during the run cancels out.
-Goal (issue 3): at 50% of the baseline FLOPs, speedup >= 0.85x the FLOPs ratio (about 1.7x).
+The project's goal: at 50% of the baseline FLOPs, speedup >= 0.85x the FLOPs ratio (about 1.7x).
 """
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3,
                 timed = timer.compare(lambda: model(pixel_values=x), 2 if quick else repeats)
                 info = mmmerge.last_info(model)
                 rows.append({"model": name, "tokens": layout.num_tokens, "method": method, "time_mode": mode,
-                             "target": fraction, "r": info.schedule[0], "final_tokens": info.tokens_per_layer[-1]
-                             - info.schedule[-1], "gflops": flops / 1e9, "flops_ratio": flops / base_flops, **timed})
+                             "target": fraction, "r": info.schedule[0], "final_tokens": info.tokens_out,
+                             "gflops": flops / 1e9, "flops_ratio": flops / base_flops, **timed})
                 mmmerge.unpatch(model)
                 if progress is not None:
                     progress.update(1)

@@ -1,27 +1,33 @@
-"""Tag an audio clip with AST, with and without token merging, and show what merging bought.
+"""Tag audio with AST, with and without token merging, and tag a long recording window by window.
 
     python examples/audio_tagging.py                        # offline demo (see below)
     python examples/audio_tagging.py --model MIT/ast-finetuned-audioset-10-10-0.4593 --audio dog.wav \\
         --flops 0.5 --method tome --time-mode adjacent --visualize merged.png
 
-Prints the top-5 tags of the unmerged model (input padded to 10.24 s, as transformers runs it) and of
-the merged model (padded columns dropped, then tokens merged to ``--flops`` of the remaining FLOPs),
-the tokens each layer sees, GFLOPs (torch.utils.flop_counter, via mmmerge.count_flops) and the
-wall-clock speedup measured side by side; with ``--columns`` also per-time-column scores of the top tag.
+Part 1, a short clip: prints the top-5 tags of the unmerged model (input padded to 10.24 s, as transformers
+runs it) and of the merged model (padded columns dropped, then tokens merged to ``--flops`` of the remaining
+FLOPs), the tokens each layer sees, GFLOPs (torch.utils.flop_counter, via mmmerge.count_flops) and the
+wall-clock speedup (the two models run alternately; median of the per-pair ratios); with ``--columns`` also
+per-time-column scores of the top tag.
+
+Part 2, a long recording (``--long-seconds``, default 30 s; or ``--audio`` when it is longer than the model's
+10.24 s): ``audio.tag_windows`` runs the merged model on windows of 10.24 s, half a window apart (``--hop``),
+the last window's padding dropped, and prints each window's top tag and a per-second timeline of the
+recording's top tag.
 
 With no --model it runs offline: AST-base is built from its config with RANDOM weights (so its tags
-mean nothing; the token counts, FLOPs and speedup are real), and with no --audio it writes a short
-synthetic clip (tone, chirp and noise bursts) with soundfile and reads it back with load_audio.
+mean nothing; the token counts, FLOPs and speedup are real), and with no --audio it writes synthetic clips
+(tones, chirps and noise bursts) with soundfile and reads them back with load_audio.
+
+Needs the audio extra (soundfile, torchaudio): pip install -e ".[audio]".
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import math
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -29,16 +35,23 @@ import torch
 
 import mmmerge
 from mmmerge.adapters import audio
+from mmmerge.extras import require
+
+REPO = Path(__file__).resolve().parent.parent
+PROG = Path(__file__).name
 
 
-def write_sample_clip(path: Path, seconds: float = 4.0, rate: int = 22050) -> Path:
-    """A clip with a steady 440 Hz tone, a rising chirp and three noise bursts, written as WAV."""
-    import soundfile as sf
+class InputError(Exception):
+    """Bad input found before any model runs: printed as one line, exit status 2."""
 
+
+def write_sample_clip(path: Path, seconds: float = 4.0, rate: int = 22050, seed: int = 0) -> Path:
+    """A clip with a steady 440 Hz tone, a rising chirp and noise bursts every 1.3 s, written as WAV."""
+    sf = require("soundfile", "the example's generated clip")
     t = torch.arange(int(seconds * rate)) / rate
     tone = 0.2 * torch.sin(2 * math.pi * 440 * t)
-    chirp = 0.2 * torch.sin(2 * math.pi * (200 * t + 400 * t ** 2))
-    noise = 0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
+    chirp = 0.2 * torch.sin(2 * math.pi * (200 * t + 400 * (t % 4.0) ** 2))  # rises again every 4 s
+    noise = 0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(seed))
     bursts = ((t % 1.3) < 0.15).float() * noise
     sf.write(str(path), (tone + chirp + bursts).numpy(), rate)
     return path
@@ -76,22 +89,58 @@ def run_and_count(model, x: torch.Tensor) -> Tuple[torch.Tensor, float]:
     return seen["logits"], flops / 1e9
 
 
-def time_all(fns: List, repeats: int) -> List[float]:
-    """Median seconds of each callable, measured interleaved (callers warm them up first)."""
-    times: List[List[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, times):
-            start = time.perf_counter()
-            with torch.no_grad():
-                fn()
-            out.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+def side_by_side():
+    """benchmarks.timing.SideBySide: the project's interleaved timer (median of per-pair ratios)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks.timing import SideBySide
+
+    return SideBySide
 
 
 def top5(logits: torch.Tensor, labels: Dict[int, str]) -> List[str]:
     probs = logits.sigmoid()[0]  # AudioSet tagging is multi-label
     values, indices = probs.topk(min(5, probs.numel()))
     return [f"{labels.get(int(i), str(int(i)))} ({float(p):.3f})" for p, i in zip(values, indices)]
+
+
+def read_audio(args, tmp: Path) -> Tuple[torch.Tensor, int, str, torch.Tensor, str]:
+    """The short clip and the long recording (waveforms at 16 kHz) with their descriptions.
+
+    Raises InputError (one line) for a missing, unreadable or damaged ``--audio``.
+    """
+    try:
+        if args.audio:
+            waveform, rate = audio.load_audio(args.audio)
+        else:
+            waveform, rate = audio.load_audio(write_sample_clip(tmp / "sample.wav"))
+        long_wave, long_what = None, ""
+        if args.audio and waveform.shape[0] / rate > 10.24:
+            long_wave, long_what = waveform, f"{args.audio}, {waveform.shape[0] / rate:.1f} s"
+        elif args.long_seconds > 0:
+            long_wave, _ = audio.load_audio(write_sample_clip(tmp / "long.wav", args.long_seconds, seed=1))
+            long_what = f"a generated {args.long_seconds:g} s recording (tone, rising chirps, noise bursts)"
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise InputError(f"--audio {args.audio}: {err}" if args.audio else str(err)) from None
+    what = f"{args.audio}" if args.audio else "a generated 4 s sample clip"
+    return waveform, rate, what, long_wave, long_what
+
+
+def check_args(args) -> None:
+    """Option values, checked before anything loads."""
+    if args.flops is not None and not 0 < args.flops <= 1:
+        raise InputError(f"--flops must be a fraction of the unmerged FLOPs in (0, 1], got {args.flops}")
+    if args.r is not None and args.r < 0:
+        raise InputError(f"--r must be >= 0, got {args.r}")
+    for name in ("repeats", "threads"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.long_seconds < 0 or not math.isfinite(args.long_seconds):
+        raise InputError(f"--long-seconds must be >= 0 (0 skips part 2), got {args.long_seconds}")
+    if not 0 < args.hop <= 10.24:
+        raise InputError(f"--hop must be in (0, 10.24] seconds, got {args.hop}")
+    if args.audio and not Path(args.audio).is_file():
+        raise InputError(f"--audio {args.audio}: no such file")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -107,54 +156,67 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--within-band", action="store_true", help="also never merge across frequency bands")
     parser.add_argument("--keep-padding", action="store_true", help="mark padded columns invalid, do not drop them")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per model (median is reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed (merged, unmerged) pairs (the median ratio is reported)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared CPU the steadiest ratio)")
     parser.add_argument("--columns", action="store_true", help="print per-time-column scores of the top tag")
+    parser.add_argument("--long-seconds", type=float, default=30.0,
+                        help="length of the generated long recording for part 2 (0 skips it)")
+    parser.add_argument("--hop", type=float, default=5.12, help="seconds between window starts in part 2")
     parser.add_argument("--visualize", metavar="PNG", help="save a picture of the merged groups")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    except InputError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    check_args(args)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        waveform, rate, what, long_wave, long_what = read_audio(args, Path(tmp))
 
     model, described = load_model(args.model, args.attn)
     config = model.config
     print(f"model: {described}")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.audio) if args.audio else write_sample_clip(Path(tmp) / "sample.wav")
-        try:
-            waveform, rate = audio.load_audio(path)
-        except (FileNotFoundError, ValueError) as err:
-            parser.error(f"--audio: {err}")
+    window = 400 + (config.max_length - 1) * 160  # samples of exactly max_length frames (the model's 10.24 s)
+    clip = waveform[:window]  # part 1 tags the first window; part 2 the whole recording
     mean, std = normalisation(args.model)
-    x, lengths = audio.features(waveform, rate, num_mel_bins=config.num_mel_bins, max_length=config.max_length,
+    x, lengths = audio.features(clip, rate, num_mel_bins=config.num_mel_bins, max_length=config.max_length,
                                 mean=mean, std=std)
-    print(f"audio: {'generated sample clip' if not args.audio else path}, {waveform.shape[0] / rate:.2f} s "
-          f"-> {int(lengths[0])} of {config.max_length} frames real")
+    first = " (its first window)" if clip.shape[0] < waveform.shape[0] else ""
+    print(f"audio: {what}{first}, {clip.shape[0] / rate:.2f} s -> {int(lengths[0])} of {config.max_length} "
+          "frames real")
     labels = {int(k): v for k, v in (config.id2label or {}).items()}
 
     unmerged = copy.deepcopy(model)  # timed side by side with the patched model
     spec = args.r if args.r is not None else mmmerge.TargetFlops(args.flops if args.flops is not None else 0.5)
     try:  # patch validates everything first (infeasible r, unknown time mode) and leaves the model as it was
         time_mode = f"window({args.window})" if args.time_mode == "window" else args.time_mode
-        audio.patch(model, r=spec, method=args.method, time_mode=time_mode, within_band=args.within_band, lengths=lengths, drop_padding=not args.keep_padding,
-                    trace_source=bool(args.visualize or args.columns))
-    except ValueError as err:
-        parser.error(str(err))
+        audio.patch(model, r=spec, method=args.method, time_mode=time_mode, within_band=args.within_band,
+                    lengths=lengths, drop_padding=not args.keep_padding, trace_source=True)
+    except (ValueError, TypeError) as err:
+        raise InputError(str(err)) from None
     with torch.no_grad():
         base_logits, base_gflops = run_and_count(unmerged, x)
         merged_logits, merged_gflops = run_and_count(model, x)
         info = mmmerge.last_info(model)
-        t_base, t_merged = time_all([lambda: unmerged(input_values=x), lambda: model(input_values=x)], args.repeats)
+        timing = side_by_side()(lambda: unmerged(input_values=x)).compare(lambda: model(input_values=x), args.repeats)
 
-    print(f"\nmerging: method={args.method} time_mode={args.time_mode} within_band={args.within_band} "
+    print(f"\nmerging: method={args.method} time_mode={time_mode} within_band={args.within_band} "
           f"padding={'kept (invalid)' if args.keep_padding else 'dropped'}; r per layer={info.schedule}")
     print(f"tokens per layer: {info.tokens_per_layer}")
     print(f"\n{'':10}{'unmerged (padded input)':>44}{'merged':>44}")
     for i, (a, b) in enumerate(zip(top5(base_logits, labels), top5(merged_logits, labels))):
         print(f"top-{i + 1:<6}{a:>44}{b:>44}")
-    print(f"\nGFLOPs: {base_gflops:.1f} -> {merged_gflops:.1f} ({merged_gflops / base_gflops:.0%} of unmerged)")
-    print(f"time:   {t_base * 1e3:.0f} ms -> {t_merged * 1e3:.0f} ms, speedup {t_base / t_merged:.2f}x (median of "
-          f"{args.repeats}, side by side, {torch.get_num_threads()} threads; the CPU may be shared, so it is noisy)")
     print(f"top-1 unchanged: {int(base_logits.argmax()) == int(merged_logits.argmax())}")
+    print(f"\nGFLOPs: {base_gflops:.1f} -> {merged_gflops:.1f} ({merged_gflops / base_gflops:.0%} of unmerged)")
+    print(f"timed: forward passes on this one clip, merged and unmerged alternately, {args.repeats} pairs after one "
+          f"warm-up each, {torch.get_num_threads()} torch thread(s)")
+    print(f"speedup {timing['speedup']:.2f}x (median of the {args.repeats} per-pair ratios); median time "
+          f"{timing['base_ms']:.0f} ms -> {timing['ms']:.0f} ms (absolute times vary with the machine's load)")
     if args.columns:
         with torch.no_grad():
             _, columns = audio.column_logits(model, x)
@@ -163,11 +225,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         scores = columns[0, :, top].sigmoid()
         print(f"\nper-column score of '{labels.get(top, top)}':")
         print("  ".join(f"{float(s[0]):.1f}s:{float(v):.2f}" for s, v in zip(seconds, scores)))
-    if args.model is None:
-        print("note: random weights, so the tags above are meaningless; token counts, FLOPs and speed are real.")
     if args.visualize:
         audio.visualize(x[0], info, model=model).save(args.visualize)
         print(f"saved the merged groups to {args.visualize}")
+
+    if long_wave is not None:
+        tags = audio.tag_windows(model, long_wave, 16000, hop_seconds=args.hop, mean=mean, std=std)
+        last, full = int(tags.columns[-1]), audio.ast_layout(model).full_columns
+        if int(tags.lengths[-1]) == config.max_length:
+            ending = "every window is full"
+        elif last < full:
+            ending = (f"the last holds {int(tags.lengths[-1]) * 0.01:.2f} s, and its encoder saw {last} of {full} "
+                      f"columns ({tags.tokens_per_layer[-1][0]} tokens: its padding dropped)")
+        else:
+            ending = f"the last holds {int(tags.lengths[-1]) * 0.01:.2f} s; its padded columns stay, never merged"
+        print(f"\nlong recording: {long_what}")
+        print(f"audio.tag_windows: {len(tags.starts)} windows of {tags.window_seconds:.2f} s, {tags.hop_seconds:.2f} s "
+              f"apart, through the merged model; {ending}")
+        for start, window_logits, tokens in zip(tags.starts, tags.logits, tags.tokens_per_layer):
+            top = int(window_logits.argmax())
+            print(f"  window at {float(start):5.2f} s: top tag {labels.get(top, top)} "
+                  f"({float(window_logits[top].sigmoid()):.3f}); tokens per layer {tokens[0]} -> {tokens[-1]}")
+        top = int(tags.scores.argmax())
+        print(f"recording's top tag: {labels.get(top, top)} ({float(tags.scores[top]):.3f}); its score per second:")
+        print("  ".join(f"{s}s:{float(v):.2f}" for s, v in enumerate(tags.timeline[:, top])))
+    if args.model is None:
+        print("note: random weights, so the tags above are meaningless; token counts, FLOPs and speed are real.")
     mmmerge.unpatch(model)
     return 0
 

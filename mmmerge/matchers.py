@@ -6,18 +6,20 @@ constraint, the partition or the padding rule forbid score -inf before any argma
 can merge. Every step's shapes depend only on ``r`` and the token count, never on data, and a step
 within ``step_limit`` always succeeds (for every input, NaN included): nothing is checked on device.
 
-    tome    ToMe bipartite soft matching (Bolya et al., ICLR 2023)
-    pitome  PiToMe energy-score merging (Tran et al., NeurIPS 2024)
-    tps     prune-and-squeeze (Wei et al., CVPR 2023)
-    random  bipartite merging on random scores (baseline)
-    prune   drop the least important tokens' values (baseline)
-    none    never merges (r must be 0)
+    tome      ToMe bipartite soft matching (Bolya et al., ICLR 2023)
+    pitome    PiToMe energy-score merging (Tran et al., NeurIPS 2024)
+    tps       prune-and-squeeze (Wei et al., CVPR 2023)
+    random    bipartite merging on random scores (baseline)
+    prune     drop the least important tokens' values (baseline)
+    dominant  VisionZip-style: keep the most important tokens, merge the rest into a few (Yang et al., 2025)
+    none      never merges (r must be 0)
 
-Why a step always succeeds. Tokens are kept in the order of their representatives (``merge.py``), so
-the tokens of one clique (``constraints.py``) sit in runs of consecutive positions. A run of m >= 2
-tokens holds at least floor(m / 2) A tokens (even positions), each with an allowed B in the run, which
-bounds what a bipartite step can always remove; the select-style matchers keep one anchor (the best
-token) per clique, so every removed token has an allowed host among the kept ones.
+Why a step always succeeds. Tokens are kept in the order of their representatives (``merge.py``), and each
+rule guarantees, for every input, at most ``runs`` runs of consecutive tokens in which neighbours may merge
+and at most ``cliques`` sets of mutually mergeable tokens (``constraints.py``). A run of m >= 2 tokens holds
+at least floor(m / 2) A tokens (even positions) with an allowed B neighbour, which bounds what a bipartite
+step can always remove; the select-style matchers keep one anchor (the best token) per clique, so every
+removed token has an allowed host among the kept ones.
 """
 from __future__ import annotations
 
@@ -164,7 +166,7 @@ def energy_score(m: Tensor, margin: float, alpha: float = 1.0, shift: bool = Fal
     if shift:
         f = F.elu(sim - margin, alpha=alpha)
     else:
-        negative = torch.expm1(sim - margin)
+        negative = torch.exp(sim - margin) - 1.0  # (expm1 is one op less but much slower on CPU)
         f = torch.where(sim >= margin, sim, negative if alpha == 1.0 else alpha * negative)
     if valid is None:
         return f.mean(-1)

@@ -54,6 +54,9 @@ def last_info(model: nn.Module):
     if patch_spec(model) is not None:
         return merge_info(model)
     ctx = model.__dict__.get("_mmmerge")  # the LLaVA adapter keeps its own record
-    if ctx is None or not hasattr(ctx, "info"):
-        raise ValueError(f"{type(model).__name__} is not patched by mmmerge; call mmmerge.patch(model, ...) first")
-    return ctx.info
+    if ctx is not None and hasattr(ctx, "info"):
+        return ctx.info
+    for module in model.modules():  # an encoder patched inside the model (LLaVA's where="vision_tower")
+        if patch_spec(module) is not None:
+            return merge_info(module)
+    raise ValueError(f"{type(model).__name__} is not patched by mmmerge; call mmmerge.patch(model, ...) first")

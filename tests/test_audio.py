@@ -13,7 +13,7 @@ from transformers import (ASTConfig, ASTFeatureExtractor, ASTForAudioClassificat
 import mmmerge
 from mmmerge import KeepRatio, TargetFlops
 from mmmerge.adapters import audio
-from mmmerge.adapters.encoder import MergingLayer, encoder_layers
+from mmmerge.adapters.encoder import MergingLayer
 
 from helpers import untouched
 

@@ -167,8 +167,7 @@ def test_fraction_keep_and_vision_tower_counts():
     ids = prompt(3, "img", 4, per_image=N // 2)
     logits(model, input_ids=ids, pixel_values=pixels(1))
     assert seen[-1].shape[1] == 2 + N // 2
-    tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
-    assert mmmerge.last_info(tower).tokens_per_layer == [
+    assert mmmerge.last_info(model).tokens_per_layer == [
         N + 1, N + 1 - 11, N + 1 - 22, N + 1 - 32, N + 1 - 32]
 
 

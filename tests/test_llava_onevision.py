@@ -140,7 +140,7 @@ def test_resampled_grids_keep_their_counts():
 
 def test_score_without_cls_is_the_mean_attention_received_and_no_eager(monkeypatch):
     """SigLIP has no [CLS]: tps/prune/dominant rank tokens by the mean attention each receives in the feature
-    layer, computed from the captured projections; the tower keeps sdpa and eager never runs."""
+    layer, computed from the layer's own projections of its input; the tower keeps sdpa and eager never runs."""
     eager_calls = []
     original = modeling_siglip.eager_attention_forward
     monkeypatch.setattr(modeling_siglip, "eager_attention_forward",
@@ -149,9 +149,9 @@ def test_score_without_cls_is_the_mean_attention_received_and_no_eager(monkeypat
     lm = model.model
     layout = llava._layout(lm)
     pv = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
-    with torch.no_grad(), llava._Capture(lm, layout, True) as cap:
-        lm.vision_tower(pv)
-        _, score = cap.keys_and_scores(3)
+    with torch.no_grad():
+        hidden = lm.vision_tower(pv, output_hidden_states=True).hidden_states
+        _, score = llava._keys_and_scores(lm, layout, hidden, True)
     assert lm.vision_tower.config._attn_implementation == "sdpa" and eager_calls == []
     eager = copy.deepcopy(lm.vision_tower)
     eager.set_attn_implementation("eager")

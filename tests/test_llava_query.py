@@ -83,7 +83,7 @@ def test_generate_passes_the_prompt_too():
     assert out.shape == (2, ids.shape[1] + 2)
     source = mmmerge.last_info(model).state.source
     assert not torch.equal(source[0], source[1])  # the two prompts kept different tokens
-    assert model._mmmerge_llava.prompt is None  # held for the one call only
+    assert getattr(llava._CALL, "prompt", None) is None  # held for the one call only (this thread's slot)
 
 
 def test_padding_and_placeholders_are_not_part_of_the_query():
@@ -109,14 +109,14 @@ def test_several_images_per_prompt_get_their_own_prompt():
     rows = [[1] + [IMAGE] * keep + [IMAGE] * keep + [10, 3], [PAD] * keep + [1] + [IMAGE] * keep + [11, 3]]
     ids = torch.tensor(rows)
     mask = (ids != PAD).long()
-    ctx = model._mmmerge_llava
-    ctx.prompt = (ids, mask)
+    ctx = model.model._mmmerge_llava
+    llava._CALL.prompt = (ids, mask)  # this thread's held prompt, as the pre-hook sets it
     query = llava._item_queries(ctx, model.model, IMAGE, torch.full((3,), keep))
     embed = model.model.get_input_embeddings()
     assert torch.equal(query[0][0], embed(ids[0])) and torch.equal(query[0][1], embed(ids[0]))
     assert torch.equal(query[0][2], embed(ids[1]))
     assert query[1][0].sum() == 3 and query[1][2].sum() == 3  # <s> and the two words
-    assert ctx.prompt is None
+    assert llava._CALL.prompt is None  # used once
 
 
 def test_without_a_prompt_cdpruner_is_plain_dpp_and_divprune_needs_none():
@@ -217,3 +217,37 @@ def test_videos_each_take_their_own_prompt(time_mode):
     together, alone = _alone_equals_batch(model, make, 2)
     assert torch.equal(together[0], alone[0][0]) and torch.equal(together[1], alone[1][0])
     assert not torch.equal(together[0], together[1])  # same video, two prompts, two choices
+
+
+def test_prompts_are_held_per_thread_and_copies_use_their_own():
+    import copy
+    import threading
+
+    model, _ = aligned_model([5, 40])
+    keep = 8
+    llava.reduce_visual_tokens(model, keep=keep, method="cdpruner")
+    calls = [prompts([[10, 3]], keep), prompts([[11, 3]], keep)]
+    with torch.no_grad():
+        alone = []
+        for ids, mask in calls:
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels(1))
+            alone.append(mmmerge.last_info(model).state.source)
+    seen = [None, None]
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(3):
+                ids, mask = calls[i]
+                model(input_ids=ids, attention_mask=mask, pixel_values=pixels(1))
+                seen[i] = mmmerge.last_info(model).state.source
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(seen[0], alone[0]) and torch.equal(seen[1], alone[1])
+    twin = copy.deepcopy(model)
+    assert twin.generate.owner is twin  # the copy's generate holds the copy's prompts
+    llava.restore_visual_tokens(twin)
+    assert "generate" not in twin.__dict__ and "generate" in model.__dict__

@@ -12,11 +12,11 @@ import torch
 from transformers import VideoMAEForVideoClassification, VideoMAEModel, VivitForVideoClassification
 
 import mmmerge
-from mmmerge import KeepRatio, TargetFlops
-from mmmerge.adapters import audio, video
-from mmmerge.adapters.encoder import MergingLayer, patch_spec
+from mmmerge import TargetFlops
+from mmmerge.adapters import audio
+from mmmerge.adapters.encoder import patch_spec
 
-from helpers import (AST_BANDS, DEVICE, clip, has_increasing_representatives, output, spectrogram, tiny_ast,
+from helpers import (DEVICE, clip, has_increasing_representatives, output, spectrogram, tiny_ast,
                      tiny_video, untouched)
 
 VIDEO_MODES = ["global", "within_frame", "adjacent", "window(2)"]
@@ -120,6 +120,17 @@ def test_compile_fullgraph_matches_eager_across_batch_sizes(method, mode):
         torch.testing.assert_close(output(compiled, x), output(model, x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_path_that_cannot_compile_says_so():
+    torch._dynamo.reset()
+    model = tiny_video(VideoMAEModel, layers=2)
+    mmmerge.patch(model, r=6, method="random", generator=torch.Generator(device=DEVICE).manual_seed(0))
+    with pytest.raises(Exception, match="'random' with a torch.Generator cannot be compiled"):
+        output(torch.compile(model, fullgraph=True, backend="eager"), clip())
+    mmmerge.patch(model, r=6, method="random")  # torch's own stream compiles
+    torch._dynamo.reset()
+    assert output(torch.compile(model, fullgraph=True, backend="eager"), clip()).shape == (2, 52, 32)
+
+
 def test_compile_with_inductor_matches_eager():
     torch._dynamo.reset()
     model = tiny_video(VivitForVideoClassification, layers=2)
@@ -198,7 +209,7 @@ def test_any_r_under_the_band_rule(r):
     band = torch.cat([torch.tensor([-1, -2]), torch.arange(24) // 8])
     for b in range(2):
         for g in range(info.size.shape[1]):
-            assert len(set(band[info.source[b] == g].tolist())) == 1
+            assert len(set(band[info.source[b].cpu() == g].tolist())) == 1
 
 
 # ------------------------------------------------------------------------------------------ feasibility
@@ -284,7 +295,7 @@ def test_output_order_keeps_representatives_in_order():
     output(model, clip())
     info = mmmerge.last_info(model)
     for b in range(2):
-        assert info.source[b, 0] == 0 and has_increasing_representatives(info.source[b], 25)
+        assert info.source[b, 0] == 0 and has_increasing_representatives(info.source[b].cpu(), 25)
 
 
 # --------------------------------------------------------------------------------------------- op counts

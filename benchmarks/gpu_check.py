@@ -1,0 +1,221 @@
+"""The prepared GPU check: one run, one JSON, within a time budget (run it through benchmarks/gpu_check.sh).
+
+    python -m benchmarks.gpu_check --out results/gpu_check.json [--budget 330] [--quick]
+
+Sections (each recorded, and skipped with the reason when the budget runs short):
+    sync       the merged forward under ``torch.cuda.set_sync_debug_mode("error")`` (VideoMAE every time mode and
+               method, AST with padding, LLaVA-1.5 and LLaVA-NeXT reductions): any host sync raises
+    videomae   VideoMAE-base (random weights, bf16, sdpa) at batch 1 and 32, unmerged vs tome TargetFlops(0.5),
+               eager and compiled (batch 1 with CUDA graphs: mode="reduce-overhead"); median of interleaved
+               per-pair ratios, absolute times from CUDA
+    llava      prefill of LLaVA-1.5-7B size (576 / 192 / 128 / 64 visual tokens) and LLaVA-NeXT-7B size
+               (2880 / 640 / 320 / 160), random weights in bf16 built on the device; the reduction's share of
+               the vision tower's time (benchmarks/llava.py)
+Goals (issue 12, 14): batch 32 eager >= 1.6x; batch 1 merged not slower than unmerged, compiled with CUDA graphs
+>= 1.3x; LLaVA prefill speedup >= 0.8 x the token ratio, reduction < 5% of the tower's time.
+``--quick`` runs every section on tiny models (CPU works too), to check the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+import mmmerge
+from mmmerge.adapters import audio, llava
+
+from .timing import machine
+
+
+class Budget:
+    """Seconds left of the run; sections ask before they start what they need."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def _cuda_seconds(fn: Callable[[], Any]) -> float:
+    if torch.cuda.is_available():
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(stop) / 1e3
+    start_t = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_t
+
+
+def paired(base: Callable[[], Any], variant: Callable[[], Any], repeats: int) -> Dict[str, float]:
+    """Interleaved pairs after two warm-ups each: medians and the median of per-pair ratios base / variant."""
+    for _ in range(2):
+        base(), variant()
+    b, v = [], []
+    for _ in range(repeats):
+        b.append(_cuda_seconds(base))
+        v.append(_cuda_seconds(variant))
+    return {"base_ms": statistics.median(b) * 1e3, "merged_ms": statistics.median(v) * 1e3,
+            "speedup": statistics.median(x / y for x, y in zip(b, v))}
+
+
+# ------------------------------------------------------------------------------------------------ sync
+@torch.no_grad()
+def sync_section(device: torch.device, quick: bool) -> List[Dict[str, Any]]:
+    """Merged forwards under sync debug mode "error": a host sync anywhere raises."""
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    rows = []
+    cfg = VideoMAEConfig(image_size=64, patch_size=16, num_frames=8, tubelet_size=2, hidden_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, num_labels=5)
+    cfg._attn_implementation = "sdpa"
+    model = VideoMAEForVideoClassification(cfg).eval().to(device, torch.bfloat16 if device.type == "cuda" else None)
+    x = torch.randn(2, 8, 3, 64, 64, device=device, dtype=next(model.parameters()).dtype)
+    checks: List[tuple] = [(m, t) for m in ("tome", "pitome", "tps", "random", "prune", "none")
+                           for t in ("global", "within_frame", "adjacent", "window(2)")]
+    for method, mode in checks:
+        options = {"generator": torch.Generator(device=device).manual_seed(0)} if method == "random" else {}
+        mmmerge.patch(model, r=0 if method == "none" else 3, method=method, time_mode=mode, **options)
+        model(pixel_values=x)  # warm-up outside the debug mode (allocator, kernels)
+        rows.append(_under_sync_debug(f"videomae {method}/{mode}", lambda: model(pixel_values=x)))
+    from transformers import ASTConfig, ASTForAudioClassification
+
+    acfg = ASTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                     max_length=256, num_mel_bins=64, num_labels=4)
+    acfg._attn_implementation = "sdpa"
+    ast = ASTForAudioClassification(acfg).eval().to(device)
+    spec = torch.randn(2, 256, 64, device=device)
+    for mode in ("global", "same_band", "adjacent"):
+        audio.patch(ast, r=3, method="tome", time_mode=mode, lengths=[256, 150], drop_padding=False)
+        ast(input_values=spec)
+        rows.append(_under_sync_debug(f"ast tome/{mode} padded", lambda: ast(input_values=spec)))
+    for size in ("quick", "next-quick"):
+        from .llava import Workload, build
+
+        lm = build(size, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        work = Workload(lm, device, next(lm.parameters()).dtype)
+        for method in ("tome", "dominant", "tps"):
+            ids = work.patch(max(work.full // 4, 8), method=method)
+            lm(input_ids=ids, **work.pixels, logits_to_keep=1)
+            rows.append(_under_sync_debug(f"llava {size} {method}",
+                                          lambda: lm(input_ids=ids, **work.pixels, logits_to_keep=1)))
+        llava.restore_visual_tokens(lm)
+    return rows
+
+
+def _under_sync_debug(name: str, fn: Callable[[], Any]) -> Dict[str, Any]:
+    if not torch.cuda.is_available():
+        fn()
+        return {"check": name, "ok": None, "note": "no CUDA: ran without the sync debug mode"}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        return {"check": name, "ok": True}
+    except Exception as err:  # the first sync raises: record it
+        torch.cuda.set_sync_debug_mode("default")
+        return {"check": name, "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+
+
+# -------------------------------------------------------------------------------------------- VideoMAE
+@torch.no_grad()
+def videomae_section(device: torch.device, budget: Budget, quick: bool, repeats: int) -> List[Dict[str, Any]]:
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    cfg = VideoMAEConfig(num_hidden_layers=6, image_size=64) if quick else VideoMAEConfig(num_labels=400)
+    cfg._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    base = VideoMAEForVideoClassification(cfg).eval().to(device, dtype)
+    merged = VideoMAEForVideoClassification(cfg).eval().to(device, dtype)
+    merged.load_state_dict(base.state_dict())
+    mmmerge.patch(merged, r=mmmerge.TargetFlops(0.5), method="tome")
+    info = mmmerge.last_info(merged)
+    rows = []
+    for batch in ((1, 2) if quick else (1, 32)):
+        x = torch.randn(batch, cfg.num_frames, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
+        flops = {"flops_ratio": mmmerge.count_flops(merged, pixel_values=x) / mmmerge.count_flops(base, pixel_values=x)}
+        row = {"model": "VideoMAE-base" if not quick else "VideoMAE (tiny)", "batch": batch, "dtype": str(dtype),
+               "schedule": info.schedule, "mode": "eager", **flops,
+               **paired(lambda: base(pixel_values=x), lambda: merged(pixel_values=x), repeats)}
+        rows.append(row)
+        mode = "reduce-overhead" if batch == 1 and device.type == "cuda" else "default"
+        if budget.left() < 200 and not quick:
+            rows.append({"batch": batch, "mode": f"compiled ({mode})", "skipped": "time budget"})
+            continue
+        try:
+            torch._dynamo.reset()
+            cb = torch.compile(base, mode=mode, fullgraph=True, dynamic=False)
+            cm = torch.compile(merged, mode=mode, fullgraph=True, dynamic=False)
+            # Clone the outputs of CUDA-graph replays so a later replay cannot overwrite what is compared.
+            rows.append({**row, "mode": f"compiled ({mode})",
+                         **paired(lambda: cb(pixel_values=x).logits.clone(), lambda: cm(pixel_values=x).logits.clone(),
+                                  repeats)})
+            torch.testing.assert_close(cm(pixel_values=x).logits.float(), merged(pixel_values=x).logits.float(),
+                                       atol=2e-2, rtol=2e-2)  # bf16: compiled equals eager
+        except Exception as err:
+            rows.append({"batch": batch, "mode": f"compiled ({mode})", "error": f"{type(err).__name__}: {err}"[:400]})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA
+def llava_section(quick: bool, repeats: int, budget: Budget) -> List[Dict[str, Any]]:
+    from . import llava as bench
+
+    rows: List[Dict[str, Any]] = []
+    for size in (("quick", "next-quick") if quick else ("7b", "next-7b")):
+        if budget.left() < 60 and not quick:
+            rows.append({"size": size, "skipped": "time budget"})
+            continue
+        try:
+            rows += bench.run(size=size, repeats=repeats, threads=None, sections=("prefill", "reduction"))
+        except Exception as err:
+            rows.append({"size": size, "error": f"{type(err).__name__}: {err}"[:400]})
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("results/gpu_check.json"))
+    parser.add_argument("--budget", type=float, default=330.0, help="seconds for all sections together")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="tiny models: check the script itself (CPU too)")
+    parser.add_argument("--sections", nargs="+", default=["sync", "videomae", "llava"],
+                        choices=["sync", "videomae", "llava"])
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    budget = Budget(args.budget)
+    result: Dict[str, Any] = {"machine": machine(), "device": torch.cuda.get_device_name() if device.type == "cuda"
+                              else "cpu", "quick": args.quick, "sections": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.sections:
+        start = time.monotonic()
+        try:
+            if name == "sync":
+                rows = sync_section(device, args.quick)
+            elif name == "videomae":
+                rows = videomae_section(device, budget, args.quick, args.repeats)
+            else:
+                rows = llava_section(args.quick, min(args.repeats, 5), budget)
+            result["sections"][name] = {"rows": rows, "seconds": time.monotonic() - start}
+        except Exception:
+            result["sections"][name] = {"error": traceback.format_exc()[-2000:], "seconds": time.monotonic() - start}
+        args.out.write_text(json.dumps(result, indent=1, default=str))  # after every section: a partial result
+        print(f"{name}: {time.monotonic() - start:.0f} s, {budget.left():.0f} s left", flush=True)
+    print(json.dumps(result, indent=1, default=str)[:6000])
+
+
+if __name__ == "__main__":
+    main()

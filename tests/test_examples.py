@@ -1,0 +1,85 @@
+"""The examples' input errors (run as users run them: subprocesses) and the benchmarks' command line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VIDEO = ROOT / "examples" / "video_classification.py"
+AUDIO = ROOT / "examples" / "audio_tagging.py"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every bad-input run, started together (each costs an interpreter with torch and transformers)."""
+    av = pytest.importorskip("av", reason="the 5-frame clip is written with PyAV (the video extra)")
+    tmp = tmp_path_factory.mktemp("examples")
+    five = tmp / "five.mp4"
+    with av.open(str(five), "w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 40 * i, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    (tmp / "text.mp4").write_text("this is not a video\n" * 50)
+    (tmp / "text.wav").write_text("this is not audio\n" * 50)
+    cases = {
+        "missing video": ([VIDEO, "--video", tmp / "missing.mp4"], "--video .*missing.mp4: no such file"),
+        "text video": ([VIDEO, "--video", tmp / "text.mp4"], "could not decode .*text.mp4.* as a video"),
+        "short video": ([VIDEO, "--video", five],
+                        "the clip has 5 frames and the model takes 8 .*: pass --num-frames 5 \\(or fewer\\)"),
+        "text audio": ([AUDIO, "--audio", tmp / "text.wav"], "could not read .*text.wav.* as audio"),
+    }
+    started = {name: (subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True), expected)
+               for name, (argv, expected) in cases.items()}
+    results = {}
+    for name, (process, expected) in started.items():
+        out, err = process.communicate(timeout=300)
+        results[name] = (process.returncode, out, err, expected)
+    return results
+
+
+@pytest.mark.parametrize("case", ["missing video", "text video", "short video", "text audio"])
+def test_bad_input_exits_with_one_clear_line(runs, case):
+    import re
+
+    code, out, err, expected = runs[case]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, err[-2000:])
+    assert "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1, err[-2000:]
+    assert re.search(expected, lines[0]) and lines[0].startswith(("video_classification.py: error:",
+                                                                  "audio_tagging.py: error:")), lines[0]
+    assert "model:" not in out  # refused before any model loaded
+
+
+def test_benchmark_cli_prints_the_table(tmp_path, monkeypatch, capsys):
+    from benchmarks import __main__ as cli
+    from benchmarks import engine
+
+    rows = [{"N": 1568, "C": 768, "r": 156, "method": m, "layer_ms": 10.0, "merge_ms": 0.3, "fraction": 0.03}
+            for m in ("tome", "pitome")]
+    monkeypatch.setattr(engine, "run", lambda out_dir, quick=False: rows)
+    cli.main(["engine", "--quick", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| N | C | r | method | layer_ms | merge_ms | fraction |" in out
+    assert "| 1568 | 768 | 156 | pitome | 10 | 0.3 | 0.03 |" in out
+    assert "goal tome <= 10% of a layer at N=1568, C=768: 3.0% (met)" in out
+    assert f"wrote: {tmp_path / 'engine.json'}, {tmp_path / 'engine.md'}" in out
+
+
+def test_benchmark_help_speaks_of_the_project_not_of_issues():
+    from benchmarks import __main__ as cli
+    from benchmarks import audio, engine, video
+
+    for module in (cli, engine, video, audio):
+        assert "issue" not in (module.__doc__ or "").lower(), module.__name__
