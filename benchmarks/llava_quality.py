@@ -63,9 +63,23 @@ def patch_method(model, keep: int, name: str) -> None:
     options = {"drop_unselected": True} if variant == "drop" else {}
     llava.reduce_visual_tokens(model, keep=keep, method=method, **options)
     if variant == "noquery":  # a pre-hook after the adapter's: forget the prompt it holds for this call
-        ctx = model._mmmerge_llava
-        handle = model.model.register_forward_pre_hook(lambda *a: setattr(ctx, "prompt", None))
-        ctx.undo.append(handle.remove)
+        model.model.register_forward_pre_hook(_forget_prompt)
+
+
+def _forget_prompt(*_) -> None:
+    from mmmerge.adapters import llava
+
+    llava._CALL.prompt = None  # the adapter's per-thread slot of this call's prompt
+
+
+def unpatch_method(model) -> None:
+    """Undo ``patch_method`` (the adapter's patch and the no-query hook)."""
+    from mmmerge.adapters import llava
+
+    llava.restore_visual_tokens(model)
+    hooks = model.model._forward_pre_hooks
+    for key in [k for k, h in hooks.items() if h is _forget_prompt]:
+        del hooks[key]
 
 
 def run(out_dir: Optional[Path] = None, quick: bool = False, progress: Any = None,
@@ -107,7 +121,7 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, progress: Any = Non
             t_ids = tasks.vqa_input_ids(question_ids[:TIME_BATCH], keep)
             torch.manual_seed(0)
             timed = timer.compare(lambda: model(input_ids=t_ids, pixel_values=t_pixels, logits_to_keep=1), repeats)
-            llava.restore_visual_tokens(model)
+            unpatch_method(model)
             rows.append({"method": method, "keep": keep, "keep_share": keep / full,
                          **scores(pred, base, answers, kinds), "ms": timed["ms"], "base_ms": timed["base_ms"],
                          "speedup": timed["speedup"]})
