@@ -144,7 +144,7 @@ def summary(rows: Sequence[Dict[str, Any]]) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
     out = [f"Keep-all: {100 * base['accuracy']:.1f}% on {base['keep']} visual tokens (colour "
            f"{100 * base['acc_colour']:.1f}%, count {100 * base['acc_count']:.1f}%, "
-           f"left {100 * base['acc_left']:.1f}%), "
+           f"left half {100 * base['acc_left']:.1f}%), "
            f"prefill {base['ms']:.1f} ms for {TIME_BATCH} prompts.\n",
            "Accuracy % (points lost against keep-all), agreement with keep-all %, measured prefill speedup:\n",
            "| method | " + " | ".join(f"keep {k} ({100 * k / base['keep']:.0f}%)" for k in keeps) + " |",

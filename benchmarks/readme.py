@@ -53,7 +53,8 @@ def quality_section(results_dir: Path, reference_dir: Path, link_prefix: str = "
         lines += ["Reference models (`benchmarks/reference/`, trained from scratch by `benchmarks/train_reference.py`):",
                   "", *trained, ""]
     lines.append(summary(rows).replace("### ", "#### "))
-    plots = sorted(p.name for p in Path(results_dir).glob("quality_*.png"))
+    models = dict.fromkeys(r["model"] for r in rows if r.get("method") == "none")
+    plots = [f"quality_{m}.png" for m in models if (Path(results_dir) / f"quality_{m}.png").is_file()]
     if plots:
         lines.append("Plots: " + ", ".join(f"[{p}]({link_prefix}{p})" for p in plots) + ". Every row: "
                      f"[{link_prefix}quality.md]({link_prefix}quality.md).")
@@ -108,7 +109,10 @@ def time_section(results_dir: Path, reference_dir: Path, link_prefix: str = "ben
         return ""
     data = json.loads(path.read_text())
     rows = results.read_json(path)
-    lines = ["### Time structure: the which-came-first video task", "", _meta_line(data.get("meta", {})), ""]
+    lines = ["### Time structure: the which-came-first video task", "", _meta_line(data.get("meta", {}))]
+    if data.get("meta", {}).get("note"):
+        lines.append(f"Note: {data['meta']['note']}")
+    lines.append("")
     names = list(dict.fromkeys(r["model"] for r in rows if r.get("method") == "none"))
     records = [line for line in (_record_line(n, reference_dir) for n in names) if line]
     if records:
