@@ -179,12 +179,39 @@ def report(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[Dict[str, Any]], out_dir: Path) -> List[Path]:
-    """Accuracy (top) and measured prefill speedup (bottom) against the visual tokens kept, one line per method."""
+    """Accuracy (left) and measured prefill speedup (right) against the visual tokens kept, one line per method
+    (variants dashed), keep-all as a star and a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     base = next(r for r in rows if r["method"] == "none")
-    sub = [r for r in rows if r["method"] != "none"]
-    return [results.plot_lines(sub, Path(out_dir) / "llava_quality.png", x="keep", y="accuracy", line="method",
-                               title="reference LLaVA: accuracy and prefill speedup vs visual tokens kept (of 144)",
-                               xlabel="visual tokens kept", reference=base, extra_panels_y=("speedup",))]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(methods):
+        pts = sorted((r["keep"], r["accuracy"], r.get("speedup")) for r in rows if r["method"] == m)
+        style = dict(color=colours[(methods.index(m.split("/")[0]) if "/" in m else i) % len(colours)],
+                     linestyle="--" if "/" in m else "-", marker="osD^vP*X"[i % 8], label=m, markersize=5)
+        axes[0].plot([p[0] for p in pts], [100 * p[1] for p in pts], **style)
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], **style)
+    for ax, y, label in ((axes[0], 100 * base["accuracy"], "held-out accuracy (%)"),
+                         (axes[1], 1.0, "prefill speedup over keep-all (x)")):
+        ax.axhline(y, color="black", linestyle=":", linewidth=1)
+        ax.plot([base["keep"]], [y], marker="*", color="black", markersize=11,
+                label="keep-all" if ax is axes[0] else None)
+        ax.set_xlabel(f"visual tokens kept (of {base['keep']})")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("reference LLaVA: every method at 11%, 22% and 33% of the visual tokens")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.83, 1))
+    path = Path(out_dir) / "llava_quality.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
 
 
 if __name__ == "__main__":
