@@ -106,10 +106,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmmerge.constraints import parse_constraint, parse_time_mode
 from mmmerge.info import MergeInfo
-from mmmerge.matchers import MATCHERS
+from mmmerge.matchers import MATCHERS, check_options
 from mmmerge.patching import register
-from mmmerge.matchers import check_options
 from mmmerge.reduce import reduce_tokens
 from mmmerge.schedule import TargetTokens, resolve_schedule
 from mmmerge.state import TokenState, init_state
@@ -118,15 +118,13 @@ from .encoder import TokenGrid, encoder_layers, layer_parts, patch_encoder, plan
 from .video import TIME_MODES
 
 
-def time_constraint(time_mode: str, window: int = 1, frames: Optional[int] = None):
-    """The engine constraint of a video time mode over ``frames`` frames (``window(k)``, or "window" and k)."""
-    from mmmerge.constraints import parse_constraint, parse_time_mode
-
-    if time_mode == "window":
-        return parse_constraint(f"window({window})", steps=None if frames is None else {"t": frames})
+def time_constraint(time_mode: str, frames: Optional[int] = None):
+    """The engine constraint of a video time mode (``global``, ``within_frame``, ``adjacent``, ``window(k)``)
+    over ``frames`` frames; the engine's time-mode parser raises for anything else."""
     mode, k = parse_time_mode(time_mode, TIME_MODES)
     spec = f"window({k})" if mode == "window" else mode
     return parse_constraint(spec, steps=None if frames is None else {"t": frames})
+
 
 KeepSpec = Union[int, float]
 METHODS = tuple(m for m in MATCHERS if m != "none")
@@ -369,7 +367,6 @@ class LlavaContext:
     where: str
     layout: Layout
     time_mode: str
-    window: int
     hyper: Dict[str, Any]
     # The hidden states to ask the tower for (the feature layers and the key layer's input), or None where
     # the model's get_*_features always returns every hidden state (transformers 5.17).
@@ -855,7 +852,7 @@ def _video_features(lm: nn.Module, original: Callable, pixel_values_videos: Tens
                            rules={"t_min": "min", "t_max": "max"})
         y, state = _reduce(ctx, x, metric.reshape(B, T * n, -1),
                            None if score is None else score.reshape(B, T * n), keep, 0, state=state,
-                           constraint=time_constraint(ctx.time_mode, ctx.window, T), query=query)
+                           constraint=time_constraint(ctx.time_mode, T), query=query)
     info.state = state
     _record(ctx, info)
     y = torch.cat([y, newline], 1)
@@ -1366,7 +1363,7 @@ def _unpatch_model(model: nn.Module) -> None:
 
 
 def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "tome", processor: Any = None,
-                         where: str = "post_projector", time_mode: str = "global", window: int = 1,
+                         where: str = "post_projector", time_mode: str = "global",
                          prop_attn: Optional[bool] = None, **hyper: Any) -> nn.Module:
     """Make a LLaVA model hand its language model fewer visual tokens per image (per video); in place.
 
@@ -1380,7 +1377,7 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
             or ``cdpruner`` (its query is each image's prompt, taken from ``forward`` / ``generate``).
         processor: the model's processor; patched to emit the reduced count per image (video).
         where: ``post_projector`` (default), ``pre_projector`` (LLaVA-1.5) or ``vision_tower`` (LLaVA-1.5).
-        time_mode: videos: ``global``, ``within_frame``, ``adjacent``, ``window`` (``window`` frames) or ``window(k)``.
+        time_mode: videos: ``global``, ``within_frame``, ``adjacent`` or ``window(k)`` (blocks of k frames).
         prop_attn: ``vision_tower`` only: proportional attention in the merged layers; default on, except for
             ``prune`` (as in the video and audio adapters).
         **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``, random
@@ -1393,6 +1390,8 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
         time_mode, option value, or a processor that does not match): checked before any change, so the model
         (and processor) are left as they were.
     """
+    if "window" in hyper:
+        raise ValueError("reduce_visual_tokens takes no option 'window'; use time_mode='window(k)'")
     if "r" in hyper:
         raise TypeError("LLaVA models take keep= (visual tokens kept per image, or a fraction such as keep=0.25), "
                         "not r= (tokens removed per encoder layer, for the video and audio encoders)")
@@ -1403,12 +1402,9 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
     device = next(lm.parameters()).device
     _check_query_options(method, where, hyper)
     _check_method_options(method, hyper, device)
-    if not isinstance(time_mode, str):
-        raise TypeError(f"time_mode must be a string such as 'adjacent' or 'window(2)', got {type(time_mode).__name__}")
-    if kind.videos:
-        if time_mode not in TIME_MODES and not time_mode.startswith("window("):
-            raise ValueError(f"unknown time_mode '{time_mode}'; choose one of {', '.join(TIME_MODES)} or 'window(k)'")
-        time_constraint(time_mode, window)
+    if kind.videos:  # the engine's parser: TypeError / ValueError naming the valid modes
+        mode, k = parse_time_mode(time_mode, TIME_MODES)
+        time_mode = f"window({k})" if mode == "window" else mode
     elif time_mode != "global":
         raise ValueError("time_mode is for video models; images have no time axis")
     if (kind.images == "anyres" or kind.videos) and not layout.square:
@@ -1430,7 +1426,7 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
                          "it: use where='post_projector' (the default), which reduces each image's packed tokens")
     if where == "vision_tower" and method == "dominant":
         raise ValueError("method 'dominant' selects from the tower's output: use where='post_projector'")
-    ctx = LlavaContext(kind, keep, keep_tokens, method, where, layout, time_mode, window, dict(hyper))
+    ctx = LlavaContext(kind, keep, keep_tokens, method, where, layout, time_mode, dict(hyper))
 
     schedule = None
     layers = _tower_layers(lm)

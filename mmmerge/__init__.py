@@ -2,7 +2,7 @@
 
 The engine (this package) knows tensors, never a model class:
     state.py        TokenState: size, source, coordinates, protected, valid
-    matchers.py     where tokens are chosen (tome, pitome, tps, random, prune)
+    matchers.py     where tokens are chosen (tome, pitome, tps, random, prune; dominant, divprune, cdpruner)
     merge.py        MergePlan and the one merge operation; unmerge
     info.py         MergeInfo: what a merged forward did (one type for every adapter)
     constraints.py  which pairs may merge: static partitions and coordinate rules; the time-mode parser
@@ -17,8 +17,8 @@ from .constraints import (Adjacent, AllOf, Constraint, Global, Partition, SameSp
                           parse_time_mode)
 from .flops import count_flops, count_ops
 from .info import MergeInfo
-from .matchers import (MATCHERS, check_options, energy_score, get_matcher, pitome, prune, random_merge, step_limit,
-                       tome, tps)
+from .matchers import (MATCHERS, cdpruner, check_options, divprune, dominant, energy_score, get_matcher, pitome, prune,
+                       random_merge, step_limit, tome, tps)
 from .merge import MergePlan, merge_state, merge_tokens, merge_weighted, unmerge
 from .patching import last_info, patch, supported_models, unpatch
 from .reduce import plan_merge, reduce_tokens
@@ -29,10 +29,10 @@ from .state import TokenState, init_state
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adjacent", "AllOf", "check_options", "Constraint", "Grouping", "layer_partitions", "Partition",
-    "parse_time_mode", "step_limit", "count_flops", "count_ops", "Global", "KeepRatio", "MATCHERS", "MergePlan", "SameSpan", "TargetFlops",
-    "TargetTokens", "TokenState", "Window", "energy_score", "get_matcher", "init_state", "last_info",
-    "MergeInfo", "merge_state", "merge_tokens", "merge_weighted", "parse_constraint", "patch", "pitome", "plan_merge",
-    "prune", "random_merge", "reduce_tokens", "resolve_schedule", "size_bias", "supported_models", "tome",
-    "tps", "transformer_layer_flops", "unmerge", "unpatch",
+    "Adjacent", "AllOf", "cdpruner", "check_options", "Constraint", "count_flops", "count_ops", "divprune",
+    "dominant", "energy_score", "get_matcher", "Global", "Grouping", "init_state", "KeepRatio", "last_info",
+    "layer_partitions", "MATCHERS", "merge_state", "merge_tokens", "merge_weighted", "MergeInfo", "MergePlan",
+    "parse_constraint", "parse_time_mode", "Partition", "patch", "pitome", "plan_merge", "prune", "random_merge",
+    "reduce_tokens", "resolve_schedule", "SameSpan", "size_bias", "step_limit", "supported_models", "TargetFlops",
+    "TargetTokens", "TokenState", "tome", "tps", "transformer_layer_flops", "unmerge", "unpatch", "Window",
 ]

@@ -583,8 +583,7 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
             10 contextual of 64 kept); ``1 <= C <= K``.
     """
     if partition is not None:
-        raise ValueError("method 'dominant' selects over all tokens at once; it takes no per-group budgets "
-                         "(use a time rule as the constraint instead)")
+        check_partitionable("dominant")
     if r == 0:
         return identity_plan(state)
     constraint = constraint or Global()
@@ -631,6 +630,14 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
 
 MATCHERS["dominant"] = dominant
 METHOD_KINDS["dominant"] = "select"
+WHOLE_SET_METHODS = frozenset({"dominant"})  # choose over all tokens at once: no per-group budgets
+
+
+def check_partitionable(method: str) -> None:
+    """Raise ValueError if ``method`` cannot share its r among static groups (per-frame / per-band budgets)."""
+    if method in WHOLE_SET_METHODS:
+        raise ValueError(f"method {method!r} selects over all tokens at once and takes no per-group budgets; "
+                         "pass group_budget=False (one budget under the same time rule) or use another method")
 
 
 # ------------------------------------------------------------------ diversity and question-aware selection

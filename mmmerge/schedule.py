@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from .constraints import Guarantee, Partition, split_budget
-from .matchers import get_matcher, group_limits, step_limit
+from .matchers import check_partitionable, get_matcher, group_limits, step_limit
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,8 @@ def validate_schedule(schedule: Sequence[int], num_tokens: int, protected: int =
     """Raise ValueError naming the first layer whose r is negative or more than it can always remove."""
     grouping = grouping or Grouping()
     _check_grouping(num_tokens, protected, grouping)
+    if grouping.sizes and any(r != 0 for r in schedule):
+        check_partitionable(method)
     walk = _Layers(num_tokens, protected, method, grouping)
     for layer, r in enumerate(schedule):
         if not isinstance(r, int) or isinstance(r, bool):
@@ -239,6 +241,9 @@ def resolve_schedule(spec: ScheduleSpec, num_layers: int, num_tokens: int, prote
         return [0] * num_layers
     grouping = grouping or Grouping()
     _check_grouping(num_tokens, protected, grouping)
+    merges_off = (isinstance(spec, int) and spec == 0) or (isinstance(spec, list) and not any(spec))
+    if grouping.sizes and not merges_off:  # before any search, so the reason is not "out of reach"
+        check_partitionable(method)
 
     if isinstance(spec, bool):
         raise TypeError("r must be an int, a (r, inflect) tuple, a list or a schedule object, not a bool")

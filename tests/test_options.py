@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mmmerge
-from mmmerge.adapters import audio, video
+from mmmerge.adapters import audio, llava, video
 
 from helpers import tiny_ast, tiny_video, untouched
 from transformers import VideoMAEModel
@@ -56,6 +56,22 @@ def test_one_time_mode_parser_gives_one_message(bad, error, message):
             patch(model, r=2, time_mode=bad)
     with pytest.raises(error, match=message):
         mmmerge.parse_time_mode(bad)
+    from test_llava import tiny_video as tiny_video_llava
+
+    model = tiny_video_llava()
+    with pytest.raises(error, match=message):  # LLaVA videos go through the same parser
+        llava.reduce_visual_tokens(model, keep=8, time_mode=bad)
+    assert not hasattr(model, "_mmmerge_llava")
+
+
+def test_a_window_is_spelled_one_way_everywhere():
+    from test_llava import tiny_video as tiny_video_llava
+
+    for model, patch in ((tiny_video(VideoMAEModel), video.patch), (tiny_ast(), audio.patch)):
+        with pytest.raises(ValueError, match=r"no option 'window'; use time_mode='window\(k\)'"):
+            patch(model, r=2, time_mode="window", window=2)
+    with pytest.raises(ValueError, match=r"no option 'window'; use time_mode='window\(k\)'"):
+        llava.reduce_visual_tokens(tiny_video_llava(), keep=8, time_mode="window", window=2)
 
 
 def test_unmerge_refuses_tokens_of_another_batch():

@@ -23,6 +23,7 @@ VIDEO_MODES = ["global", "within_frame", "adjacent", "window(2)"]
 AUDIO_MODES = [("global", {}), ("same_band", {}), ("adjacent", {}), ("window(2)", {}),
                ("adjacent", {"within_band": True}), ("window(3)", {"within_band": True})]
 METHODS = ["tome", "pitome", "tps", "random", "prune"]
+SELECTION = ["dominant", "divprune", "cdpruner"]  # keep-K selection matchers, per layer in the encoders
 
 
 # ------------------------------------------------------------------------------------ copies and pickling
@@ -108,8 +109,8 @@ def test_concurrent_forwards_equal_sequential_ones():
 
 
 # ------------------------------------------------------------------------------------------------ compile
-@pytest.mark.parametrize("method", ["tome", "pitome", "tps"])
-@pytest.mark.parametrize("mode", VIDEO_MODES)
+@pytest.mark.parametrize("method, mode", [(m, t) for m in ("tome", "pitome", "tps") for t in VIDEO_MODES]
+                         + [("divprune", "within_frame"), ("cdpruner", "window(2)"), ("dominant", "adjacent")])
 def test_compile_fullgraph_matches_eager_across_batch_sizes(method, mode):
     torch._dynamo.reset()
     model = tiny_video(VideoMAEForVideoClassification, layers=2)
@@ -154,11 +155,12 @@ def test_compile_audio_with_padding_and_band_rule():
 
 
 # ---------------------------------------------------------------------------------------- non-finite input
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + SELECTION)
 @pytest.mark.parametrize("mode", VIDEO_MODES)
 def test_a_nan_clip_gets_nan_outputs_and_leaves_its_batch_mates_alone(method, mode):
     model = tiny_video(VivitForVideoClassification)
-    mmmerge.patch(model, r=6, method=method, time_mode=mode)
+    budgets = {"group_budget": False} if method == "dominant" else {}  # dominant takes no per-group budgets
+    mmmerge.patch(model, r=6, method=method, time_mode=mode, **budgets)
     x = clip(batch=3)
     x[1, 2] = float("nan")
     out = output(model, x)
@@ -168,7 +170,7 @@ def test_a_nan_clip_gets_nan_outputs_and_leaves_its_batch_mates_alone(method, mo
         torch.testing.assert_close(out[[0, 2]], alone, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + SELECTION)
 def test_inf_and_nan_audio_never_fail(method):
     model = tiny_ast()
     audio.patch(model, r=2, method=method, time_mode="adjacent", lengths=[128, 96, 50])
@@ -214,21 +216,21 @@ def test_any_r_under_the_band_rule(r):
 
 # ------------------------------------------------------------------------------------------ feasibility
 @pytest.mark.parametrize("fraction", [0.75, 0.5, 0.35])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + SELECTION)
 def test_every_accepted_target_flops_patch_runs_video(fraction, method):
     for mode in VIDEO_MODES:
         model = tiny_video(VideoMAEModel)
         try:
             mmmerge.patch(model, r=TargetFlops(fraction), method=method, time_mode=mode, trace_source=True)
         except ValueError as err:  # refused at patch time, with the reason
-            assert "out of reach" in str(err)
+            assert "out of reach" in str(err) or "takes no per-group budgets" in str(err)
             continue
         out = output(model, clip())
         assert out.shape[1] == mmmerge.last_info(model).tokens_out
 
 
 @pytest.mark.parametrize("fraction", [0.75, 0.5, 0.35])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + SELECTION)
 def test_every_accepted_target_flops_patch_runs_audio(fraction, method):
     for mode, extra in AUDIO_MODES:
         for lengths in (None, [128, 70]):
@@ -237,7 +239,7 @@ def test_every_accepted_target_flops_patch_runs_audio(fraction, method):
                 audio.patch(model, r=TargetFlops(fraction), method=method, time_mode=mode, lengths=lengths,
                             drop_padding=False, **extra)
             except ValueError as err:
-                assert "out of reach" in str(err)
+                assert "out of reach" in str(err) or "takes no per-group budgets" in str(err)
                 continue
             assert output(model, spectrogram()).shape == (2, 4)
 
@@ -253,8 +255,23 @@ def test_infeasible_constraint_is_refused_at_patch_time_not_in_the_forward():
     assert untouched(model)
 
 
+def test_a_whole_set_method_is_refused_per_group_budgets_at_patch_time():
+    model = tiny_video(VideoMAEModel)
+    for r in (4, TargetFlops(0.5)):
+        with pytest.raises(ValueError, match="'dominant' selects over all tokens at once.*group_budget=False"):
+            mmmerge.patch(model, r=r, method="dominant", time_mode="within_frame")
+        assert untouched(model)
+    mmmerge.patch(model, r=0, method="dominant", time_mode="within_frame")  # merging off: nothing to share
+    mmmerge.patch(model, r=4, method="dominant", time_mode="within_frame", group_budget=False, trace_source=True)
+    output(model, clip())
+    frame = torch.arange(64) // 16
+    for b in range(2):  # one budget, and still no token spans two frames
+        for g in range(mmmerge.last_info(model).size.shape[1]):
+            assert len(set(frame[mmmerge.last_info(model).source[b].cpu() == g].tolist())) == 1
+
+
 # ------------------------------------------------------------------------------------ gradient checkpointing
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + SELECTION)
 def test_checkpointing_recompute_equals_the_forward(method):
     grads = []
     for checkpointing in (False, True):
