@@ -234,7 +234,8 @@ def _reduction_rows(work: Workload, keeps, quick, repeats, info) -> List[Dict[st
     for method in methods:
         scored = method in llava.SCORED
         for keep in ((keeps[3],) if quick else (keeps[2], keeps[3])):
-            ctx = llava.LlavaContext(kind, keep, keep, method, "post_projector", layout, "global", 1, {})
+            ctx = llava.LlavaContext(kind=kind, keep=keep, keep_tokens=keep, method=method, where="post_projector",
+                                     layout=layout, time_mode="global", hyper={})
             if work.next:  # the packed tokens of the image; keys and scores of its tiles, gathered to them
                 image = ctx.image_layout(lm, work.pixels["image_sizes"][0].tolist(), True, None)
                 plan = llava._ragged_plan(ctx, [image], x.device)

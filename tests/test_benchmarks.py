@@ -1,4 +1,5 @@
-"""The benchmark task generators and result writers (the benchmarks themselves are not tests)."""
+"""The benchmark task generators and result writers, and a smoke run of the LLaVA benchmark (it drives the
+adapter's internals); the benchmarks themselves are not tests."""
 from __future__ import annotations
 
 import json
@@ -192,3 +193,14 @@ def test_training_logits_are_the_models_own(name):
     assert pooled.shape == logits.shape
     if name != "videomae":
         assert not torch.allclose(pooled, logits)
+
+
+@pytest.mark.parametrize("size", ["quick", "next-quick"])
+def test_llava_benchmark_smoke_run_fills_every_table(size):
+    """The LLaVA benchmark on tiny models (seconds): it drives the adapter's internals, so it must follow them."""
+    from benchmarks import llava as llava_bench
+
+    rows = llava_bench.run(quick=True, size=size, repeats=1)
+    tables = {row["table"] for row in rows}
+    assert {"prefill", "reduction"} <= tables
+    assert all(row.get("error") is None for row in rows)
