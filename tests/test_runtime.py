@@ -223,7 +223,7 @@ def test_every_accepted_target_flops_patch_runs_video(fraction, method):
         try:
             mmmerge.patch(model, r=TargetFlops(fraction), method=method, time_mode=mode, trace_source=True)
         except ValueError as err:  # refused at patch time, with the reason
-            assert "out of reach" in str(err) or "takes no per-group budgets" in str(err)
+            assert "out of reach" in str(err) or (method == "dominant" and "no per-group budgets" in str(err))
             continue
         out = output(model, clip())
         assert out.shape[1] == mmmerge.last_info(model).tokens_out
@@ -239,7 +239,7 @@ def test_every_accepted_target_flops_patch_runs_audio(fraction, method):
                 audio.patch(model, r=TargetFlops(fraction), method=method, time_mode=mode, lengths=lengths,
                             drop_padding=False, **extra)
             except ValueError as err:
-                assert "out of reach" in str(err) or "takes no per-group budgets" in str(err)
+                assert "out of reach" in str(err) or (method == "dominant" and "no per-group budgets" in str(err))
                 continue
             assert output(model, spectrogram()).shape == (2, 4)
 
