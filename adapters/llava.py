@@ -69,9 +69,11 @@ cached per size; the image sizes are read on the host once per call (the model i
 How it is wired: the inner model's own ``get_image_features`` / ``get_video_features`` is replaced by an instance
 attribute (a ``_Replacement``: the class is untouched) that calls the original and reduces its output; the
 context (``LlavaContext``, the settings) is a plain attribute of the inner model. Every hook is a module-level
-function registered once, at patch time: a pre-hook on the inner model checks, on device
-(``torch._assert_async``), that each run of LLaVA-1.5 or video placeholders is a whole number of reduced items
-(transformers itself checks the total for every model); for ``pre_projector``, a tower hook and a projector
+function registered once, at patch time: a pre-hook on the inner model checks that each run of LLaVA-1.5 or
+video placeholders is a whole number of reduced items, with transformers' own ``torch_compilable_check`` (a
+ValueError at the call, before any work is queued: one read of a bool, as the model's own total check does
+per prefill; a hint under ``torch.compile``; never a device-side assert, which would poison a CUDA context);
+for ``pre_projector``, a tower hook and a projector
 pre-hook reduce the projector's input during that model's call in that thread (a ``threading.local`` slot the
 replacement sets for the call), and do nothing otherwise. So a reduced model:
     - copies: ``copy.deepcopy`` gives an independent reduced model (its replacements, hooks and context are its
@@ -105,6 +107,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.utils import torch_compilable_check
 
 from mmmerge.constraints import parse_constraint, parse_time_mode
 from mmmerge.info import MergeInfo
@@ -951,9 +954,9 @@ def _video_counts(ctx: LlavaContext, lm: nn.Module, frames: int) -> Tuple[int, i
 def _check_placeholder_runs(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
     """Forward pre-hook on the inner model (registered once, at patch time; reads the context of the model it
     runs on, so a copy checks its own): every placeholder run is a whole number of reduced images (videos) of
-    LLaVA-1.5 and the video models (transformers only compares totals). Device-side assert: no host sync on
-    GPU. Anyres images have a count per image size; their totals are checked by transformers, their split by
-    ``check_placeholder_counts``."""
+    LLaVA-1.5 and the video models (transformers only compares totals). Checked as transformers checks the
+    totals (``torch_compilable_check``: ValueError, one bool read on the host). Anyres images have a count per
+    image size; their totals are checked by transformers, their split by ``check_placeholder_counts``."""
     ctx = module.__dict__.get("_mmmerge_llava")
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ctx is None or ids is None:
@@ -972,10 +975,10 @@ def _check_placeholder_runs(module: nn.Module, args: Tuple[Any, ...], kwargs: Di
         checks.append((config.video_token_id, count, "video"))
     for token_id, keep, what in checks:
         m, pos, end = _runs(ids, token_id)
-        torch._assert_async((((pos + 1) % keep == 0) | ~end).all(),
-                            f"mmmerge.llava: a run of {what} placeholders is not a multiple of keep={keep}; "
-                            f"the processor or input_ids were made for another keep: pass processor= to "
-                            f"reduce_visual_tokens or rewrite input_ids with compact_image_tokens")
+        torch_compilable_check((((pos + 1) % keep == 0) | ~end).all(),
+                               f"mmmerge.llava: a run of {what} placeholders is not a multiple of keep={keep}; "
+                               f"the processor or input_ids were made for another keep: pass processor= to "
+                               f"reduce_visual_tokens or rewrite input_ids with compact_image_tokens")
     return None
 
 
