@@ -25,7 +25,7 @@ Audio (2.56 s at 16 kHz, then 128-bin AST fbank ``[B, 256, 128]``) - 8 classes =
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Callable, Dict, Iterable, Tuple
 
 import torch
 from torch import Tensor
@@ -105,25 +105,40 @@ def _box(x: Tensor, y: Tensor, w: Tensor | int, h: Tensor | int) -> Tensor:
             & (rows >= y.view(-1, 1, 1)) & (rows < (y + h).view(-1, 1, 1)))
 
 
-def render_video(p: Params) -> Tensor:
-    """Clips ``[B, T, 3, H, W]`` float32 in [-1, 1] (what ViViT / VideoMAE take as ``pixel_values``)."""
+COLOURS = {"white": (0.95, 0.95, 0.95), "red": (0.95, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.2, 0.3, 0.9),
+           "yellow": (0.95, 0.9, 0.1)}
+Cues = Callable[[int], Iterable[Tuple[Tensor, str]]]  # frame t -> (mask [B, S, S], colour) to paint on top
+
+
+def _render_scene(p: Params, cues: Cues) -> Tensor:
+    """The scene both video tasks share: grey background, a blue box, a white square moving across it, then
+    the task's cues painted on top (so the mover never hides one); plus the clip's noise. ``[B, T, 3, H, W]``
+    float32 in [-1, 1] (what ViViT / VideoMAE take as ``pixel_values``)."""
     T = VIDEO_FRAMES
     B = p["x0"].shape[0]
     frames = torch.full((B, T, 3, VIDEO_SIZE, VIDEO_SIZE), 0.15)
-    colour = {"white": (0.95, 0.95, 0.95), "red": (0.95, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.2, 0.3, 0.9)}
 
     def paint(t: int, mask: Tensor, name: str) -> None:  # mask [B, S, S]
-        rgb = torch.tensor(colour[name]).view(1, 3, 1, 1)
+        rgb = torch.tensor(COLOURS[name]).view(1, 3, 1, 1)
         frames[:, t] = torch.where(mask.unsqueeze(1), rgb, frames[:, t])
 
     box = _box(p["box_x"], p["box_y"], p["box_w"], p["box_h"])
     for t in range(T):
         paint(t, box, "blue")
         paint(t, _box(p["x0"] + p["vx"] * t, p["y0"] + p["vy"] * t, MOVER, MOVER), "white")
-        for name in ("red", "green"):  # on top: the mover never hides the order cue
-            on = (p[f"{name}_t"] <= t) & (t < p[f"{name}_t"] + FLASH_FRAMES)
-            paint(t, _box(p[f"{name}_x"], p[f"{name}_y"], FLASH, FLASH) & on.view(-1, 1, 1), name)
+        for mask, name in cues(t):
+            paint(t, mask, name)
     return ((frames + p["noise"]).clamp(0, 1) - 0.5) / 0.5
+
+
+def render_video(p: Params) -> Tensor:
+    """Clips ``[B, T, 3, H, W]`` in [-1, 1]: a red and a green flash, each for ``FLASH_FRAMES`` frames."""
+    def flashes(t: int) -> Iterable[Tuple[Tensor, str]]:
+        for name in ("red", "green"):
+            on = (p[f"{name}_t"] <= t) & (t < p[f"{name}_t"] + FLASH_FRAMES)
+            yield _box(p[f"{name}_x"], p[f"{name}_y"], FLASH, FLASH) & on.view(-1, 1, 1), name
+
+    return _render_scene(p, flashes)
 
 
 def video_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:
@@ -199,25 +214,14 @@ def reverse_when_params(p: Params) -> Params:
 
 
 def render_when(p: Params) -> Tensor:
-    """Clips ``[B, T, 3, H, W]`` float32 in [-1, 1]: both flashes yellow, each on one patch for one tubelet."""
-    T = VIDEO_FRAMES
-    B = p["x0"].shape[0]
-    frames = torch.full((B, T, 3, VIDEO_SIZE, VIDEO_SIZE), 0.15)
-    colour = {"white": (0.95, 0.95, 0.95), "yellow": (0.95, 0.9, 0.1), "blue": (0.2, 0.3, 0.9)}
-
-    def paint(t: int, mask: Tensor, name: str) -> None:  # mask [B, S, S]
-        rgb = torch.tensor(colour[name]).view(1, 3, 1, 1)
-        frames[:, t] = torch.where(mask.unsqueeze(1), rgb, frames[:, t])
-
-    box = _box(p["box_x"], p["box_y"], p["box_w"], p["box_h"])
-    for t in range(T):
-        paint(t, box, "blue")
-        paint(t, _box(p["x0"] + p["vx"] * t, p["y0"] + p["vy"] * t, MOVER, MOVER), "white")
-        for which in ("first", "second"):  # on top: the mover never hides a flash
+    """Clips ``[B, T, 3, H, W]`` in [-1, 1]: both flashes yellow, each on one patch for one tubelet."""
+    def flashes(t: int) -> Iterable[Tuple[Tensor, str]]:
+        for which in ("first", "second"):
             on = p[f"{which}_t"] == t // _WHEN_TUBELET
             cell = _box(_WHEN_PATCH * p[f"{which}_col"], _WHEN_PATCH * p[f"{which}_row"], _WHEN_PATCH, _WHEN_PATCH)
-            paint(t, cell & on.view(-1, 1, 1), "yellow")
-    return ((frames + p["noise"]).clamp(0, 1) - 0.5) / 0.5
+            yield cell & on.view(-1, 1, 1), "yellow"
+
+    return _render_scene(p, flashes)
 
 
 def when_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -235,6 +235,22 @@ def state_hash(model) -> str:
     return h.hexdigest()[:16]
 
 
+def _optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, loss: torch.Tensor) -> float:
+    """One training step of every recipe: backward, clip the gradient norm to 1, step; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
+def _log_progress(name: str, step: int, steps: int, losses: List[float], log_every: int, start: float) -> None:
+    if log_every and (step + 1) % log_every == 0:
+        recent = sum(losses[-log_every:]) / log_every
+        print(f"[{name}] step {step + 1}/{steps} loss {recent:.3f} ({time.time() - start:.0f} s)", flush=True)
+
+
 def train(recipe: Recipe, out_dir: Path, steps: Optional[int] = None, pool: Optional[int] = None,
           log_every: int = 50, eval_clips: int = 1024) -> Dict[str, object]:
     """Train ``recipe`` and save it to ``out_dir / recipe.name``; returns the training record."""
@@ -273,15 +289,8 @@ def train(recipe: Recipe, out_dir: Path, steps: Optional[int] = None, pool: Opti
         loss = torch.nn.functional.cross_entropy(logits, y_pool[idx])
         if recipe.aux_mean_pool:
             loss = loss + recipe.aux_mean_pool * torch.nn.functional.cross_entropy(pooled, y_pool[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if log_every and (step + 1) % log_every == 0:
-            recent = sum(losses[-log_every:]) / log_every
-            print(f"[{recipe.name}] step {step + 1}/{steps} loss {recent:.3f} ({time.time() - start:.0f} s)", flush=True)
+        losses.append(_optimizer_step(model, opt, sched, loss))
+        _log_progress(recipe.name, step, steps, losses, log_every, start)
     train_s = time.time() - start - data_s
     pred = predict(model, x_test, recipe.input_key)
     acc = float((pred == y_test).float().mean())
@@ -514,16 +523,8 @@ def train_llava(recipe: "LlavaRecipe", out_dir: Path, steps: Optional[int] = Non
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.stack(answers, dim=1).flatten())
         if recipe.align:
             loss = loss + recipe.align * alignment_loss(model, tokens, p["cells"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if log_every and (step + 1) % log_every == 0:
-            recent = sum(losses[-log_every:]) / log_every
-            print(f"[{recipe.name}] step {step + 1}/{steps} loss {recent:.3f} ({time.time() - start:.0f} s)",
-                  flush=True)
+        losses.append(_optimizer_step(model, opt, sched, loss))
+        _log_progress(recipe.name, step, steps, losses, log_every, start)
     train_s = time.time() - start
     held_out = vqa_report(vqa_predict(model, x_test, q_test), a_test, k_test)
     p_train = tasks.vqa_params(eval_questions, recipe.seed * 10 ** 6)  # the first training batches' seed
