@@ -350,6 +350,8 @@ class RaggedPlan:
     origin: Optional[Tensor]  # [L] tower token (over all tiles) behind each packed position, None if resampled
     lengths_out: List[int]  # tokens per image after the reduction
     items: List[Tuple[int, int]]  # (tokens in, tokens out) per image
+    counts_out: Tensor  # [images] lengths_out on the device (cdpruner's prompt rows)
+    ends_in: Tensor  # [images] cumulative packed tokens in, on the device (cdpruner's query per row group)
 
 
 @dataclass(eq=False)  # identity: one context per patched model (per copy), a key of the per-thread records
@@ -621,7 +623,7 @@ def _image_features(lm: nn.Module, original: Callable, pixel_values: Tensor, vis
         keys, score = _keys_and_scores(lm, layout, out.hidden_states, ctx.method in SCORED)
         d = layout.drop
         x = torch.stack(list(out.pooler_output))
-        query = _item_queries(ctx, lm, lm.config.image_token_id, torch.full((x.shape[0],), keep))
+        query = _item_queries(ctx, lm, lm.config.image_token_id, torch.full((x.shape[0],), keep, device=x.device))
         y, info.state = _reduce(ctx, x, keys[:, d:], None if score is None else score[:, d:], keep,
                                 layout.protected, query=query)
         out.pooler_output = list(y)
@@ -678,7 +680,9 @@ def _ragged_plan(ctx: LlavaContext, images: Sequence[ImageLayout], device: torch
         offset += image.length
     groups = [(_to_device(torch.stack(r), device), keep) for (_, keep), r in rows.items()]
     origin = _to_device(torch.cat(origins), device) if len(origins) == len(images) else None
-    plan = RaggedPlan(groups, _to_device(torch.cat(newlines), device), origin, lengths_out, items)
+    plan = RaggedPlan(groups, _to_device(torch.cat(newlines), device), origin, lengths_out, items,
+                      _to_device(torch.tensor(lengths_out), device),
+                      _to_device(torch.tensor([i.length for i in images]).cumsum(0), device))
     if len(ctx.plans) > 64:
         ctx.plans.clear()
     ctx.plans[key] = plan
@@ -765,9 +769,9 @@ def _anyres_image_features(lm: nn.Module, original: Callable, pixel_values: Tens
                                  ctx.layout.strategy, aspect))
         width = keys.shape[-1]
         metric, score = packed[:, :width].to(keys.dtype), None if score is None else packed[:, width]
-    query = _item_queries(ctx, lm, lm.config.image_token_id, torch.tensor(plan.lengths_out))
+    query = _item_queries(ctx, lm, lm.config.image_token_id, plan.counts_out)
     if query is not None:
-        query = (*query, _to_device(torch.tensor([i.length for i in images]).cumsum(0), tokens.device))
+        query = (*query, plan.ends_in)
     y, state = _reduce_ragged(ctx, tokens, metric, score, plan, query)
     total_in = sum(i.length for i in images)
     _record(ctx, MergeInfo(schedule=[total_in - y.shape[0]], tokens_per_layer=[total_in, y.shape[0]], state=state,
@@ -841,7 +845,8 @@ def _video_features(lm: nn.Module, original: Callable, pixel_values_videos: Tens
     metric = _pool_frames(ctx, lm, keys[:, d:])  # [B*T, n, c]
     if score is not None:
         score = _pool_frames(ctx, lm, score[:, d:, None])[..., 0]  # [B*T, n]
-    query = _item_queries(ctx, lm, lm.config.video_token_id, torch.full((B,), keep + newline.shape[1]))
+    query = _item_queries(ctx, lm, lm.config.video_token_id,
+                          torch.full((B,), keep + newline.shape[1], device=x.device))
     if ctx.time_mode == "within_frame":
         query = None if query is None else tuple(q.repeat_interleave(T, dim=0) for q in query)  # per frame
         y, state = _reduce(ctx, x.reshape(B * T, n, -1), metric, score, keep // T, 0, query=query)
@@ -887,11 +892,21 @@ def _check_query_options(method: str, where: str, hyper: Dict[str, Any]) -> None
 
 
 def _hold_prompt(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-    """Forward pre-hook on the inner model (registered once, for cdpruner): hold this call's prompt for the
-    reduction, in this thread."""
+    """Forward pre-hook on the inner model (registered once, for cdpruner): hold this call's prompt for every
+    reduction of the call (its images and its videos), in this thread, until ``_release_prompt``."""
     ids = kwargs.get("input_ids", args[0] if args else None)
+    _CALL.__dict__.setdefault("prompts", []).append((id(module), getattr(_CALL, "prompt", None)))
     if ids is not None and any(kwargs.get(name) is not None for name in ("pixel_values", "pixel_values_videos")):
         _CALL.prompt = (ids, kwargs.get("attention_mask"))
+    return None
+
+
+def _release_prompt(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+    """Forward hook on the inner model (always called, also when the call raises): the prompt held before
+    this call comes back, so no later call of this thread sees this one's."""
+    held = getattr(_CALL, "prompts", None)
+    if held and held[-1][0] == id(module):  # a pre-hook that raised first never held one
+        _CALL.prompt = held.pop()[1]
     return None
 
 
@@ -913,14 +928,14 @@ def _item_queries(ctx: LlavaContext, lm: nn.Module, token_id: int, counts: Tenso
     of the prompt row that holds the item's placeholders; None for other methods or without a prompt.
 
     ``counts`` ``[items]``: placeholders of each item, in order; item i's prompt row is the row of its first
-    placeholder in the batch read row by row (one ``searchsorted``, no host sync). Uses the held prompt once.
+    placeholder in the batch read row by row (one ``searchsorted``, no host sync), on ``ids``' device. The
+    held prompt is the call's (``_hold_prompt`` / ``generate``): the image and the video reductions of one
+    forward both read it.
     """
     prompt = getattr(_CALL, "prompt", None)
     if ctx.method != "cdpruner" or prompt is None:
         return None
     ids, attention_mask = prompt
-    _CALL.prompt = None
-    counts = counts.to(ids.device)
     row_end = (ids == token_id).sum(1).cumsum(0)  # [B] placeholders up to the end of each row
     rows = torch.searchsorted(row_end, counts.cumsum(0) - counts, right=True).clamp_max(ids.shape[0] - 1)
     text = ids != token_id
@@ -1325,7 +1340,7 @@ class _Replacement:
         return f"<{self.name} of {type(self.owner).__name__}, reduced by mmmerge.llava ({self.fn.__name__})>"
 
 
-_HOOKS = (_check_placeholder_runs, _tower_output_hook, _projector_input_hook, _hold_prompt)  # all the patch registers
+_HOOKS = (_check_placeholder_runs, _tower_output_hook, _projector_input_hook, _hold_prompt, _release_prompt)  # all the patch registers
 
 
 def _remove_hooks(root: nn.Module) -> None:
@@ -1482,6 +1497,7 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
         lm.register_forward_pre_hook(_check_placeholder_runs, with_kwargs=True)
         if method == "cdpruner":  # the prompt of each call is the query (see "the prompt as CDPruner's query")
             lm.register_forward_pre_hook(_hold_prompt, with_kwargs=True)
+            lm.register_forward_hook(_release_prompt, with_kwargs=True, always_call=True)
             if model is not lm and callable(getattr(type(model), "generate", None)):
                 model.__dict__["generate"] = _Replacement(model, "generate", _generate_with_prompt,
                                                           model.__dict__.get("generate"))
