@@ -114,10 +114,8 @@ def read_audio(args, tmp: Path) -> Tuple[torch.Tensor, int, str, torch.Tensor, s
             waveform, rate = audio.load_audio(args.audio)
         else:
             waveform, rate = audio.load_audio(write_sample_clip(tmp / "sample.wav"))
-        long_wave, long_what = None, ""
-        if args.audio and waveform.shape[0] / rate > 10.24:
-            long_wave, long_what = waveform, f"{args.audio}, {waveform.shape[0] / rate:.1f} s"
-        elif args.long_seconds > 0:
+        long_wave, long_what = None, ""  # part 2's recording when --audio fits in one window (run decides)
+        if args.long_seconds > 0:
             long_wave, _ = audio.load_audio(write_sample_clip(tmp / "long.wav", args.long_seconds, seed=1))
             long_what = f"a generated {args.long_seconds:g} s recording (tone, rising chirps, noise bursts)"
     except (FileNotFoundError, ValueError, ImportError) as err:
@@ -137,8 +135,8 @@ def check_args(args) -> None:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.long_seconds < 0 or not math.isfinite(args.long_seconds):
         raise InputError(f"--long-seconds must be >= 0 (0 skips part 2), got {args.long_seconds}")
-    if not 0 < args.hop <= 10.24:
-        raise InputError(f"--hop must be in (0, 10.24] seconds, got {args.hop}")
+    if args.hop is not None and not args.hop > 0:
+        raise InputError(f"--hop must be > 0 seconds, got {args.hop}")
     if args.audio and not Path(args.audio).is_file():
         raise InputError(f"--audio {args.audio}: no such file")
 
@@ -162,7 +160,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--columns", action="store_true", help="print per-time-column scores of the top tag")
     parser.add_argument("--long-seconds", type=float, default=30.0,
                         help="length of the generated long recording for part 2 (0 skips it)")
-    parser.add_argument("--hop", type=float, default=5.12, help="seconds between window starts in part 2")
+    parser.add_argument("--hop", type=float, default=None,
+                        help="seconds between window starts in part 2 (default: half the model's window)")
     parser.add_argument("--visualize", metavar="PNG", help="save a picture of the merged groups")
     args = parser.parse_args(argv)
     try:
@@ -172,8 +171,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+def check_hop(args) -> None:
+    """``--hop`` against the model's window (from its config alone, before any weights load)."""
+    if args.hop is None:
+        return
+    from transformers import ASTConfig, AutoConfig
+
+    config = ASTConfig() if args.model is None else AutoConfig.from_pretrained(args.model)
+    window_seconds = config.max_length * audio.HOP_SECONDS  # 10.24 s for AST-base
+    if args.hop > window_seconds:
+        raise InputError(f"--hop must be at most one window of this model ({window_seconds:g} s), got {args.hop}")
+
+
 def run(args) -> int:
     check_args(args)
+    check_hop(args)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         waveform, rate, what, long_wave, long_what = read_audio(args, Path(tmp))
@@ -181,7 +193,9 @@ def run(args) -> int:
     model, described = load_model(args.model, args.attn)
     config = model.config
     print(f"model: {described}")
-    window = 400 + (config.max_length - 1) * 160  # samples of exactly max_length frames (the model's 10.24 s)
+    window = audio.FRAME_SAMPLES + (config.max_length - 1) * audio.HOP_SAMPLES  # samples of max_length frames
+    if args.audio and waveform.shape[0] > window:  # a long --audio is part 2's recording itself
+        long_wave, long_what = waveform, f"{args.audio}, {waveform.shape[0] / rate:.1f} s"
     clip = waveform[:window]  # part 1 tags the first window; part 2 the whole recording
     mean, std = normalisation(args.model)
     x, lengths = audio.features(clip, rate, num_mel_bins=config.num_mel_bins, max_length=config.max_length,
@@ -235,10 +249,10 @@ def run(args) -> int:
         if int(tags.lengths[-1]) == config.max_length:
             ending = "every window is full"
         elif last < full:
-            ending = (f"the last holds {int(tags.lengths[-1]) * 0.01:.2f} s, and its encoder saw {last} of {full} "
+            ending = (f"the last holds {int(tags.lengths[-1]) * audio.HOP_SECONDS:.2f} s, and its encoder saw {last} of {full} "
                       f"columns ({tags.tokens_per_layer[-1][0]} tokens: its padding dropped)")
         else:
-            ending = f"the last holds {int(tags.lengths[-1]) * 0.01:.2f} s; its padded columns stay, never merged"
+            ending = f"the last holds {int(tags.lengths[-1]) * audio.HOP_SECONDS:.2f} s; its padded columns stay, never merged"
         print(f"\nlong recording: {long_what}")
         print(f"audio.tag_windows: {len(tags.starts)} windows of {tags.window_seconds:.2f} s, {tags.hop_seconds:.2f} s "
               f"apart, through the merged model; {ending}")

@@ -31,12 +31,20 @@ def runs(tmp_path_factory):
             container.mux(packet)
     (tmp / "text.mp4").write_text("this is not a video\n" * 50)
     (tmp / "text.wav").write_text("this is not audio\n" * 50)
+    from transformers import ASTConfig, ASTForAudioClassification
+
+    small = tmp / "small_ast"  # a 1.28 s window (max_length 128): the example must not assume AST-base's 10.24 s
+    ASTForAudioClassification(ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_length=128, num_labels=3)).save_pretrained(small)
     cases = {
         "missing video": ([VIDEO, "--video", tmp / "missing.mp4"], "--video .*missing.mp4: no such file"),
         "text video": ([VIDEO, "--video", tmp / "text.mp4"], "could not decode .*text.mp4.* as a video"),
         "short video": ([VIDEO, "--video", five],
                         "the clip has 5 frames and the model takes 8 .*: pass --num-frames 5 \\(or fewer\\)"),
         "text audio": ([AUDIO, "--audio", tmp / "text.wav"], "could not read .*text.wav.* as audio"),
+        "hop past the window": ([AUDIO, "--model", small, "--hop", "5.12", "--long-seconds", "3"],
+                                r"--hop must be at most one window of this model \(1.28 s\), got 5.12"),
+        "small model": ([AUDIO, "--model", small, "--long-seconds", "3", "--repeats", "1", "--flops", "0.75"], None),
     }
     started = {name: (subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True), expected)
@@ -48,7 +56,13 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("case", ["missing video", "text video", "short video", "text audio"])
+def test_the_audio_example_runs_both_parts_on_a_model_with_a_short_window(runs):
+    code, out, err, _ = runs["small model"]
+    assert code == 0, err[-2000:]
+    assert "long recording: a generated 3 s recording" in out and "speedup" in out
+
+
+@pytest.mark.parametrize("case", ["missing video", "text video", "short video", "text audio", "hop past the window"])
 def test_bad_input_exits_with_one_clear_line(runs, case):
     import re
 
