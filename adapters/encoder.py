@@ -251,7 +251,7 @@ class MergingCarry(NamedTuple):
 
 # ------------------------------------------------------------------------------------ the merging layer
 # Static tensors of a partition (group ids, selection positions, cross-group masks), made at patch time.
-_PARTITION_BUFFERS = ("ids", "ids_a", "ids_b", "block_ab", "block_pairs", "sel", "sel_a", "sel_pairs")
+_PARTITION_BUFFERS = ("ids", "ids_a", "block_ab", "block_pairs", "sel", "sel_a", "sel_pairs", "quota")
 _MERGING_CLASSES: Dict[type, type] = {}
 _lock = threading.Lock()
 
@@ -595,8 +595,8 @@ def _static_tensors(method: str, part: Partition) -> Dict[str, Tensor]:
     tensors = {"ids": ids}
     kind = METHOD_KINDS.get(method, "select")
     if kind == "bipartite":
-        tensors["ids_a"], tensors["ids_b"] = ids[0::2].clone(), ids[1::2].clone()
-        tensors["block_ab"] = tensors["ids_a"].unsqueeze(1) != tensors["ids_b"].unsqueeze(0)  # [Na, Nb] forbidden
+        tensors["ids_a"] = ids[0::2].clone()
+        tensors["block_ab"] = tensors["ids_a"].unsqueeze(1) != ids[1::2].unsqueeze(0)  # [Na, Nb] forbidden
         tensors["sel_a"] = first_positions(_a_counts(part)[0], part.budgets)
     elif kind == "pitome":
         tensors["sel_pairs"] = first_positions(part.sizes, [2 * b for b in part.budgets])
@@ -604,6 +604,7 @@ def _static_tensors(method: str, part: Partition) -> Dict[str, Tensor]:
         tensors["block_pairs"] = pair_ids.unsqueeze(1) != pair_ids.unsqueeze(0)
     else:
         tensors["sel"] = first_positions(part.sizes, part.budgets)
+        tensors["quota"] = torch.tensor(part.after())[ids]  # greedy selections: tokens each group keeps
     return tensors
 
 

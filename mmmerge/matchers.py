@@ -472,12 +472,6 @@ def get_matcher(method: str) -> Callable[..., MergePlan]:
     return MATCHERS[method]
 
 
-def max_r(method: str, mergeable: int, guarantee: Guarantee = Guarantee()) -> int:
-    """Largest r one step of ``method`` accepts for ``mergeable`` tokens (with a rule's ``guarantee``)."""
-    get_matcher(method)
-    return step_limit(method, mergeable, guarantee)
-
-
 # ------------------------------------------------------------------------------------------ options
 def _number(name: str, positive: bool = False) -> Callable[[Any], None]:
     def check(value: Any) -> None:
@@ -672,7 +666,9 @@ class _Greedy:
         self.group = None  # [M] group of each token, and per-group counts / quotas
         if partition is not None:
             self.group = partition.group_ids(device)
-            self.quota = torch.tensor(partition.after(), device=device)[self.group]  # [M] keep of own group
+            quota = partition.cache.get("quota")  # static: made at patch time by the encoders
+            self.quota = (torch.tensor(partition.after(), device=device)[self.group] if quota is None
+                          else quota.to(device))  # [M] tokens the own group keeps
             self.counts = torch.zeros(B, partition.num_groups, dtype=torch.long, device=device)
 
     def same_group(self) -> Optional[Tensor]:

@@ -14,7 +14,7 @@ from .constraints import (ConstraintSpec, Guarantee, Partition, padded_guarantee
                           split_budget)
 from .constraints import check_layout as _check_layout
 from .matchers import check_options, check_step, get_matcher, group_limits, step_limit
-from .merge import MergePlan, merge_tokens
+from .merge import MergePlan, merge_tokens, merge_weighted
 from .state import TokenState, init_state
 
 
@@ -159,6 +159,6 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
     for r in steps:
         plan = matcher(x if metric is None else metric, state, r, constraint, None, **options)
         if metric is not None:
-            metric, _ = merge_tokens(metric, state, plan)
+            metric = merge_weighted(metric, plan)  # the state is merged once, with x
         x, state = merge_tokens(x, state, plan)
     return x, state

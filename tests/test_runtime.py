@@ -270,6 +270,24 @@ def test_a_whole_set_method_is_refused_per_group_budgets_at_patch_time():
             assert len(set(frame[mmmerge.last_info(model).source[b].cpu() == g].tolist())) == 1
 
 
+@pytest.mark.parametrize("method", METHODS + ["divprune", "cdpruner"])
+def test_a_forward_builds_no_tensor_from_host_data(method, monkeypatch):
+    """Everything static is made at patch time (buffers): a forward never copies host lists to the device (on
+    CUDA a synchronising copy, and illegal while capturing a CUDA graph)."""
+    model = tiny_video(VideoMAEModel)
+    mmmerge.patch(model, r=5, method=method, time_mode="within_frame")
+    x = clip()
+    torch.manual_seed(0)  # random's draws
+    expected = output(model, x)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.tensor called in a forward")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    torch.manual_seed(0)
+    torch.testing.assert_close(output(model, x), expected, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------------------ gradient checkpointing
 @pytest.mark.parametrize("method", METHODS + SELECTION)
 def test_checkpointing_recompute_equals_the_forward(method):
