@@ -121,14 +121,6 @@ from .encoder import TokenGrid, encoder_layers, layer_parts, patch_encoder, plan
 from .video import TIME_MODES
 
 
-def time_constraint(time_mode: str, frames: Optional[int] = None):
-    """The engine constraint of a video time mode (``global``, ``within_frame``, ``adjacent``, ``window(k)``)
-    over ``frames`` frames; the engine's time-mode parser raises for anything else."""
-    mode, k = parse_time_mode(time_mode, TIME_MODES)
-    spec = f"window({k})" if mode == "window" else mode
-    return parse_constraint(spec, steps=None if frames is None else {"t": frames})
-
-
 KeepSpec = Union[int, float]
 METHODS = tuple(m for m in MATCHERS if m != "none")
 SCORED = ("tps", "prune", "dominant")  # methods that take a per-token importance score
@@ -860,7 +852,7 @@ def _video_features(lm: nn.Module, original: Callable, pixel_values_videos: Tens
                            rules={"t_min": "min", "t_max": "max"})
         y, state = _reduce(ctx, x, metric.reshape(B, T * n, -1),
                            None if score is None else score.reshape(B, T * n), keep, 0, state=state,
-                           constraint=time_constraint(ctx.time_mode, T), query=query)
+                           constraint=parse_constraint(ctx.time_mode, steps={"t": T}), query=query)
     info.state = state
     _record(ctx, info)
     y = torch.cat([y, newline], 1)

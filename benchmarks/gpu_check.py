@@ -80,8 +80,9 @@ def sync_section(device: torch.device, quick: bool) -> List[Dict[str, Any]]:
     cfg._attn_implementation = "sdpa"
     model = VideoMAEForVideoClassification(cfg).eval().to(device, torch.bfloat16 if device.type == "cuda" else None)
     x = torch.randn(2, 8, 3, 64, 64, device=device, dtype=next(model.parameters()).dtype)
-    checks: List[tuple] = [(m, t) for m in ("tome", "pitome", "tps", "random", "prune", "none")
+    checks: List[tuple] = [(m, t) for m in ("tome", "pitome", "tps", "random", "prune", "divprune", "cdpruner", "none")
                            for t in ("global", "within_frame", "adjacent", "window(2)")]
+    checks += [("dominant", t) for t in ("global", "adjacent")]  # dominant takes no per-group budgets
     for method, mode in checks:
         options = {"generator": torch.Generator(device=device).manual_seed(0)} if method == "random" else {}
         mmmerge.patch(model, r=0 if method == "none" else 3, method=method, time_mode=mode, **options)

@@ -112,3 +112,23 @@ def test_parse_constraint_names():
     assert mm.parse_constraint("same_band").axis == "f"
     with pytest.raises(ValueError, match="positive integer"):
         mm.Window(k=0)
+
+
+def test_tokens_out_of_the_rules_order_are_refused_by_the_checked_entry_points():
+    """The guarantees assume time-major tokens; plan_merge / reduce_tokens check it (adapters opt out)."""
+    frames, per_frame = 4, 4
+    sorted_t = torch.arange(frames).float().repeat_interleave(per_frame)  # t = 0 0 0 0 1 1 1 1 ...
+    rule = mm.parse_constraint("adjacent", steps={"t": frames})
+    x = torch.randn(1, frames * per_frame, 8)
+
+    def state(t):
+        return mm.init_state(1, len(t), coords={"t_min": t, "t_max": t}, rules={"t_min": "min", "t_max": "max"},
+                             trace_source=True)
+
+    mm.plan_merge(x, state(sorted_t), r=4, constraint=rule)
+    interleaved = torch.arange(frames).float().repeat(per_frame)  # t = 0 1 2 3 0 1 2 3 ...
+    with pytest.raises(ValueError, match="runs of neighbours that may merge.*sort the tokens"):
+        mm.plan_merge(x, state(interleaved), r=4, constraint=rule)
+    with pytest.raises(ValueError, match="runs of neighbours that may merge"):
+        mm.reduce_tokens(x, keep=12, constraint=rule, state=state(interleaved))
+    mm.plan_merge(x, state(interleaved), r=1, constraint=rule, check_layout=False)  # the caller vouches

@@ -171,6 +171,18 @@ def test_fraction_keep_and_vision_tower_counts():
         N + 1, N + 1 - 11, N + 1 - 22, N + 1 - 32, N + 1 - 32]
 
 
+@pytest.mark.parametrize("method, prop_attn, expected", [("tome", None, True), ("prune", None, False),
+                                                      ("prune", True, True), ("tome", False, False)])
+def test_vision_tower_prop_attn_defaults_as_the_encoders(method, prop_attn, expected):
+    """On by default, off for prune (nothing merged to weigh), as video.patch and audio.patch decide."""
+    from mmmerge.adapters.encoder import patch_spec
+
+    model = tiny_llava(layers=4)
+    llava.reduce_visual_tokens(model, keep=0.5, method=method, where="vision_tower", prop_attn=prop_attn)
+    tower = model.model.vision_tower
+    assert patch_spec(getattr(tower, "vision_model", tower)).prop_attn is expected
+
+
 def test_full_strategy_keeps_cls():
     model = tiny_llava(strategy="full")
     seen = lm_input(model)
