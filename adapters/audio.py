@@ -209,8 +209,6 @@ def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode
     merge_layout = plan_layout(layout.grid, mode, k, group_budget, band_axis="f", within_band=within_band,
                                padded=valid is not None)
     coords, rules = _position_coords(layout)
-    if prop_attn is None:
-        prop_attn = method != "prune"
     record = dict(r=r, method=method, time_mode=time_mode, prop_attn=prop_attn, trace_source=trace_source,
                   drop_padding=drop_padding, within_band=within_band, group_budget=group_budget, output=output,
                   **options)

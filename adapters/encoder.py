@@ -615,7 +615,7 @@ def encoder_flops(config: Any) -> LayerFlops:
 
 def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenGrid, layout: MergeLayout,
                   r: ScheduleSpec, method: str = "tome", options: Optional[Mapping[str, Any]] = None,
-                  prop_attn: bool = True, trace_source: bool = False, output: str = "merged",
+                  prop_attn: Optional[bool] = None, trace_source: bool = False, output: str = "merged",
                   layer_flops: Optional[LayerFlops] = None, embed_index: Optional[Tensor] = None,
                   embed_tokens: Optional[int] = None, valid: Optional[Tensor] = None,
                   position_coords: Optional[Mapping[str, Tensor]] = None, rules: Optional[Mapping[str, str]] = None,
@@ -627,6 +627,7 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
             AST columns that are padding in every clip; None keeps all ``embed_tokens``).
         layout: from ``plan_layout`` (order, groups, coordinate rule).
         r: any engine schedule spec, checked against what every layer can always remove.
+        prop_attn: add ``log(size)`` to the attention logits; None: on, except for ``prune`` (every adapter's default).
         output: ``"merged"`` (the merged tokens) or ``"original"`` (one row per token entering layer 0, each
             holding its merged token: heads that average over tokens stay exact).
         valid: ``[B or 1, grid.num_tokens]`` bool in the model's token order: False marks padding.
@@ -644,6 +645,8 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
             raise ValueError(f"option '{name}' is set by the encoder patch itself (per layer and call); leave it out")
     if output not in ("merged", "original"):
         raise ValueError(f"output must be 'merged' or 'original', got {output!r}")
+    if prop_attn is None:  # every adapter's default: on, except for prune (nothing merged to weigh)
+        prop_attn = method != "prune"
     P = grid.protected
     N = grid.num_tokens
     schedule = resolve_schedule(r, len(layers), N, P, method=method, grouping=layout.grouping,

@@ -1479,7 +1479,7 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
             tower = getattr(lm.vision_tower, "vision_model", lm.vision_tower)
             grid = TokenGrid(layout.cls, (("row", layout.rows), ("col", layout.cols)))
             patch_encoder(tower, layers, grid=grid, layout=plan_layout(grid, "global"), r=schedule, method=method,
-                          options=hyper, prop_attn=method != "prune" if prop_attn is None else prop_attn,
+                          options=hyper, prop_attn=prop_attn,
                           trace_source=True, family="llava")
         for name, wrapper in wrappers:
             lm.__dict__[name] = _Replacement(lm, name, wrapper, lm.__dict__.get(name))

@@ -137,8 +137,6 @@ def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode
     layers = encoder_layers(base)
     merge_layout = plan_layout(layout.grid, mode, k, group_budget)
     coords, rules = _position_coords(layout, timestamps)  # checks timestamps (check_timestamps, loading section)
-    if prop_attn is None:
-        prop_attn = method != "prune"
     if output is None:
         output = "original" if _mean_pooled(model, family) else "merged"
     patch_encoder(model, layers, grid=layout.grid, layout=merge_layout, r=r, method=method, options=options,
