@@ -776,11 +776,3 @@ def grid_features(model: nn.Module, last_hidden_state: Tensor, info: Optional[Me
         full = unmerge(last_hidden_state, info.state)
     names = " ".join(name for name, _ in grid.axes)
     return rearrange(full[:, grid.protected:], f"b ({names}) c -> b {names} c", **dict(grid.axes))
-
-
-def weighted_mean(x: Tensor, size: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-    """Size-weighted mean over tokens ``[B, N, C] -> [B, C]``: equals the plain mean over the originals."""
-    w = size.to(x.dtype).unsqueeze(-1)
-    if valid is not None:
-        w = w * valid.to(x.dtype).unsqueeze(-1)
-    return (x * w).sum(1) / w.sum(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .constraints import (ConstraintSpec, Guarantee, Partition, padded_guarantee, parse_constraint,
@@ -34,10 +35,10 @@ def equal_groups(state: TokenState, groups: int, r: int, method: str) -> Partiti
     guarantees = (Guarantee(),) * groups
     if state.valid is not None:  # a group may hold padding and real tokens, in any order: count them
         valid = state.valid[:, state.protected:]
-        bounds = torch.tensor([0] + [sum(sizes[:g + 1]) for g in range(groups)])
-        changes = (valid[:, 1:] != valid[:, :-1]).long()  # one host read below, setup time
-        guarantees = tuple(Guarantee(1 + int(changes[:, a:b - 1].sum(1).max()) if b - a > 1 else 1, 2)
-                           for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        changes = F.pad((valid[:, 1:] != valid[:, :-1]).long().cumsum(1), (1, 0))  # [B, M] changes before i
+        ends = torch.tensor(sizes, device=valid.device).cumsum(0)
+        inside = changes[:, ends - 1] - changes[:, ends - torch.tensor(sizes, device=valid.device)]  # [B, groups]
+        guarantees = tuple(Guarantee(1 + n, 2) for n in inside.amax(0).tolist())  # one host read, setup time
     try:
         budgets = split_budget(r, sizes, group_limits(method, sizes, guarantees))
     except ValueError as err:

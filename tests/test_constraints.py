@@ -132,3 +132,29 @@ def test_tokens_out_of_the_rules_order_are_refused_by_the_checked_entry_points()
     with pytest.raises(ValueError, match="runs of neighbours that may merge"):
         mm.reduce_tokens(x, keep=12, constraint=rule, state=state(interleaved))
     mm.plan_merge(x, state(interleaved), r=1, constraint=rule, check_layout=False)  # the caller vouches
+
+
+def test_equal_groups_count_the_padding_runs_of_each_group():
+    """plan_merge(groups=int) with padding: each group's guarantee counts its padding/real changes (a loop
+    reference), and the merge that uses them keeps padding and real tokens apart."""
+    from mmmerge.reduce import equal_groups
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        B, M = 3, int(torch.randint(2, 30, (), generator=g))
+        valid = torch.rand(B, M, generator=g) > 0.4
+        valid[:, 0] = True
+        groups = int(torch.randint(1, M + 1, (), generator=g))
+        part = equal_groups(mm.init_state(B, M, valid=valid), groups, 0, "tome")
+        start, expected = 0, []
+        for n in part.sizes:
+            seg = valid[:, start:start + n]
+            expected.append(1 + int((seg[:, 1:] != seg[:, :-1]).sum(1).max()) if n > 1 else 1)
+            start += n
+        assert [gu.runs for gu in part.guarantees] == expected
+    valid = torch.tensor([[True] * 6 + [False] * 2 + [True] * 4])
+    state = mm.init_state(1, 12, valid=valid, trace_source=True)
+    plan = mm.plan_merge(torch.randn(1, 12, 8, generator=g), state, r=3, groups=2)
+    _, merged = mm.merge_tokens(torch.randn(1, 12, 8, generator=g), state, plan)
+    for token in range(merged.size.shape[1]):
+        assert len(set(valid[0, merged.source[0] == token].tolist())) == 1
