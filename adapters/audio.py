@@ -595,13 +595,15 @@ def tag_windows(model: nn.Module, waveform: Union[Tensor, Any], sample_rate: int
     def run(batch: Tensor, first: int) -> None:
         clip_logits, per_column = column_logits(model, batch)  # [b, L], [b, T', L]
         seen = patched_layout(model)  # set_lengths made a new patch
+        seconds = seen.column_seconds().to(per_column.device)
+        per_layer = list(merge_info(model).tokens_per_layer)  # the same for every window of this batch
         for i in range(batch.shape[0]):
             real = seen.real_columns(int(lengths[first + i]))
             start = starts[first + i] / SAMPLE_RATE
-            spans.append(seen.column_seconds()[:real].to(per_column.device) + start)
+            spans.append(seconds[:real] + start)
             column_scores.append(per_column[i, :real].float())
             columns.append(seen.columns)
-            tokens.append(list(merge_info(model).tokens_per_layer))
+            tokens.append(list(per_layer))
         logits.append(clip_logits.float())
 
     saved = spec.extra["lengths"]
