@@ -18,7 +18,8 @@ AST_FRAMES, AST_MELS, AST_BANDS, AST_COLUMNS = 128, 32, 3, 8
 DEVICE = torch.device(os.environ.get("MMMERGE_TEST_DEVICE", "cpu"))
 
 
-def tiny_video(cls, attn: str = "sdpa", layers: int = 4, seed: int = 0, hidden: int = 32) -> nn.Module:
+def tiny_video(cls, attn: str = "sdpa", layers: int = 4, seed: int = 0, hidden: int = 32,
+               device: torch.device = DEVICE) -> nn.Module:
     torch.manual_seed(seed)
     common = dict(image_size=SIZE, num_frames=FRAMES, hidden_size=hidden, num_hidden_layers=layers,
                   num_attention_heads=4, intermediate_size=2 * hidden, num_labels=5)
@@ -27,16 +28,18 @@ def tiny_video(cls, attn: str = "sdpa", layers: int = 4, seed: int = 0, hidden: 
     else:
         config = VideoMAEConfig(tubelet_size=TUBELET, patch_size=PATCH, use_mean_pooling=True, **common)
     config._attn_implementation = attn
-    return cls(config).eval().to(DEVICE)
+    with torch.device(device):
+        return cls(config).eval()
 
 
-def tiny_ast(attn: str = "sdpa", layers: int = 3, seed: int = 0) -> nn.Module:
+def tiny_ast(attn: str = "sdpa", layers: int = 3, seed: int = 0, device: torch.device = DEVICE) -> nn.Module:
     torch.manual_seed(seed)
     config = ASTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
                        patch_size=16, frequency_stride=8, time_stride=16, max_length=AST_FRAMES,
                        num_mel_bins=AST_MELS, num_labels=4)
     config._attn_implementation = attn
-    return ASTForAudioClassification(config).eval().to(DEVICE)
+    with torch.device(device):
+        return ASTForAudioClassification(config).eval()
 
 
 def clip(batch: int = 2, seed: int = 1) -> torch.Tensor:
