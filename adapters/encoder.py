@@ -83,8 +83,8 @@ def _mmmerge_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, a
     out, weights = module.mmmerge_base(module, query, key, value, attention_mask, **kwargs)
     if not getattr(module, "mmmerge_metric", False):
         return out, weights
-    with torch.no_grad():  # matching builds no graph
-        return out, key.mean(1)
+    with torch.no_grad():  # matching builds no graph; similarities in float32 (bf16 and fp32 choose alike)
+        return out, key.mean(1, dtype=torch.float32)
 
 
 if AttentionInterface is not None and _IMPL_NAME not in ALL_ATTENTION_FUNCTIONS:
@@ -229,7 +229,9 @@ class PatchSpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """The static part of one patched layer."""
+    """The static plan of one patched layer, decided at patch time: everything its forward needs but the
+    tokens and their state. Travels with the layer (``.to()``, copy, pickle: module references are the
+    layer's own children, and the partition reads its tensors from the layer's buffers on each call)."""
 
     patch: PatchSpec
     index: int
@@ -238,6 +240,8 @@ class LayerSpec:
     bias: bool  # tokens entering this layer may be merged: add log(size) to its attention
     attn_config: Any = None  # the attention config copy naming the "mmmerge" function (None: upstream forward)
     base_attention: Optional[Callable] = None
+    parts: Optional[LayerParts] = None  # the layer's own norms and attention module
+    choose: Optional[Callable[..., Any]] = None  # (metric, state, r[, noise]) -> MergePlan, options bound
 
 
 class MergingCarry(NamedTuple):
@@ -290,12 +294,14 @@ def _buffer(layer: nn.Module, name: str) -> Optional[Tensor]:
     return layer._buffers.get(f"_mmmerge_{name}")
 
 
-def _partition(layer: nn.Module, spec: LayerSpec) -> Optional[Partition]:
-    part = spec.partition
-    if part is None:
-        return None
-    cache = {name: _buffer(layer, name) for name in _PARTITION_BUFFERS}
-    return replace(part, cache={k: v for k, v in cache.items() if v is not None})
+class _LayerBuffers:
+    """A partition's static tensors, read from the layer's buffers on each call (so they follow ``.to()``)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.layer._buffers.get(f"_mmmerge_{name}", default)
 
 
 def _initial_state(layer: nn.Module, patch: PatchSpec, x: Tensor) -> TokenState:
@@ -354,20 +360,14 @@ def _layer_body(layer: nn.Module, spec: LayerSpec, state: TokenState, noise: Opt
                 x: Tensor) -> Tuple[Tensor, TokenState]:
     """One merging layer: attention (+ log(size)), choose, merge, MLP. A pure function of ``(x, state)``
     (and the pre-drawn ``noise`` of the random baseline), so a checkpointing recompute makes the same plan."""
-    patch = spec.patch
-    parts = layer_parts(layer)
+    parts = spec.parts
     bias = size_bias(state.size) if spec.bias else None
     call = _AttentionCall(parts.attention, spec.attn_config, spec.base_attention, bias, metric=spec.r > 0)
     attn, metric = _attend(layer, parts, parts.norm1(x), call)
     x = x + attn
     if spec.r > 0:
-        options = dict(patch.options)
-        if patch.method == "pitome":
-            options.update(layer_idx=spec.index, num_layers=patch.num_layers)
-        if noise is not None:
-            options["noise"] = noise
-        plan = get_matcher(patch.method)(metric, state, spec.r, patch.constraint, _partition(layer, spec),
-                                         **options)
+        plan = spec.choose(metric, state, spec.r) if noise is None else spec.choose(metric, state, spec.r,
+                                                                                   noise=noise)
         x, state = merge_tokens(x, state, plan)
     return _feed_forward(layer, parts, x), state
 
@@ -691,9 +691,18 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
         bias = prop_attn and bool(merges) and i > merges[0]
         active = bias or schedule[i] > 0
         core = parts[i].attention
-        lspec = LayerSpec(patch=spec, index=i, r=schedule[i], partition=partitions[i] if schedule[i] > 0 else None,
-                          bias=bias, attn_config=_attention_config(core) if active else None,
-                          base_attention=_base_attention(core, bias) if active else None)
+        partition = None
+        if schedule[i] > 0 and partitions[i] is not None:
+            partition = replace(partitions[i], cache=_LayerBuffers(layers[i]))
+        choose = None
+        if schedule[i] > 0:
+            per_layer = {"layer_idx": i, "num_layers": len(layers)} if method == "pitome" else {}
+            choose = functools.partial(get_matcher(method), constraint=layout.constraint, partition=partition,
+                                       **options, **per_layer)
+        lspec = LayerSpec(patch=spec, index=i, r=schedule[i], partition=partition, bias=bias,
+                          attn_config=_attention_config(core) if active else None,
+                          base_attention=_base_attention(core, bias) if active else None, parts=parts[i],
+                          choose=choose)
         buffers: Dict[str, Tensor] = {}
         if i == first:
             if reordered:

@@ -15,7 +15,7 @@ Adapters for Hugging Face models live in ``mmmerge.adapters``.
 from .attention import size_bias
 from .constraints import (Adjacent, AllOf, Constraint, Global, Partition, SameSpan, Window, parse_constraint,
                           parse_time_mode)
-from .flops import count_flops, count_ops
+from .flops import count_bytes, count_flops, count_ops
 from .info import MergeInfo
 from .matchers import (MATCHERS, cdpruner, check_options, divprune, dominant, energy_score, get_matcher, pitome, prune,
                        random_merge, step_limit, tome, tps)
@@ -29,7 +29,7 @@ from .state import TokenState, init_state
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adjacent", "AllOf", "cdpruner", "check_options", "Constraint", "count_flops", "count_ops", "divprune",
+    "Adjacent", "AllOf", "cdpruner", "check_options", "Constraint", "count_bytes", "count_flops", "count_ops", "divprune",
     "dominant", "energy_score", "get_matcher", "Global", "Grouping", "init_state", "KeepRatio", "last_info",
     "layer_partitions", "MATCHERS", "merge_state", "merge_tokens", "merge_weighted", "MergeInfo", "MergePlan",
     "parse_constraint", "parse_time_mode", "Partition", "patch", "pitome", "plan_merge", "prune", "random_merge",

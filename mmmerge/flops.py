@@ -35,16 +35,45 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     return float(counter.get_total_flops())
 
 
+# In-place ops that write only the rows their source holds: what they write is the source's bytes.
+_WRITES_SOURCE = {"scatter_": "src", "scatter_add_": "src", "index_copy_": "source", "index_add_": "source",
+                  "index_put_": "values", "masked_scatter_": "source"}
+
+
 class _OpCounter(TorchDispatchMode):
-    """Counts every aten op dispatched while active (one kernel launch each on a GPU, roughly)."""
+    """Counts every aten op dispatched while active (one kernel launch each on a GPU, roughly), and the bytes
+    each one writes: its outputs' sizes, none for views, the source's size for a scatter into a tensor."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter = Counter()
+        self.bytes: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        out = func(*args, **kwargs)
+        if not func.is_view:
+            source = _WRITES_SOURCE.get(name.rsplit(".", 1)[-1])
+            names = [a.name for a in func._schema.arguments]
+            if source is None:
+                written = sum(t.nbytes for t in _tensors(out))
+            elif source in names:
+                index = names.index(source)
+                written = sum(t.nbytes for t in _tensors(kwargs.get(source, args[index] if index < len(args) else None)))
+            else:  # a scalar written at every index
+                written = _tensors(kwargs.get("index", args[2] if len(args) > 2 else None))[0].numel() * out.element_size()
+            self.bytes[name] += written
+        return out
+
+
+def _tensors(value: Any) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def count_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Counter:
@@ -55,3 +84,12 @@ def count_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Counter:
     with _OpCounter() as counter, torch.no_grad():
         fn(*args, **kwargs)
     return counter.ops
+
+
+def count_bytes(fn: Callable[[], Any]) -> Counter:
+    """Bytes written by the aten ops ``fn()`` dispatches, under no_grad, by op name (``sum(...)`` for the
+    total): every op's outputs, nothing for views, and for an in-place scatter (``scatter_``, ``index_put_``,
+    ...) the rows it writes (its source). Runs on the ``meta`` device too (no data is touched)."""
+    with _OpCounter() as counter, torch.no_grad():
+        fn()
+    return counter.bytes

@@ -23,6 +23,7 @@ removed token has an allowed host among the kept ones.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -102,7 +103,7 @@ def check_step(method: str, r: int, state: TokenState, constraint: Constraint,
 def identity_plan(state: TokenState) -> MergePlan:
     B, N = state.size.shape
     assign = torch.arange(N, device=state.size.device).unsqueeze(0).expand(B, -1)
-    return MergePlan(assign=assign, weight=state.size, num_out=N)
+    return MergePlan(assign=assign, weight=state.size, num_out=N, kept=assign)
 
 
 def _normalized(metric: Tensor, protected: int) -> Tensor:
@@ -131,9 +132,9 @@ def _best_per_group(values: Tensor, take: int, partition: Optional[Partition], c
     static range of the list, so its first ``budgets[g]`` are picked with a static index (no data-dependent
     shape). ``ids``: ``[K]`` group of each entry; ``counts``: entries per group.
     """
+    if partition is None:  # no sort: the best ``take`` (which of exactly tied values is taken may differ)
+        return values.topk(take, dim=1, largest=descending).indices
     order = values.argsort(dim=1, descending=descending, stable=True)
-    if partition is None:
-        return order[:, :take]
     by_group = ids.expand_as(order).gather(1, order).argsort(dim=1, stable=True)
     order = order.gather(1, by_group)
     return order.index_select(1, partition.first_positions(counts, budgets, values.device, key))
@@ -141,8 +142,13 @@ def _best_per_group(values: Tensor, take: int, partition: Optional[Partition], c
 
 def _a_counts(partition: Partition) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """A tokens (even positions among the mergeable) and B tokens (odd) in every group."""
+    return _a_counts_of(partition.sizes)
+
+
+@functools.lru_cache(maxsize=256)
+def _a_counts_of(sizes: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     a, b, start = [], [], 0
-    for n in partition.sizes:
+    for n in sizes:
         evens = (start + n + 1) // 2 - (start + 1) // 2
         a.append(evens)
         b.append(n - evens)
@@ -162,16 +168,18 @@ def energy_score(m: Tensor, margin: float, alpha: float = 1.0, shift: bool = Fal
     Returns:
         ``[B, M]`` float32 energy.
     """
-    sim = torch.bmm(m, m.transpose(1, 2)).float()  # [B, M, M]
-    if shift:
-        f = F.elu(sim - margin, alpha=alpha)
-    else:
-        negative = torch.exp(sim - margin) - 1.0  # (expm1 is one op less but much slower on CPU)
-        f = torch.where(sim >= margin, sim, negative if alpha == 1.0 else alpha * negative)
+    # cos - margin straight from one product ([m, 1] . [m, -margin]), then the kernel in place: the [B, M, M]
+    # matrix is written twice (three times for the paper's kernel), not once per elementwise step.
+    m = m.float()
+    ones = m.new_ones(m.shape[0], m.shape[1], 1)
+    f = torch.bmm(torch.cat([m, ones], dim=-1), torch.cat([m, ones * -margin], dim=-1).transpose(1, 2))
+    f = F.elu_(f, alpha=alpha)  # elu(cos - m): the official kernel; the paper's adds m back where cos >= m
+    if not shift:
+        f = f.add_(f >= 0, alpha=margin)
     if valid is None:
         return f.mean(-1)
-    w = valid.unsqueeze(1).float()
-    return (f * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+    w = valid.unsqueeze(-1).float()  # [B, M, 1]: the mean over real tokens only, as a matrix-vector product
+    return torch.bmm(f, w).squeeze(-1) / w.sum(1).clamp_min(1.0)
 
 
 def _needs_anchors(state: TokenState, constraint: Constraint) -> bool:
@@ -441,7 +449,7 @@ def prune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constr
     with torch.no_grad():
         removed, is_removed, host, _ = _select_and_assign(metric, state, r, constraint or Global(), partition, score)
         weight = state.size.scatter(1, removed + P if P else removed, 0.0)
-    return plan_from_pairs(removed, host, weight, M, P, is_removed)
+    return plan_from_pairs(removed, host, weight, M, P, is_removed, fuse=False)
 
 
 def no_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
@@ -830,7 +838,7 @@ def _select_plan(metric: Tensor, state: TokenState, r: int, constraint: Optional
         if drop_unselected:
             kept = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), greedy.taken], dim=1)
             weight = state.size * kept
-    return plan_from_targets(target, weight, r, P)
+    return plan_from_targets(target, weight, r, P, fuse=not drop_unselected)
 
 
 def divprune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
