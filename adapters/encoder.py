@@ -27,6 +27,7 @@ import copy
 import functools
 import sys
 import threading
+import types
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -718,6 +719,8 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
         layer_specs.append(lspec)
         layer_buffers.append(buffers)
 
+    for layer, lspec in zip(layers[first:last + 1], layer_specs):
+        _check_device_hooks(layer, lspec)
     from mmmerge.patching import unpatch
     unpatch(model)
     done: List[nn.Module] = []
@@ -725,6 +728,8 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
         for layer, lspec, buffers in zip(layers[first:last + 1], layer_specs, layer_buffers):
             device = next(layer.parameters()).device
             layer.__class__ = merging_class(type(layer))
+            if "_old_forward" in layer.__dict__:  # an accelerate hook: it calls the forward it saved
+                layer._old_forward = functools.partial(_merging_forward, layer)
             done.append(layer)
             layer._mmmerge = lspec
             for name, tensor in buffers.items():
@@ -738,12 +743,28 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
     return spec
 
 
+def _check_device_hooks(layer: nn.Module, spec: LayerSpec) -> None:
+    """Accelerate's hooks (``dispatch_model``, ``device_map``) replace a module's ``forward`` on the instance.
+    On the layer itself the patch takes the hook's saved forward, so the hook still moves the layer's inputs
+    (the token state included). The attention module's own forward is called through a per-call view, past
+    any hook on it: such a model is refused, not silently left unmerged."""
+    if spec.parts is None or spec.attn_config is None:
+        return
+    hooked = getattr(spec.parts.attention, "_hf_hook", None) is not None
+    if hooked:
+        raise ValueError(f"mmmerge: layer {spec.index}'s attention module carries an accelerate hook (a device_map "
+                         "that splits inside an encoder layer); place each encoder layer on one device, e.g. "
+                         "device_map='auto' with no_split_module_classes naming the layer class, then patch")
+
+
 def _restore_layer(layer: nn.Module) -> None:
     for name in [n for n in layer._buffers if n.startswith("_mmmerge_")]:
         del layer._buffers[name]
         layer._non_persistent_buffers_set.discard(name)
     layer.__dict__.pop("_mmmerge", None)
     layer.__class__ = type(layer)._mmmerge_base
+    if "_old_forward" in layer.__dict__:  # the accelerate hook calls the original forward again
+        layer._old_forward = types.MethodType(type(layer).forward, layer)
 
 
 def unpatch_encoder(model: nn.Module) -> bool:

@@ -51,6 +51,15 @@ class TokenState:
     def replace(self, **changes) -> "TokenState":
         return replace(self, **changes)
 
+    def to(self, *args, **kwargs) -> "TokenState":
+        """The same state with every tensor moved (``Tensor.to`` arguments); lets accelerate's device hooks
+        move a merged layer's input like any other."""
+        def move(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.to(*args, **kwargs)
+
+        return replace(self, size=move(self.size), source=move(self.source),
+                       coords={k: move(v) for k, v in self.coords.items()}, valid=move(self.valid))
+
     def validate(self, num_tokens: Optional[int] = None) -> None:
         """Raise ValueError if the fields disagree in shape (cheap; shapes only, no host sync)."""
         if self.size.dim() != 2:

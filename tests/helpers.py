@@ -50,6 +50,14 @@ def spectrogram(batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, AST_FRAMES, AST_MELS, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal outputs of two runs: bit for bit on the CPU; on CUDA within a few last bits (its kernels may
+    accumulate in a different order run to run, unless ``torch.use_deterministic_algorithms(True)``)."""
+    if a.device.type == "cpu":
+        return torch.equal(a, b)
+    return torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
 @torch.no_grad()
 def output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     audio = "AST" in type(getattr(model, "_orig_mod", model)).__name__  # (a compiled model wraps the original)
