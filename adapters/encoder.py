@@ -42,6 +42,7 @@ from mmmerge.constraints import AllOf, Constraint, Global, Partition, first_posi
 from mmmerge.info import MergeInfo
 from mmmerge.matchers import check_options, get_matcher
 from mmmerge.merge import merge_tokens, unmerge
+from mmmerge.patching import register_info, register_unpatch
 from mmmerge.schedule import (Grouping, LayerFlops, ScheduleSpec, layer_partitions, resolve_schedule,
                               tokens_per_layer, transformer_layer_flops)
 from mmmerge.state import TokenState
@@ -782,6 +783,24 @@ def unpatch_encoder(model: nn.Module) -> bool:
 def patch_spec(model: nn.Module) -> Optional[PatchSpec]:
     """The encoder patch in force on ``model``, or None."""
     return model.__dict__.get("_mmmerge_patch")
+
+
+def _encoder_info(model: nn.Module) -> Optional[MergeInfo]:
+    """``last_info`` of an encoder patch: on ``model`` itself, the LLaVA adapter's own record, or an encoder
+    patched inside ``model`` (LLaVA's ``where="vision_tower"``); None without any."""
+    if patch_spec(model) is not None:
+        return merge_info(model)
+    ctx = model.__dict__.get("_mmmerge")  # the LLaVA adapter keeps its own record
+    if ctx is not None and hasattr(ctx, "info"):
+        return ctx.info
+    for module in model.modules():
+        if patch_spec(module) is not None:
+            return merge_info(module)
+    return None
+
+
+register_unpatch(unpatch_encoder)
+register_info(_encoder_info)
 
 
 def grid_features(model: nn.Module, last_hidden_state: Tensor, info: Optional[MergeInfo] = None) -> Tensor:

@@ -2,16 +2,31 @@
 imports a model class itself."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 import torch.nn as nn
 
 # class name -> patch function; filled by mmmerge.adapters on import.
 _PATCHERS: Dict[str, Callable[..., Any]] = {}
+# What undoes a patch and what reports on one, registered by the adapters (the engine imports none of them).
+_UNPATCHERS: List[Callable[[nn.Module], Any]] = []
+_REPORTERS: List[Callable[[nn.Module], Any]] = []
 
 
 def register(class_name: str, patch_fn: Callable[..., Any]) -> None:
     _PATCHERS[class_name] = patch_fn
+
+
+def register_unpatch(unpatch_fn: Callable[[nn.Module], Any]) -> None:
+    """``unpatch_fn(model)`` removes an adapter's patch from ``model`` and its submodules (a no-op without)."""
+    if unpatch_fn not in _UNPATCHERS:
+        _UNPATCHERS.append(unpatch_fn)
+
+
+def register_info(info_fn: Callable[[nn.Module], Any]) -> None:
+    """``info_fn(model)`` returns the MergeInfo of an adapter's patch on ``model``, or None if it has none."""
+    if info_fn not in _REPORTERS:
+        _REPORTERS.append(info_fn)
 
 
 def supported_models() -> list[str]:
@@ -37,26 +52,19 @@ def patch(model: nn.Module, **kwargs: Any) -> nn.Module:
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo ``patch``: the model's original classes, forwards and configs come back, bit for bit; a no-op on
     an unpatched model. Walks ``model.modules()``, so it works on a copy of a patched model too."""
-    from mmmerge.adapters.encoder import unpatch_encoder
-
     undo = model.__dict__.get("_mmmerge_undo")
     if undo is not None:
         undo()
-    unpatch_encoder(model)
+    for unpatch_fn in _UNPATCHERS:
+        unpatch_fn(model)
     return model
 
 
 def last_info(model: nn.Module):
     """What a forward of ``model`` does (``mmmerge.MergeInfo``): schedule and tokens per layer, and with
     ``trace_source=True`` the final state of this thread's last eager forward."""
-    from mmmerge.adapters.encoder import merge_info, patch_spec
-
-    if patch_spec(model) is not None:
-        return merge_info(model)
-    ctx = model.__dict__.get("_mmmerge")  # the LLaVA adapter keeps its own record
-    if ctx is not None and hasattr(ctx, "info"):
-        return ctx.info
-    for module in model.modules():  # an encoder patched inside the model (LLaVA's where="vision_tower")
-        if patch_spec(module) is not None:
-            return merge_info(module)
+    for info_fn in _REPORTERS:
+        info = info_fn(model)
+        if info is not None:
+            return info
     raise ValueError(f"{type(model).__name__} is not patched by mmmerge; call mmmerge.patch(model, ...) first")
