@@ -23,7 +23,6 @@ removed token has an allowed host among the kept ones.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -142,13 +141,8 @@ def _best_per_group(values: Tensor, take: int, partition: Optional[Partition], c
 
 def _a_counts(partition: Partition) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """A tokens (even positions among the mergeable) and B tokens (odd) in every group."""
-    return _a_counts_of(partition.sizes)
-
-
-@functools.lru_cache(maxsize=256)
-def _a_counts_of(sizes: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     a, b, start = [], [], 0
-    for n in sizes:
+    for n in partition.sizes:
         evens = (start + n + 1) // 2 - (start + 1) // 2
         a.append(evens)
         b.append(n - evens)
@@ -223,7 +217,8 @@ def _bipartite(scores_fn: Callable[[Tensor, Tensor], Tensor], metric: Tensor, st
         if partition is not None:
             ids_a = partition.cache.get("ids_a")
             ids_a = partition.group_ids(device)[0::2] if ids_a is None else ids_a
-            counts = _a_counts(partition)[0]
+            # The selection positions are static: the encoders cache them at patch time ("sel_a").
+            counts = () if partition.cache.get("sel_a") is not None else _a_counts(partition)[0]
             block = partition.cache.get("block_ab")  # [Na, Nb] True across groups: the static group rule
             if block is not None:
                 scores, group_rule = scores.masked_fill(block, NEG_INF), None
