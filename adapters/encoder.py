@@ -40,7 +40,7 @@ from torch import Tensor
 from mmmerge.attention import size_bias
 from mmmerge.constraints import AllOf, Constraint, Global, Partition, first_positions
 from mmmerge.info import MergeInfo
-from mmmerge.matchers import check_options, get_matcher
+from mmmerge.matchers import a_first, check_options, get_matcher
 from mmmerge.merge import merge_tokens, unmerge
 from mmmerge.patching import register_info, register_unpatch
 from mmmerge.schedule import (Grouping, LayerFlops, ScheduleSpec, layer_partitions, resolve_schedule,
@@ -589,17 +589,18 @@ def plan_layout(grid: TokenGrid, mode: str, k: int = 1, budget: bool = True, *, 
 
 
 # ------------------------------------------------------------------------------------ patch / unpatch
-def _static_tensors(method: str, part: Partition) -> Dict[str, Tensor]:
-    """The index tensors a matcher needs for a partition, made once at patch time."""
+def _static_tensors(method: str, part: Partition, a0: int = 0) -> Dict[str, Tensor]:
+    """The index tensors a matcher needs for a partition, made once at patch time (``a0``: the first A token
+    of a bipartite split, ``mmmerge.matchers.a_first``)."""
     from mmmerge.matchers import METHOD_KINDS, _a_counts
 
     ids = torch.repeat_interleave(torch.arange(part.num_groups), torch.tensor(part.sizes))
     tensors = {"ids": ids}
     kind = METHOD_KINDS.get(method, "select")
     if kind == "bipartite":
-        tensors["ids_a"] = ids[0::2].clone()
-        tensors["block_ab"] = tensors["ids_a"].unsqueeze(1) != ids[1::2].unsqueeze(0)  # [Na, Nb] forbidden
-        tensors["sel_a"] = first_positions(_a_counts(part)[0], part.budgets)
+        tensors["ids_a"] = ids[a0::2].clone()
+        tensors["block_ab"] = tensors["ids_a"].unsqueeze(1) != ids[1 - a0::2].unsqueeze(0)  # [Na, Nb] forbidden
+        tensors["sel_a"] = first_positions(_a_counts(part, a0)[0], part.budgets)
     elif kind == "pitome":
         tensors["sel_pairs"] = first_positions(part.sizes, [2 * b for b in part.budgets])
         pair_ids = torch.repeat_interleave(torch.arange(part.num_groups), torch.tensor(part.budgets))
@@ -716,7 +717,7 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
         if i == last and exit_order is not None:
             buffers["exit"] = exit_order
         if lspec.partition is not None:
-            buffers.update(_static_tensors(method, lspec.partition))
+            buffers.update(_static_tensors(method, lspec.partition, a_first(options.get("parity", "mergeable"), P)))
         layer_specs.append(lspec)
         layer_buffers.append(buffers)
 

@@ -139,15 +139,27 @@ def _best_per_group(values: Tensor, take: int, partition: Optional[Partition], c
     return order.index_select(1, partition.first_positions(counts, budgets, values.device, key))
 
 
-def _a_counts(partition: Partition) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """A tokens (even positions among the mergeable) and B tokens (odd) in every group."""
+def _a_counts(partition: Partition, a_first: int = 0) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """A tokens and B tokens in every group (A: the mergeable positions of parity ``a_first``)."""
     a, b, start = [], [], 0
     for n in partition.sizes:
         evens = (start + n + 1) // 2 - (start + 1) // 2
-        a.append(evens)
-        b.append(n - evens)
+        a.append(n - evens if a_first else evens)
+        b.append(evens if a_first else n - evens)
         start += n
     return tuple(a), tuple(b)
+
+
+# ToMe's A/B split (``parity=``): "mergeable" alternates over the mergeable tokens, A first (this library's
+# default: the split does not depend on how many tokens are protected); "official" alternates over all tokens as
+# the official ToMe code does (A holds token 0, the [CLS], whose row is masked), so with an odd number of
+# protected tokens the first mergeable token is a B token.
+TOME_PARITIES = ("mergeable", "official")
+
+
+def a_first(parity: str, protected: int) -> int:
+    """Position, among the mergeable tokens, of the first A token (0 or 1) under ``parity``."""
+    return int(parity == "official" and protected % 2 == 1)
 
 
 def energy_score(m: Tensor, margin: float, alpha: float = 1.0, shift: bool = False,
@@ -201,8 +213,8 @@ def _rows(m: Tensor, idx: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- matchers
-def _bipartite(scores_fn: Callable[[Tensor, Tensor], Tensor], metric: Tensor, state: TokenState, r: int,
-               constraint: Constraint, partition: Optional[Partition]) -> MergePlan:
+def _bipartite(scores_fn: Callable[[Tensor, Tensor, int], Tensor], metric: Tensor, state: TokenState, r: int,
+               constraint: Constraint, partition: Optional[Partition], parity: str = "mergeable") -> MergePlan:
     """Shared body of ToMe and the random baseline: alternating A/B split, best B per A, top-r edges.
 
     With a partition every group merges its own budget: the best edges of each group (static ranges).
@@ -210,35 +222,36 @@ def _bipartite(scores_fn: Callable[[Tensor, Tensor], Tensor], metric: Tensor, st
     P = state.protected
     B, N = metric.shape[:2]
     M = N - P
+    a0 = a_first(parity, P)  # A tokens sit at mergeable positions a0, a0 + 2, ...; B tokens at 1 - a0, ...
     device = metric.device
     with torch.no_grad():
-        scores = scores_fn(metric, state)  # [B, Na, Nb]
+        scores = scores_fn(metric, state, a0)  # [B, Na, Nb]
         ids_a, counts, group_rule = None, (), partition
         if partition is not None:
             ids_a = partition.cache.get("ids_a")
-            ids_a = partition.group_ids(device)[0::2] if ids_a is None else ids_a
+            ids_a = partition.group_ids(device)[a0::2] if ids_a is None else ids_a
             # The selection positions are static: the encoders cache them at patch time ("sel_a").
-            counts = () if partition.cache.get("sel_a") is not None else _a_counts(partition)[0]
+            counts = () if partition.cache.get("sel_a") is not None else _a_counts(partition, a0)[0]
             block = partition.cache.get("block_ab")  # [Na, Nb] True across groups: the static group rule
             if block is not None:
                 scores, group_rule = scores.masked_fill(block, NEG_INF), None
         if group_rule is not None or state.valid is not None or not isinstance(constraint, Global):
-            scores = _mask(scores, state, constraint, group_rule, _arange(B, 0, M, 2, device),
-                           _arange(B, 1, M, 2, device))
+            scores = _mask(scores, state, constraint, group_rule, _arange(B, a0, M, 2, device),
+                           _arange(B, 1 - a0, M, 2, device))
         node_max, node_idx = scores.max(dim=-1)  # best B for each A
         src = _best_per_group(node_max, r, partition, counts, partition.budgets if partition else (),
                               ids_a, "sel_a", descending=True)  # [B, r] A tokens that merge
         dst = node_idx.gather(1, src)  # [B, r] their B partners
-    return plan_from_pairs(src * 2, dst * 2 + 1, state.size, M, P)
+    return plan_from_pairs(src * 2 + a0 if a0 else src * 2, dst * 2 + (1 - a0), state.size, M, P)
 
 
-def _cosine_scores(metric: Tensor, state: TokenState) -> Tensor:
+def _cosine_scores(metric: Tensor, state: TokenState, a0: int = 0) -> Tensor:
     m = _normalized(metric, state.protected)
-    return torch.bmm(m[:, ::2], m[:, 1::2].transpose(1, 2))
+    return torch.bmm(m[:, a0::2], m[:, 1 - a0::2].transpose(1, 2))
 
 
 def tome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
-         partition: Optional[Partition] = None) -> MergePlan:
+         partition: Optional[Partition] = None, *, parity: str = "mergeable") -> MergePlan:
     """ToMe bipartite soft matching.
 
     Mergeable tokens alternate into sets A (even) and B (odd); each A token finds its most similar
@@ -248,10 +261,13 @@ def tome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constra
     Args:
         metric: ``[B, N, C]`` features used for similarity (all tokens, protected included).
         state: TokenState of the N tokens. r: tokens to remove.
+        parity: ``"mergeable"`` (default: A starts at the first mergeable token) or ``"official"`` (A/B alternate
+            over all tokens as in the official ToMe code, so published numbers on [CLS] models reproduce);
+            they differ only with an odd number of protected tokens. See ``TOME_PARITIES``.
     """
     if r == 0:
         return identity_plan(state)
-    return _bipartite(_cosine_scores, metric, state, r, constraint or Global(), partition)
+    return _bipartite(_cosine_scores, metric, state, r, constraint or Global(), partition, parity)
 
 
 def _hash_scores(u_a: Tensor, u_b: Tensor) -> Tensor:
@@ -262,7 +278,7 @@ def _hash_scores(u_a: Tensor, u_b: Tensor) -> Tensor:
 
 def random_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
                  partition: Optional[Partition] = None, *, generator: Optional[torch.Generator] = None,
-                 noise: Optional[Tensor] = None) -> MergePlan:
+                 noise: Optional[Tensor] = None, parity: str = "mergeable") -> MergePlan:
     """Baseline: ToMe's bipartite step on random scores (merges random allowed pairs).
 
     ``noise``: ``[B, N]`` uniform draws in [0, 1) that decide the pairs (default: drawn from ``generator``).
@@ -275,11 +291,11 @@ def random_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional
     elif tuple(noise.shape) != (B, N):
         raise ValueError(f"random: noise must be [B, N]=[{B}, {N}], got {tuple(noise.shape)}")
 
-    def scores(metric: Tensor, state: TokenState) -> Tensor:
+    def scores(metric: Tensor, state: TokenState, a0: int) -> Tensor:
         u = noise[:, state.protected:]
-        return _hash_scores(u[:, ::2], u[:, 1::2])
+        return _hash_scores(u[:, a0::2], u[:, 1 - a0::2])
 
-    return _bipartite(scores, metric, state, r, constraint or Global(), partition)
+    return _bipartite(scores, metric, state, r, constraint or Global(), partition, parity)
 
 
 # PiToMe presets: energy kernel and per-layer margin ``start - drop * layer_idx / num_layers``.
@@ -526,6 +542,7 @@ OPTION_CHECKS: Dict[str, Callable[[Any], None]] = {
     "layer_idx": _number("layer_idx"),
     "num_layers": _number("num_layers", positive=True),
     "contextual": _positive_int("contextual"),
+    "parity": _choice("tome parity", TOME_PARITIES),
 }
 # Passed by the caller (plan_merge, the encoder patch), never options of their own.
 SUPPLIED = ("metric", "state", "r", "constraint", "partition")

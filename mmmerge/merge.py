@@ -74,8 +74,9 @@ def plan_from_pairs(src: Tensor, dst: Tensor, weight: Tensor, mergeable: int, pr
     if protected:
         src, dst = src + protected, dst + protected
     if removed is None or protected:
-        removed = torch.zeros(B, N, dtype=torch.bool, device=src.device).scatter_(1, src, True)
-    survives = ~removed
+        survives = torch.ones(B, N, dtype=torch.bool, device=src.device).scatter_(1, src, False)
+    else:
+        survives = ~removed
     rank = survives.cumsum(dim=1) - 1  # slot of each survivor, in current order
     kept = torch.searchsorted(rank, _slots(B, N - r, src.device))
     assign = rank.scatter(1, src, rank.gather(1, dst))
@@ -148,7 +149,7 @@ def _fuse(x: Tensor, plan: MergePlan, totals: Optional[Tensor] = None) -> Tensor
                                                                                          plan.weight)
     share = (plan.weight / totals.gather(1, plan.assign)).to(x.dtype)  # [B, N] each token's share of its slot
     slot = plan.assign.gather(1, merged)  # [B, R] the slot each merged token joins
-    mixing = torch.where(plan.assign.unsqueeze(1) == slot.unsqueeze(2), share.unsqueeze(1), 0)  # [B, R, N]
+    mixing = (plan.assign.unsqueeze(1) == slot.unsqueeze(2)) * share.unsqueeze(1)  # [B, R, N], x's dtype
     values = torch.bmm(mixing, x)  # [B, R, C]: float32 accumulation for half types
     return out.scatter(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]), values)
 

@@ -270,3 +270,40 @@ def test_pitome_under_a_constraint_always_finds_an_allowed_host(constraint):
             for i, a in enumerate(plan.assign[b].tolist()):
                 blocks.setdefault(a, set()).add(int(t[i]) // (2 if constraint == "window(2)" else 1))
             assert all(len(v) == 1 for v in blocks.values())
+
+
+# ----------------------------------------------------------------------------- ToMe's A/B parity preset
+def _official_tome_pairs(metric: torch.Tensor, r: int) -> set:
+    """(removed token, host token) pairs of the official ToMe bipartite step with a [CLS] token (its A row
+    masked), written from the paper's code: A/B alternate over all tokens."""
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = m[..., ::2, :], m[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    scores[..., 0, :] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    src = node_max.argsort(dim=-1, descending=True)[..., :r]
+    dst = node_idx.gather(-1, src)
+    return {(2 * int(s), 2 * int(d) + 1) for s, d in zip(src[0], dst[0])}
+
+
+@pytest.mark.parametrize("n, r", [(5, 1), (5, 2), (12, 4), (197, 16)])
+def test_official_parity_reproduces_the_official_tome_step_with_a_cls_token(n, r):
+    metric = torch.randn(1, n, 16, generator=torch.Generator().manual_seed(n))
+    state = mm.init_state(1, n, protected=1)
+    plan = mm.tome(metric, state, r, parity="official")
+    pairs = _official_tome_pairs(metric, r)
+    assign = plan.assign[0]
+    kept = set(plan.kept[0].tolist())
+    for src, dst in pairs:
+        assert src not in kept and dst in kept and assign[src] == assign[dst]
+    assert plan.num_out == n - r
+
+
+def test_the_default_parity_starts_a_at_the_first_mergeable_token():
+    metric = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(0))
+    state = mm.init_state(1, 5, protected=1)
+    # Token 1 is an A token by default (merges into a B token), a B token under the official parity.
+    assert 1 not in set(mm.tome(metric, state, 2).kept[0].tolist())
+    assert 1 in set(mm.tome(metric, state, 2, parity="official").kept[0].tolist())
+    with pytest.raises(ValueError, match="parity"):
+        mm.check_options("tome", {"parity": "odd"})

@@ -504,3 +504,16 @@ def test_a_failure_while_patching_leaves_the_model_as_it_was(monkeypatch):
         mmmerge.patch(model, r=4)
     assert untouched(model)
     assert torch.equal(output(model, x), reference)
+
+
+def test_official_tome_parity_runs_with_per_frame_groups_on_a_cls_model():
+    """ViViT has a [CLS] token: the official parity flips the A/B split, per frame group too (static tables)."""
+    model = tiny(VivitForVideoClassification, attn="sdpa")
+    x = clip()
+    outputs = {}
+    for parity in ("mergeable", "official"):
+        mmmerge.patch(model, r=4, method="tome", time_mode="within_frame", parity=parity, trace_source=True)
+        outputs[parity] = output(model, x)
+        source = mmmerge.last_info(model).source
+        assert torch.isfinite(outputs[parity]).all() and has_increasing_representatives(source[0], source.max() + 1)
+    assert not torch.equal(outputs["mergeable"], outputs["official"])
