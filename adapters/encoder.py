@@ -120,8 +120,8 @@ def _attention_config(core: nn.Module) -> Any:
 # ------------------------------------------------------------------------------ layer anatomy (per family)
 @dataclass(frozen=True)
 class LayerParts:
-    """The pieces of one encoder layer, as the model's own modules (found again on every call, so a copy
-    of the model uses its own)."""
+    """The pieces of one encoder layer, as the model's own modules (found once at patch time and kept in the
+    layer's ``LayerSpec``; a deep copy or a pickle of the model maps them to the copy's own)."""
 
     family: str  # "vit" (VideoMAE: self-attention + output modules), "vivit" (ViViT/AST 5.x), "clip" (CLIP/SigLIP)
     norm1: nn.Module
@@ -256,8 +256,6 @@ class MergingCarry(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------ the merging layer
-# Static tensors of a partition (group ids, selection positions, cross-group masks), made at patch time.
-_PARTITION_BUFFERS = ("ids", "ids_a", "block_ab", "block_pairs", "sel", "sel_a", "sel_pairs", "quota")
 _MERGING_CLASSES: Dict[type, type] = {}
 _lock = threading.Lock()
 

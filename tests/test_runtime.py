@@ -12,6 +12,7 @@ import torch
 from transformers import VideoMAEForVideoClassification, VideoMAEModel, VivitForVideoClassification
 
 import mmmerge
+from mmmerge.adapters.encoder import MergingLayer
 from mmmerge import TargetFlops
 from mmmerge.adapters import audio
 from mmmerge.adapters.encoder import patch_spec
@@ -38,8 +39,12 @@ def test_deepcopy_is_an_independent_patched_model(make, x):
     merged = output(model, inputs)
     twin = copy.deepcopy(model)
     assert same(output(twin, inputs), merged)
-    # The copy's layers are its own: unpatching it restores the copy and leaves the original patched.
+    # The copy's layers are its own, and so are the modules their static plans call: unpatching the copy
+    # restores the copy and leaves the original patched.
     assert all(a is not b for a, b in zip(twin.modules(), model.modules()))
+    own = {id(m) for m in twin.modules()}
+    plans = [m._mmmerge for m in twin.modules() if isinstance(m, MergingLayer)]
+    assert plans and all(id(p.parts.attention) in own and id(p.parts.norm1) in own for p in plans if p.parts)
     mmmerge.unpatch(twin)
     assert untouched(twin) and same(output(twin, inputs), reference)
     assert same(output(model, inputs), merged) and patch_spec(model) is not None
