@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import platform
 import math
 import time
 from dataclasses import dataclass
@@ -566,9 +567,22 @@ CHECKED = ("videomae_when", "llava")  # references whose training.json records a
 CHECK = {"steps": 3, "batch_size": 4, "pool": 64, "eval": 16}
 
 
+def cpu_kernels() -> str:
+    """What bit-exact CPU arithmetic depends on besides the software: torch's CPU capability and the processor
+    (the BLAS picks its kernels by vendor), e.g. "AVX512 on AMD EPYC"."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{torch.backends.cpu.get_cpu_capability()} on {model}"
+
+
 def reproduction_check(name: str) -> Dict[str, object]:
     """Train ``name``'s recipe for ``CHECK['steps']`` steps on small batches (into a temporary folder) and return
-    ``{steps, batch_size, sha256_16, torch, transformers}``: the same code path as the full training."""
+    ``{steps, batch_size, sha256_16, torch, transformers, cpu}``: the same code path as the full training (``cpu``:
+    the CPU kernels torch dispatches to, which bit-exact weights depend on)."""
     import tempfile
     from dataclasses import replace
 
@@ -583,7 +597,8 @@ def reproduction_check(name: str) -> Dict[str, object]:
             record = train(recipe, Path(tmp), steps=CHECK["steps"], pool=CHECK["pool"], log_every=0,
                            eval_clips=CHECK["eval"])
     return {"steps": CHECK["steps"], "batch_size": CHECK["batch_size"], "sha256_16": record["sha256_16"],
-            "torch": torch.__version__, "transformers": transformers.__version__}
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": cpu_kernels()}
 
 
 def record_check(name: str, out_dir: Path) -> None:
