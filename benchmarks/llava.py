@@ -221,11 +221,11 @@ def _reduction_rows(work: Workload, keeps, quick, repeats, info) -> List[Dict[st
     model = work.model
     llava.restore_visual_tokens(model)
     lm = model.model
-    layout = llava._layout(lm)
+    layout = llava.kinds.tower_layout(lm)
     tower = lm.vision_tower
     pixels = work.pixels["pixel_values"]
     pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # NeXT: every tile is one tower input
-    kind = llava._kind(model)
+    kind = llava.model_kind(model)
     out = tower(pixels, output_hidden_states=True)
     d = layout.drop
     x = out.hidden_states[layout.feature_layers[0]][:, d:]
@@ -238,18 +238,18 @@ def _reduction_rows(work: Workload, keeps, quick, repeats, info) -> List[Dict[st
                                      layout=layout, time_mode="global", hyper={})
             if work.next:  # the packed tokens of the image; keys and scores of its tiles, gathered to them
                 image = ctx.image_layout(lm, work.pixels["image_sizes"][0].tolist(), True, None)
-                plan = llava._ragged_plan(ctx, [image], x.device)
+                plan = llava.anyres.ragged_plan(ctx, [image], x.device)
                 tokens = torch.cat(list(lm.get_image_features(**work.pixels).pooler_output))
 
                 def reduce(ctx=ctx, plan=plan, tokens=tokens, scored=scored):
-                    keys, score = llava._keys_and_scores(lm, layout, out.hidden_states, scored)
+                    keys, score = llava.reduction.keys_and_scores(lm, layout, out.hidden_states, scored)
                     metric = keys[:, d:].flatten(0, 1)[plan.origin]
                     score = None if score is None else score[:, d:].flatten()[plan.origin]
-                    return llava._reduce_ragged(ctx, tokens, metric, score, plan)
+                    return llava.reduction.reduce_ragged(ctx, tokens, metric, score, plan)
             else:
                 def reduce(ctx=ctx, keep=keep, scored=scored):
-                    keys, score = llava._keys_and_scores(lm, layout, out.hidden_states, scored)
-                    return llava._reduce(ctx, x, keys[:, d:], None if score is None else score[:, d:], keep,
+                    keys, score = llava.reduction.keys_and_scores(lm, layout, out.hidden_states, scored)
+                    return llava.reduction.reduce_rows(ctx, x, keys[:, d:], None if score is None else score[:, d:], keep,
                                          layout.protected)
             fns[f"{method}_{keep}"] = reduce
     t = _median(fns, repeats)
