@@ -21,7 +21,7 @@ from .features import _anyres_image_features, _image_features, _projector_input_
     _video_features
 from .kinds import METHODS, SCORED, WHERE, KeepSpec, _check_keep, _resolve_keep, inner_model, model_kind, \
     tower_layers, tower_layout
-from .placeholders import _check_placeholder_runs
+from .placeholders import _check_placeholder_runs, _placeholder_mask
 from .processor import _check_processor, _patch_processor
 from .query import _check_query_options, _generate_with_prompt, _hold_prompt, _release_prompt
 from .reduction import _select_hidden
@@ -46,18 +46,17 @@ def _check_method_options(method: str, hyper: Dict[str, Any], device: torch.devi
                              f"torch.Generator(device='{device.type}')")
     contextual = hyper.get("contextual")
     kept = contextual if isinstance(contextual, int) and not isinstance(contextual, bool) and contextual > 4 else 4
-    state = generator.get_state() if generator is not None else None
-    # The trial call must not move any random stream: the user's generator, or torch's default ones.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # The trial runs on the host, whatever the model's device (the option checks do not depend on it, and a patch
+    # touches no device stream): the user's generator is stood in for by a fresh host one, and torch's default
+    # host stream is forked, so no random stream moves.
+    trial = dict(hyper, generator=torch.Generator()) if generator is not None else hyper
+    with torch.random.fork_rng(devices=[]):
         try:
-            x = torch.linspace(-1.0, 1.0, 2 * kept * 4, device=device).view(1, 2 * kept, 4)
+            x = torch.linspace(-1.0, 1.0, 2 * kept * 4, device="cpu").view(1, 2 * kept, 4)
             extra = {"score": x[..., 0]} if method in SCORED else {}
-            reduce_tokens(x, kept, method, metric=x, **extra, **hyper)
+            reduce_tokens(x, kept, method, metric=x, **extra, **trial)
         except (TypeError, ValueError) as err:
             raise type(err)(f"method '{method}' rejects its options {sorted(hyper)}: {err}") from None
-        finally:
-            if generator is not None:
-                generator.set_state(state)
 
 
 def _where(where: str, hyper: Dict[str, Any]) -> str:
@@ -212,6 +211,8 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
         if kind.videos:
             wrappers.append(("get_video_features", _video_features))
         ctx.select_hidden = _select_hidden(layout, getattr(type(lm), wrappers[0][0]))
+    if callable(getattr(type(lm), "get_placeholder_mask", None)):  # mmmerge's error for mismatched placeholders
+        wrappers.append(("get_placeholder_mask", _placeholder_mask))
     # Everything is validated: replace any previous patch, then apply; any failure undoes what was done.
     restore_visual_tokens(model)
     try:

@@ -2,13 +2,12 @@
 (``compact_image_tokens``, ``check_placeholder_counts``)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from transformers.utils import torch_compilable_check
 
 from .anyres import _aspect, _cropped, _host_sizes, reduced_length
 from .context import LlavaContext, _context
@@ -27,12 +26,20 @@ def _runs(ids: Tensor, token_id: int) -> Tuple[Tensor, Tensor, Tensor]:
     return m, pos - start, m & ~nxt
 
 
-def _check_placeholder_runs(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+def _check_placeholder_runs(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+                            ) -> Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]]:
     """Forward pre-hook on the inner model (registered once, at patch time; reads the context of the model it
-    runs on, so a copy checks its own): every placeholder run is a whole number of reduced images (videos) of
-    LLaVA-1.5 and the video models (transformers only compares totals). Checked as transformers checks the
-    totals (``torch_compilable_check``: ValueError, one bool read on the host). Anyres images have a count per
-    image size; their totals are checked by transformers, their split by ``check_placeholder_counts``."""
+    runs on, so a copy checks its own): every placeholder run must be a whole number of reduced images (videos)
+    of LLaVA-1.5 and the video models, where transformers only compares totals.
+
+    No host read of its own: when a run is not a multiple of the reduced count, the placeholders of that kind
+    are hidden from this call's ``input_ids`` (one ``where`` on the device), so the model's own total check
+    (its one read per prefill) fails, and ``_placeholder_mask`` turns that failure into mmmerge's error. Anyres
+    images have a count per image size; their totals are checked by transformers, their split by
+    ``check_placeholder_counts``.
+
+    Returns the call's ``(args, kwargs)`` with the checked ``input_ids``, or None when there is nothing to check.
+    """
     ctx = module.__dict__.get("_mmmerge_llava")
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ctx is None or ids is None:
@@ -41,21 +48,56 @@ def _check_placeholder_runs(module: nn.Module, args: Tuple[Any, ...], kwargs: Di
     checks = []
     encoded = kwargs.get("mm_encoder_outputs") or {}  # generate() runs the tower before the prefill
     if ctx.kind.images == "uniform" and (kwargs.get("pixel_values") is not None or encoded.get("image") is not None):
-        checks.append((config.image_token_id, ctx.keep_tokens, "image"))
+        checks.append((config.image_token_id, ctx.keep_tokens))
     videos = kwargs.get("pixel_values_videos")
     if ctx.kind.videos and videos is not None:
-        checks.append((config.video_token_id, _video_counts(ctx, module, videos.shape[1])[1], "video"))
+        checks.append((config.video_token_id, _video_counts(ctx, module, videos.shape[1])[1]))
     elif ctx.kind.videos and encoded.get("video") is not None:
         pooled = encoded["video"].pooler_output
         count = pooled[0].flatten(0, 1).shape[0] if isinstance(pooled, (tuple, list)) else pooled.shape[1]
-        checks.append((config.video_token_id, count, "video"))
-    for token_id, keep, what in checks:
+        checks.append((config.video_token_id, count))
+    if not checks:
+        return None
+    stand_in = _stand_in_id(config)
+    for token_id, keep in checks:
         m, pos, end = _runs(ids, token_id)
-        torch_compilable_check((((pos + 1) % keep == 0) | ~end).all(),
-                               f"mmmerge.llava: a run of {what} placeholders is not a multiple of keep={keep}; "
-                               f"the processor or input_ids were made for another keep: pass processor= to "
-                               f"reduce_visual_tokens or rewrite input_ids with compact_image_tokens")
-    return None
+        broken = (end & ((pos + 1) % keep != 0)).any()  # [] bool, on the device
+        ids = torch.where(broken & m, stand_in, ids)
+    if "input_ids" in kwargs or not args:
+        return args, {**kwargs, "input_ids": ids}
+    return (ids,) + tuple(args[1:]), kwargs
+
+
+def _stand_in_id(config: Any) -> int:
+    """A token id that is no placeholder (the LM's pad id, else 0), to hide broken placeholder runs with."""
+    ids = {getattr(config, name, None) for name in ("image_token_id", "video_token_id")}
+    text = getattr(config, "text_config", config)
+    for candidate in (getattr(text, "pad_token_id", None), 0, 1, 2):
+        if candidate is not None and candidate not in ids:
+            return candidate
+    raise RuntimeError("mmmerge.llava: no token id to stand in for placeholders")  # ids 0, 1 and 2 all placeholders
+
+
+def _placeholder_mask(lm: nn.Module, original: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Replacement of the inner model's ``get_placeholder_mask``: the model's own count check, with mmmerge's
+    error when the placeholders do not match the reduced features (inputs from an unpatched processor, for any
+    keep, or a run split across items: see ``_check_placeholder_runs``). No work of its own on success."""
+    try:
+        return original(*args, **kwargs)
+    except ValueError as err:
+        if "do not match" not in str(err):
+            raise
+        ctx = lm.__dict__.get("_mmmerge_llava")
+        if ctx is None:
+            raise
+        per_item = ctx.keep_tokens if ctx.keep_tokens is not None else ctx.keep
+        raise ValueError(
+            f"mmmerge.llava: the placeholders in input_ids do not match the reduced visual tokens ({err}). The model "
+            f"was reduced to keep={per_item} per image (video): every run of placeholders must be a whole number of "
+            f"reduced items, and a run that is not a multiple of keep={per_item} (or the full count of an unreduced "
+            "item) is refused. Inputs from a processor that was not patched hold the full count: pass processor= to "
+            "reduce_visual_tokens (it then emits the reduced count), or rewrite input_ids with "
+            "compact_image_tokens(input_ids, attention_mask, model)") from None
 
 
 def _anyres_counts(ctx: LlavaContext, lm: nn.Module, image_sizes: Any, batch_num_images: Any
@@ -129,7 +171,7 @@ def check_placeholder_counts(input_ids: Tensor, model: nn.Module, num_frames: Op
         if where.numel() != sum(reduced):
             raise ValueError(f"input_ids hold {where.numel()} image placeholders, these images need {sum(reduced)} "
                              f"({reduced} per image); use the patched processor or compact_image_tokens")
-        counts = torch.tensor(reduced)
+        counts = torch.tensor(reduced, device=where.device)  # host-side check: one copy, then device arithmetic
         starts = counts.cumsum(0) - counts
         first, last = where[starts], where[starts + counts - 1]
         L = input_ids.shape[1]
