@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -144,7 +145,12 @@ class Replacement:
     def original(self) -> Callable:
         if self.previous is not None:
             return self.previous
-        return getattr(type(self.owner), self.name).__get__(self.owner, type(self.owner))
+        # The class's function, looked up in the class's own namespace (its MRO), never through the instance:
+        # torch.compile resolves ``getattr(type(owner), name)`` on a module to the instance attribute, this one.
+        for cls in type(self.owner).__mro__:
+            if self.name in cls.__dict__:
+                return types.MethodType(cls.__dict__[self.name], self.owner)
+        raise AttributeError(f"{type(self.owner).__name__} has no method {self.name}")
 
     @property
     def __signature__(self) -> inspect.Signature:
