@@ -79,3 +79,16 @@ def test_compiled_reduced_forward_equals_eager():
         compiled = torch.compile(model)(**inputs).logits
     assert compiled.shape == eager.shape and compiled.shape[1] == inputs["input_ids"].shape[1]
     torch.testing.assert_close(compiled, eager, atol=1e-5 if EXACT else 3e-2, rtol=1e-4)
+
+
+def test_example_runs_batched_and_compiled(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "llava_vqa.py"
+    spec = importlib.util.spec_from_file_location("llava_vqa_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--batch", "2", "--compile", "--repeats", "1", "--max-new-tokens", "2"])
+    out = capsys.readouterr().out
+    assert "compiled] visual tokens 16 per prompt, prefill 2 x" in out and "visual tokens 64 per prompt" in out
