@@ -64,16 +64,21 @@ LLaVA-1.5 and videos that is one call for the whole batch. For anyres images the
 images together: n tokens each) and the crop parts; images of the same size share one call, images of different
 sizes (different crop counts) get one call each, so a batch of k distinct sizes makes 1 + k calls (the engine
 has no per-row budget yet). The per-image bookkeeping (counts, index maps) is host arithmetic on the image sizes,
-cached per size; the image sizes are read on the host once per call (the model itself reads them per image).
+cached per size; its index maps reach the device from pinned memory without a sync, once per batch layout. Keep
+``image_sizes`` (and OneVision's ``batch_num_images``) on the host, as the processor makes them: the model loops
+over them in Python, so on a device it reads each one (the reduction then reads them once and hands the model
+host values).
 
 How it is wired: the inner model's own ``get_image_features`` / ``get_video_features`` is replaced by an instance
-attribute (a ``_Replacement``: the class is untouched) that calls the original and reduces its output; the
+attribute (a ``Replacement``: the class is untouched) that calls the original and reduces its output; the
 context (``LlavaContext``, the settings) is a plain attribute of the inner model. Every hook is a module-level
 function registered once, at patch time: a pre-hook on the inner model checks that each run of LLaVA-1.5 or
-video placeholders is a whole number of reduced items, with transformers' own ``torch_compilable_check`` (a
-ValueError at the call, before any work is queued: one read of a bool, as the model's own total check does
-per prefill; a hint under ``torch.compile``; never a device-side assert, which would poison a CUDA context);
-for ``pre_projector``, a tower hook and a projector
+video placeholders is a whole number of reduced items without a host read of its own: a broken run hides that
+kind's placeholders from the call's ``input_ids`` (one ``where`` on the device), so the model's own total check
+(its one bool read per prefill; a hint under ``torch.compile``) fails, and the replaced ``get_placeholder_mask``
+turns transformers' "features and tokens do not match" into mmmerge's ValueError naming ``processor=`` and
+``compact_image_tokens``, which is also what inputs from an unpatched processor get, for every keep (never a
+device-side assert, which would poison a CUDA context); for ``pre_projector``, a tower hook and a projector
 pre-hook reduce the projector's input during that model's call in that thread (a ``threading.local`` slot the
 replacement sets for the call), and do nothing otherwise. So a reduced model:
     - copies: ``copy.deepcopy`` gives an independent reduced model (its replacements, hooks and context are its
@@ -87,7 +92,9 @@ replacement sets for the call), and do nothing otherwise. So a reduced model:
       by this model (per-thread records), under ``torch.compile`` not recorded (no Python side effects).
     - compiles: the language model with ``fullgraph=True`` (it only sees fewer tokens), and the post_projector and
       pre_projector reductions too (``torch.compile(model.model.get_image_features, fullgraph=True)``, after one
-      eager call: transformers installs its capture hooks, under a lock, at the first call).
+      eager call: transformers installs its capture hooks, under a lock, at the first call); the whole model
+      with ``torch.compile(model)``; and ``generate(..., cache_implementation="static")`` with a compiled
+      decoding step (a reduced prompt's length is fixed by ``keep``).
 ``restore_visual_tokens`` removes every attribute and hook, so outputs are bit-identical to before.
 
 The package, one part per file:

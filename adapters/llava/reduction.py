@@ -67,8 +67,9 @@ def keys_and_scores(lm: nn.Module, layout: Layout, hidden_states: Sequence[Optio
         keys = kh.mean(2)
         if not need_score:
             return keys, None
-        q = attn.q_proj(x)  # all rows, as in the layer's own forward (same values, bit for bit)
-        queries = q[:, : layout.cls] if layout.cls else q
+        # The [CLS] score needs the [CLS] queries only: project that row alone (a CLIP-L tower: 1 of 577 rows);
+        # towers without [CLS] rank by the attention every token receives, so every row is a query.
+        queries = attn.q_proj(x[:, : layout.cls]) if layout.cls else attn.q_proj(x)
         qh = queries.reshape(B, queries.shape[1], heads, D // heads)
         logits = torch.einsum("bqhd,bthd->bhqt", qh.float(), kh.float()) * (D // heads) ** -0.5
         return keys, logits.softmax(-1).mean((1, 2))
