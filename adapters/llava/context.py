@@ -2,6 +2,7 @@
 ``mmmerge.last_info``), and the replaced methods of the inner model (``Replacement``)."""
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import types
@@ -145,11 +146,15 @@ class Replacement:
     def original(self) -> Callable:
         if self.previous is not None:
             return self.previous
-        # The class's function, looked up in the class's own namespace (its MRO), never through the instance:
-        # torch.compile resolves ``getattr(type(owner), name)`` on a module to the instance attribute, this one.
+        # The class's own function with its owner as a partial, never a bound method: torch.compile calls a
+        # module's bound method by looking its name up on the instance again, which finds this replacement
+        # (endless recursion in a compiled whole model).
         for cls in type(self.owner).__mro__:
             if self.name in cls.__dict__:
-                return types.MethodType(cls.__dict__[self.name], self.owner)
+                attr = cls.__dict__[self.name]
+                if isinstance(attr, types.FunctionType):
+                    return functools.partial(attr, self.owner)
+                return attr.__get__(self.owner, type(self.owner))  # a staticmethod, classmethod, other descriptor
         raise AttributeError(f"{type(self.owner).__name__} has no method {self.name}")
 
     @property
