@@ -3,7 +3,7 @@
     encoder.py  the shared patch for Hugging Face ViT-style encoder layers (ViViT, VideoMAE, AST, CLIP)
     video.py    ViViT / VideoMAE: time modes, load_video, frame_features, visualize
     audio.py    AST: band/time modes, padding, load_audio, features, column outputs, visualize
-    llava.py    LLaVA / LLaVA-NeXT-Video: reduce_visual_tokens before the language model
+    llava/      LLaVA-1.5, NeXT, NeXT-Video, OneVision: reduce_visual_tokens before the language model (a package)
 Importing this package registers every adapter with ``mmmerge.patch``.
 """
 from . import audio  # noqa: F401

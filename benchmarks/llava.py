@@ -6,18 +6,27 @@
     python -m benchmarks.llava --size next-7b  # LLaVA-NeXT-7B size in bf16, one 672x672 image (needs a GPU)
     python -m benchmarks.llava --size next-quick  # tiny LLaVA-NeXT (smoke test of the anyres path)
     python -m benchmarks.llava --size next-cpu    # LLaVA-NeXT tower at real size + the small LM (CPU, minutes)
+    python -m benchmarks.llava --batch 1 8        # prefill rows at these batch sizes (default: 1 and 8)
+    python -m benchmarks.llava --sections compiled  # the compiled rows (torch.compile of the LM; slow to build)
 
-Three tables, all measured in one process, interleaved rounds, one warm-up, median of ``repeats``:
+Tables, all measured in one process, interleaved rounds, one warm-up, median of ``repeats``:
     prefill    LLaVA-1.5: keep 576 / 192 / 144 / 64; LLaVA-NeXT: 2880 / 640 / 320 / 160 feature tokens of one
-               672 x 672 image (base view + 4 crops; its 48 newline tokens stay on top), tome after the projector:
-               latency of the whole prefill (tower, reduction, projector, LM over the prompt, last-token logits)
-               and of the LM part alone, tokens/s, speedups against keep-all and the ratio of prefill tokens.
+               672 x 672 image (base view + 4 crops; its 48 newline tokens stay on top), tome after the projector,
+               one image per prompt, at every ``--batch``: latency of the whole prefill (tower, reduction,
+               projector, LM over the prompt, last-token logits) and of the LM part alone (the ceiling: the LM at
+               the full and at the reduced length), tokens/s, speedups against keep-all and the token ratio.
                Goal: LM prefill speedup >= 0.8x the token ratio.
-    reduction  cost of the reduction itself (keys + scores from the captured projections, matching, merging)
-               as a fraction of one vision-tower forward. Goal: below 5%.
+    reduction  cost of the reduction itself, measured through the public entry point only: the reduced
+               ``get_image_features`` against the unreduced one (tower, projector, packing) on the same pixels:
+               its time (difference of medians), its dispatched aten ops (``mmmerge.count_ops``; on a GPU at small
+               batch each is a kernel launch) and its host time with the model on the meta device (no kernel runs:
+               the Python and dispatch cost that a GPU cannot hide), each as a share of the unreduced call.
+               Goal: below 5%.
     stage      (LLaVA-1.5) reduce before vs after the projector (where="pre_projector" / "post_projector"):
                latency, and fidelity against keep-all (cosine of the LM's last hidden state and of the
                next-token distribution).
+    compiled   (opt-in) the LM compiled (``torch.compile``, static shapes; CUDA graphs on a GPU): whole prefill and
+               LM alone at keep-all and at the smallest keep, at batch 1.
 Random weights make fidelity figures a sanity check only; timings on a shared CPU are noisy.
 """
 from __future__ import annotations
@@ -26,17 +35,20 @@ import argparse
 import functools
 import statistics
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+import mmmerge
 from mmmerge.adapters import llava
 
 from .timing import machine, markdown_table, seconds
 
 PROMPT_TEXT = 40  # text tokens around the image
-SECTIONS = ("prefill", "reduction", "stage")
+SECTIONS = ("prefill", "reduction", "stage", "compiled")
+DEFAULT_SECTIONS = ("prefill", "reduction", "stage")  # compiled: opt-in (building the graphs takes minutes on a CPU)
+BATCHES = (1, 8)
 
 
 SIZES = ("quick", "cpu", "7b", "next-quick", "next-cpu", "next-7b")
@@ -101,61 +113,76 @@ def _median(fns: Dict[str, object], repeats: int) -> Dict[str, float]:
 
 
 class Workload:
-    """One prompt: ``PROMPT_TEXT`` text tokens around one image, for LLaVA-1.5 (576 tokens at 336 px) or
-    LLaVA-NeXT (a square image of 2 x 2 tiles: base view + 4 crops, 2880 feature tokens and 48 newlines)."""
+    """``batch`` prompts of ``PROMPT_TEXT`` text tokens around one image each, for LLaVA-1.5 (576 tokens at 336 px)
+    or LLaVA-NeXT (a square image of 2 x 2 tiles: base view + 4 crops, 2880 feature tokens and 48 newlines)."""
 
-    def __init__(self, model, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, batch: int = 1) -> None:
         self.model = model
+        self.batch = batch
+        llava.restore_visual_tokens(model)  # the unreduced counts are measured below
         self.next = type(model).__name__.startswith("LlavaNext")
         vcfg = model.config.vision_config
         tile = vcfg.image_size
         self.pixels: Dict[str, torch.Tensor] = {}
         g = torch.Generator().manual_seed(1)
         if self.next:
-            self.pixels["pixel_values"] = torch.randn(1, 5, 3, tile, tile, generator=g).to(device, dtype)
-            self.pixels["image_sizes"] = torch.tensor([[2 * tile, 2 * tile]])
+            one = torch.randn(1, 5, 3, tile, tile, generator=g)
+            self.pixels["pixel_values"] = one.expand(batch, -1, -1, -1, -1).to(device, dtype)
+            self.pixels["image_sizes"] = torch.tensor([[2 * tile, 2 * tile]] * batch)  # host, as the processor
             with torch.no_grad():
-                packed = model.model.get_image_features(**self.pixels).pooler_output[0]
+                packed = model.model.get_image_features(one.to(device, dtype), self.pixels["image_sizes"][:1])
             self.newlines = 2 * (tile // vcfg.patch_size)
-            self.full = packed.shape[0] - self.newlines  # feature tokens (2880 at 336 px)
-            self.placeholders = packed.shape[0]
+            self.placeholders = packed.pooler_output[0].shape[0]
+            self.full = self.placeholders - self.newlines  # feature tokens (2880 at 336 px)
         else:
-            self.pixels["pixel_values"] = torch.randn(1, 3, tile, tile, generator=g).to(device, dtype)
+            one = torch.randn(1, 3, tile, tile, generator=g)
+            self.pixels["pixel_values"] = one.expand(batch, -1, -1, -1).to(device, dtype)
             self.newlines = 0
             self.full = self.placeholders = (tile // vcfg.patch_size) ** 2
         image_id = model.config.image_token_id
         text = torch.randint(1, image_id - 1, (1, PROMPT_TEXT), generator=torch.Generator().manual_seed(0))
         self.full_ids = torch.cat([text[:, :5], torch.full((1, self.placeholders), image_id), text[:, 5:]], 1)
-        self.full_ids = self.full_ids.to(device)
+        self.full_ids = self.full_ids.expand(batch, -1).to(device)
         F_ = self.full
         self.keeps = [576, 192, 144, 64] if F_ == 576 else [2880, 640, 320, 160] if F_ == 2880 else \
             [F_, F_ * 2 // 9, F_ // 9, F_ // 18] if self.next else [F_, F_ // 3, F_ // 4, F_ // 9]
 
-    def patch(self, keep: int, method: str = "tome", where: str = "post_projector") -> torch.Tensor:
-        """Patch for ``keep`` and return the compacted input ids."""
+    def reduce(self, keep: int, method: str = "tome", where: str = "post_projector") -> None:
+        """Reduce the model for ``keep`` (undoing any earlier reduction first)."""
         llava.restore_visual_tokens(self.model)
         llava.reduce_visual_tokens(self.model, keep=keep, method=method, where=where)
+
+    def patch(self, keep: int, method: str = "tome", where: str = "post_projector") -> torch.Tensor:
+        """Reduce for ``keep`` and return the compacted input ids ``[batch, tokens(keep)]``."""
+        self.reduce(keep, method, where)
         sizes = self.pixels.get("image_sizes")
         ids, _ = llava.compact_image_tokens(self.full_ids, None, self.model, image_sizes=sizes)
         return ids
 
+    def features(self):
+        """The model's own image features of the workload's pixels (reduced when the model is)."""
+        return self.model.model.get_image_features(**self.pixels)
+
     def tokens(self, keep: int) -> int:
-        """Prefill tokens at ``keep``: text, kept visual tokens, newlines."""
+        """Prefill tokens per prompt at ``keep``: text, kept visual tokens, newlines."""
         return PROMPT_TEXT + keep + self.newlines
 
 
 @torch.no_grad()
 def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str] = None,
-        repeats: int = 3, threads: Optional[int] = 1, sections: Sequence[str] = SECTIONS,
-        progress=None) -> List[Dict[str, object]]:
-    """Rows (flat dicts) of the tables in ``sections`` (prefill, reduction, stage); ``table`` says which.
+        repeats: int = 3, threads: Optional[int] = 1, sections: Sequence[str] = DEFAULT_SECTIONS,
+        progress=None, batches: Sequence[int] = BATCHES) -> List[Dict[str, object]]:
+    """Rows (flat dicts) of the tables in ``sections`` (prefill, reduction, stage, compiled); ``table`` says which.
 
     ``threads``: torch CPU threads for the whole run (1 by default: a shared CPU; None leaves torch's choice).
+    ``batches``: prompts per prefill call, one row set each (``quick``: batch 1 and 2).
     ``progress``: optional tqdm-like bar, advanced once per section.
     """
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+        raise ValueError(f"batches must be positive ints, got {list(batches)}")
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -166,9 +193,10 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
         progress.reset(total=len(sections))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats = 1 if quick else repeats
+    batches = tuple(min(b, 2) for b in batches) if quick else tuple(batches)
     model = build(size, device, dtype)
     work = Workload(model, device, dtype)
-    keeps, N = work.keeps, work.full
+    keeps = work.keeps
     rows: List[Dict[str, object]] = []
     info = dict(size=size, device=device.type, dtype=str(dtype).replace("torch.", ""))
 
@@ -177,34 +205,19 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
             progress.set_postfix_str(section)
             progress.update(1)
 
-    # ---- prefill: whole model and LM alone, keep-all vs reduced, interleaved in one loop.
-    fns: Dict[str, Callable[[], object]] = {}
-    for keep in (keeps if "prefill" in sections else []):
-        ids = work.patch(keep)
-        emb = model.model.get_input_embeddings()(ids)  # the LM's cost depends on the length only
-
-        def whole(ids=ids):
-            return model(input_ids=ids, **work.pixels, logits_to_keep=1)
-
-        fns[f"whole_{keep}"] = (functools.partial(work.patch, keep), whole)
-        fns[f"lm_{keep}"] = lambda emb=emb: model(inputs_embeds=emb, logits_to_keep=1)
-    t = _median(fns, repeats)
-    for keep in (keeps if "prefill" in sections else []):
-        ratio = work.tokens(N) / work.tokens(keep)
-        rows.append({"table": "prefill", **info, "keep": keep, "prefill_tokens": work.tokens(keep),
-                     "token_ratio": ratio, "prefill_ms": t[f"whole_{keep}"] * 1e3,
-                     "lm_ms": t[f"lm_{keep}"] * 1e3, "tokens_per_s": work.tokens(keep) / t[f"whole_{keep}"],
-                     "speedup": t[f"whole_{N}"] / t[f"whole_{keep}"], "lm_speedup": t[f"lm_{N}"] / t[f"lm_{keep}"],
-                     "lm_efficiency": (t[f"lm_{N}"] / t[f"lm_{keep}"]) / ratio})
     if "prefill" in sections:
+        for batch in dict.fromkeys(batches):
+            rows += _prefill_rows(Workload(model, device, dtype, batch), keeps, repeats, {**info, "batch": batch})
         done("prefill")
-
     if "reduction" in sections:
-        rows += _reduction_rows(work, keeps, quick, repeats, info)
+        rows += _reduction_rows(work, keeps, quick, repeats, {**info, "batch": 1})
         done("reduction")
     if "stage" in sections:
         rows += _stage_rows(work, keeps, quick, repeats, info)
         done("stage")
+    if "compiled" in sections:
+        rows += _compiled_rows(work, keeps, repeats, {**info, "batch": 1})
+        done("compiled")
     llava.restore_visual_tokens(model)
     if out_dir is not None:
         import json
@@ -214,50 +227,103 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, size: Optional[str]
     return rows
 
 
+def _prefill_fns(work: Workload, keeps: Sequence[int], tag: str = "") -> Dict[str, object]:
+    """Timed callables: the whole prefill (re-reducing the model for its keep first, untimed) and the LM alone on
+    embeddings of the same length (the LM's cost depends on the length only), per keep."""
+    model = work.model
+    fns: Dict[str, object] = {}
+    for keep in keeps:
+        ids = work.patch(keep)
+        emb = model.model.get_input_embeddings()(ids)
+
+        def whole(ids=ids):
+            return model(input_ids=ids, **work.pixels, logits_to_keep=1)
+
+        fns[f"whole{tag}_{keep}"] = (functools.partial(work.reduce, keep), whole)
+        fns[f"lm{tag}_{keep}"] = lambda emb=emb: model(inputs_embeds=emb, logits_to_keep=1)
+    return fns
+
+
+def _prefill_row_values(work: Workload, t: Dict[str, float], keep: int, tag: str = "") -> Dict[str, object]:
+    N = work.full
+    ratio = work.tokens(N) / work.tokens(keep)
+    whole, lm = t[f"whole{tag}_{keep}"], t[f"lm{tag}_{keep}"]
+    return {"keep": keep, "prefill_tokens": work.tokens(keep), "token_ratio": ratio, "prefill_ms": whole * 1e3,
+            "lm_ms": lm * 1e3, "tokens_per_s": work.batch * work.tokens(keep) / whole,
+            "speedup": t[f"whole{tag}_{N}"] / whole, "lm_speedup": t[f"lm{tag}_{N}"] / lm,
+            "lm_efficiency": (t[f"lm{tag}_{N}"] / lm) / ratio}
+
+
+def _prefill_rows(work: Workload, keeps, repeats, info) -> List[Dict[str, object]]:
+    """Whole prefill and LM alone, keep-all vs reduced, interleaved in one loop, at ``work.batch`` prompts."""
+    t = _median(_prefill_fns(work, keeps), repeats)
+    return [{"table": "prefill", **info, **_prefill_row_values(work, t, keep)} for keep in keeps]
+
+
+def _compiled_rows(work: Workload, keeps, repeats, info) -> List[Dict[str, object]]:
+    """The LM compiled with static shapes (``mode="reduce-overhead"``: CUDA graphs, on a GPU): a reduced prompt's
+    length is fixed by keep, so each keep is one graph. Whole prefill and LM alone at keep-all and the smallest
+    keep, eager and compiled interleaved."""
+    model = work.model
+    lm = model.model.language_model
+    chosen = [keeps[0], keeps[-1]]
+    eager = _prefill_fns(work, chosen)
+    mode = "reduce-overhead" if torch.cuda.is_available() else "default"
+    lm.__dict__["forward"] = torch.compile(lm.forward, dynamic=False, mode=mode)  # removed again below
+    try:
+        compiled = _prefill_fns(work, chosen, tag="_compiled")
+        t = _median({**eager, **compiled}, repeats)
+    finally:
+        del lm.__dict__["forward"]
+    rows = []
+    for keep in chosen:
+        for tag, mode_name in (("", "eager"), ("_compiled", f"compiled ({mode})")):
+            rows.append({"table": "compiled", **info, "mode": mode_name, **_prefill_row_values(work, t, keep, tag)})
+    return rows
+
+
 def _reduction_rows(work: Workload, keeps, quick, repeats, info) -> List[Dict[str, object]]:
-    """Cost of the reduction itself (the feature layer's keys and score, recomputed from its input, and the
-    engine's reduction) against one vision-tower forward (with the hidden states LLaVA asks for)."""
+    """Cost of the reduction through the public entry point: the reduced ``get_image_features`` against the
+    unreduced one on the same pixels (tower with the hidden states LLaVA asks for, projector, packing). Time
+    (difference of medians), dispatched aten ops, and host time on the meta device (no kernels run)."""
     rows: List[Dict[str, object]] = []
     model = work.model
-    llava.restore_visual_tokens(model)
-    lm = model.model
-    layout = llava._layout(lm)
-    tower = lm.vision_tower
-    pixels = work.pixels["pixel_values"]
-    pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # NeXT: every tile is one tower input
-    kind = llava._kind(model)
-    out = tower(pixels, output_hidden_states=True)
-    d = layout.drop
-    x = out.hidden_states[layout.feature_layers[0]][:, d:]
     methods = ("tome", "pitome", "tps", "dominant") if not quick else ("tome", "dominant")
-    fns = {"tower": lambda: tower(pixels, output_hidden_states=True)}
-    for method in methods:
-        scored = method in llava.SCORED
-        for keep in ((keeps[3],) if quick else (keeps[2], keeps[3])):
-            ctx = llava.LlavaContext(kind=kind, keep=keep, keep_tokens=keep, method=method, where="post_projector",
-                                     layout=layout, time_mode="global", hyper={})
-            if work.next:  # the packed tokens of the image; keys and scores of its tiles, gathered to them
-                image = ctx.image_layout(lm, work.pixels["image_sizes"][0].tolist(), True, None)
-                plan = llava._ragged_plan(ctx, [image], x.device)
-                tokens = torch.cat(list(lm.get_image_features(**work.pixels).pooler_output))
+    chosen = (keeps[3],) if quick else (keeps[2], keeps[3])
+    setups = [(method, keep) for method in methods for keep in chosen]
+    meta_model = build(str(info["size"]), torch.device("meta"), next(model.parameters()).dtype)
+    meta = Workload(meta_model, torch.device("meta"), next(model.parameters()).dtype)
 
-                def reduce(ctx=ctx, plan=plan, tokens=tokens, scored=scored):
-                    keys, score = llava._keys_and_scores(lm, layout, out.hidden_states, scored)
-                    metric = keys[:, d:].flatten(0, 1)[plan.origin]
-                    score = None if score is None else score[:, d:].flatten()[plan.origin]
-                    return llava._reduce_ragged(ctx, tokens, metric, score, plan)
-            else:
-                def reduce(ctx=ctx, keep=keep, scored=scored):
-                    keys, score = llava._keys_and_scores(lm, layout, out.hidden_states, scored)
-                    return llava._reduce(ctx, x, keys[:, d:], None if score is None else score[:, d:], keep,
-                                         layout.protected)
-            fns[f"{method}_{keep}"] = reduce
+    def reduce_both(method: str, keep: int) -> None:
+        work.reduce(keep, method)
+        meta.reduce(keep, method)
+
+    def plain() -> None:
+        llava.restore_visual_tokens(model)
+        llava.restore_visual_tokens(meta_model)
+
+    fns: Dict[str, object] = {"plain": (plain, work.features)}
+    meta_fns: Dict[str, object] = {"plain": (plain, meta.features)}
+    ops: Dict[str, int] = {}
+    plain()
+    ops["plain"] = sum(mmmerge.count_ops(work.features).values())
+    for method, keep in setups:
+        name = f"{method}_{keep}"
+        reduce_both(method, keep)
+        ops[name] = sum(mmmerge.count_ops(work.features).values())
+        fns[name] = (functools.partial(reduce_both, method, keep), work.features)
+        meta_fns[name] = (functools.partial(reduce_both, method, keep), meta.features)
     t = _median(fns, repeats)
-    for name, sec in t.items():
-        if name != "tower":
-            method, keep = name.rsplit("_", 1)
-            rows.append({"table": "reduction", **info, "method": method, "keep": int(keep), "reduce_ms": sec * 1e3,
-                         "tower_ms": t["tower"] * 1e3, "fraction_of_tower": sec / t["tower"]})
+    host = _median(meta_fns, max(repeats, 3))
+    for method, keep in setups:
+        name = f"{method}_{keep}"
+        rows.append({"table": "reduction", **info, "method": method, "keep": keep,
+                     "reduce_ms": (t[name] - t["plain"]) * 1e3, "tower_ms": t["plain"] * 1e3,
+                     "fraction_of_tower": (t[name] - t["plain"]) / t["plain"],
+                     "reduce_ops": ops[name] - ops["plain"], "tower_ops": ops["plain"],
+                     "host_ms_meta": (host[name] - host["plain"]) * 1e3, "tower_host_ms_meta": host["plain"] * 1e3,
+                     "host_share": (host[name] - host["plain"]) / host["plain"]})
+    plain()
     return rows
 
 
@@ -290,9 +356,11 @@ def _stage_rows(work: Workload, keeps, quick, repeats, info) -> List[Dict[str, o
 
 
 COLUMNS = {
-    "prefill": ["keep", "prefill_tokens", "token_ratio", "prefill_ms", "speedup", "tokens_per_s", "lm_ms",
+    "prefill": ["batch", "keep", "prefill_tokens", "token_ratio", "prefill_ms", "speedup", "tokens_per_s", "lm_ms",
                 "lm_speedup", "lm_efficiency"],
-    "reduction": ["method", "keep", "reduce_ms", "tower_ms", "fraction_of_tower"],
+    "reduction": ["method", "keep", "reduce_ms", "tower_ms", "fraction_of_tower", "reduce_ops", "tower_ops",
+                  "host_ms_meta", "tower_host_ms_meta", "host_share"],
+    "compiled": ["mode", "keep", "prefill_tokens", "prefill_ms", "speedup", "lm_ms", "lm_speedup"],
     "stage": ["method", "keep", "stage", "features_ms", "hidden_cos", "probs_cos"],
 }
 
@@ -306,12 +374,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the whole run (default 1, for "
                         "a shared CPU; 0 leaves torch's default)")
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
-                        help="tables to measure (default: all three)")
+    parser.add_argument("--sections", nargs="+", default=list(DEFAULT_SECTIONS), choices=SECTIONS,
+                        help="tables to measure (default: prefill, reduction, stage; compiled is opt-in)")
+    parser.add_argument("--batch", nargs="+", type=int, default=list(BATCHES),
+                        help="prompts per prefill call, one row set each (default: 1 8; --quick caps them at 2)")
     args = parser.parse_args(argv)
     rows = run(args.out, quick=args.quick, size=args.size, repeats=args.repeats, threads=args.threads or None,
-               sections=args.sections)
-    print(f"machine: {machine()}; torch threads {torch.get_num_threads()}; batch 1, one image, {PROMPT_TEXT} text "
+               sections=args.sections, batches=args.batch)
+    print(f"machine: {machine()}; torch threads {torch.get_num_threads()}; one image per prompt, {PROMPT_TEXT} text "
           f"tokens, random weights, size={rows[0]['size']}, {rows[0]['dtype']}; median of {1 if args.quick else args.repeats} "
           "interleaved runs (a shared CPU is noisy)")
     for table in args.sections:

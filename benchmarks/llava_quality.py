@@ -69,7 +69,7 @@ def patch_method(model, keep: int, name: str) -> None:
 def _forget_prompt(*_) -> None:
     from mmmerge.adapters import llava
 
-    llava._CALL.prompt = None  # the adapter's per-thread slot of this call's prompt
+    llava.context.CALL.prompt = None  # the adapter's per-thread slot of this call's prompt
 
 
 def unpatch_method(model) -> None:

@@ -4,12 +4,19 @@
     python examples/llava_vqa.py --tiny next                       # offline: tiny random LLaVA-NeXT (anyres)
     python examples/llava_vqa.py --model llava-hf/llava-1.5-7b-hf --image photo.jpg \
         --question "What is in the picture?" --keep 64 --method dominant
+    python examples/llava_vqa.py --batch 8                         # 8 prompts per call (fewer tokens pay at batch)
+    python examples/llava_vqa.py --compile                         # compiled LM, static-cache generate
 
 Prints the answer of the unmodified model and of the model whose language model sees fewer visual tokens, the
 visual-token counts, and the prefill time of both, timed side by side: each round runs the full prefill and the
 reduced one back to back (the patch is switched between them, untimed), and the speedup shown is the median of
 the per-round ratios, so a busy machine slows both sides of a pair alike. Works for LLaVA-1.5, LLaVA-NeXT and
 LLaVA-OneVision checkpoints (anything ``AutoModelForImageTextToText`` loads that mmmerge supports).
+
+``--batch B`` asks the question B times in one call (one image each). ``--compile``: a reduced prompt's length is
+fixed by ``keep``, so the language model runs compiled with static shapes (``torch.compile``; CUDA graphs on a
+GPU) and ``generate`` uses a static cache (``cache_implementation="static"``; transformers compiles its decoding
+step itself on a GPU). The first calls of each length build the graphs (untimed warm-up).
 
 With no ``--model`` the script builds a tiny LLaVA from configs with RANDOM WEIGHTS and a made-up word
 vocabulary, so it runs offline in seconds: its "answers" are meaningless token strings. It only shows the
@@ -87,8 +94,10 @@ def make_prompt(processor, question: str) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
-def encode(model, processor, image, prompt: str):
-    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
+def encode(model, processor, image, prompt: str, batch: int = 1):
+    """The processor's inputs for ``batch`` copies of one prompt about one image, on the model's device."""
+    inputs = processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt", padding=True)
+    inputs = inputs.to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return inputs
 
@@ -108,9 +117,22 @@ def prefill_seconds(model, inputs) -> float:
         gc.enable()
 
 
+def compile_language_model(model) -> None:
+    """Run the language model compiled with static shapes (an instance ``forward``; ``uncompile`` removes it)."""
+    lm = model.model.language_model
+    mode = "reduce-overhead" if model.device.type == "cuda" else "default"  # CUDA graphs remove the host floor
+    lm.__dict__["forward"] = torch.compile(lm.forward, dynamic=False, mode=mode)
+
+
+def uncompile_language_model(model) -> None:
+    model.model.language_model.__dict__.pop("forward", None)
+
+
 @torch.no_grad()
-def answer(model, processor, inputs, max_new_tokens: int) -> str:
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+def answer(model, processor, inputs, max_new_tokens: int, static_cache: bool = False) -> str:
+    """The first prompt's answer (greedy); ``static_cache``: a static KV cache, as compiled decoding needs."""
+    extra = {"cache_implementation": "static"} if static_cache else {}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
 
 
@@ -170,6 +192,9 @@ def main(argv=None) -> None:
     parser.add_argument("--where", default="post_projector", choices=llava.WHERE)
     parser.add_argument("--max-new-tokens", type=positive, default=20)
     parser.add_argument("--repeats", type=positive, default=7, help="timed rounds (each: full, then reduced)")
+    parser.add_argument("--batch", type=positive, default=1, help="prompts per call (the question B times)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compiled language model (static shapes) and static-cache generate")
     parser.add_argument("--threads", type=positive, default=1,
                         help="torch CPU threads (default 1: on a shared CPU one thread gives the steadiest ratio)")
     args = parser.parse_args(argv)
@@ -198,9 +223,11 @@ def main(argv=None) -> None:
         llava.reduce_visual_tokens(model, keep=keep, method=args.method, where=args.where, processor=processor)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
-    reduced_inputs = encode(model, processor, image, prompt)
+    reduced_inputs = encode(model, processor, image, prompt, args.batch)
     llava.restore_visual_tokens(model, processor)
-    full_inputs = encode(model, processor, image, prompt)
+    full_inputs = encode(model, processor, image, prompt, args.batch)
+    if args.compile:
+        compile_language_model(model)
 
     def use(reduced: bool):
         llava.restore_visual_tokens(model, processor)
@@ -216,18 +243,21 @@ def main(argv=None) -> None:
             inputs = use(reduced)  # switching the patch is host-side work, outside the timed call
             times[reduced].append(prefill_seconds(model, inputs))
     ratios = [full / short for full, short in zip(times[False], times[True])]
-    texts = {reduced: answer(model, processor, use(reduced), args.max_new_tokens) for reduced in (False, True)}
+    texts = {reduced: answer(model, processor, use(reduced), args.max_new_tokens, static_cache=args.compile)
+             for reduced in (False, True)}
     llava.restore_visual_tokens(model, processor)
+    uncompile_language_model(model)
 
     image_id = model.config.image_token_id
     for reduced, name in ((False, "full"), (True, f"{args.method}, keep={keep}, where={args.where}")):
         inputs = reduced_inputs if reduced else full_inputs
-        visual = int((inputs["input_ids"] == image_id).sum())
+        visual = int((inputs["input_ids"][0] == image_id).sum())
         tokens = inputs["input_ids"].shape[1]
         prefill = statistics.median(times[reduced])
-        print(f"\n[{name}] visual tokens {visual}, prefill {tokens} tokens in {prefill * 1e3:.1f} ms (median)\n"
+        print(f"\n[{name}{', compiled' if args.compile else ''}] visual tokens {visual} per prompt, prefill "
+              f"{args.batch} x {tokens} tokens in {prefill * 1e3:.1f} ms (median)\n"
               f"  answer: {texts[reduced]!r}")
-    visual = [int((i["input_ids"] == image_id).sum()) for i in (full_inputs, reduced_inputs)]
+    visual = [int((i["input_ids"][0] == image_id).sum()) for i in (full_inputs, reduced_inputs)]
     print(f"\nprefill speedup {statistics.median(ratios):.2f}x (median of {args.repeats} side-by-side pairs, range "
           f"{min(ratios):.2f}-{max(ratios):.2f}x, {torch.get_num_threads()} thread(s)) with {visual[1]}/{visual[0]} "
           "visual tokens")

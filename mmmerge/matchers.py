@@ -923,6 +923,8 @@ MATCHERS["divprune"] = divprune
 MATCHERS["cdpruner"] = cdpruner
 METHOD_KINDS["divprune"] = "select"
 METHOD_KINDS["cdpruner"] = "select"
+# Methods that measure similarity on the tokens being reduced themselves, never on a separate metric (keys).
+SELF_METRIC_METHODS = frozenset({"divprune", "cdpruner"})
 OPTION_CHECKS["query"] = _instance("query", Tensor, "a [B, Q, C] tensor")
 OPTION_CHECKS["query_mask"] = _instance("query_mask", Tensor, "a [B, Q] bool tensor")
 OPTION_CHECKS["drop_unselected"] = _flag("drop_unselected")

@@ -14,7 +14,9 @@ makes without naming the device is then a CPU tensor. What a real GPU would do w
 
 Host tensors stay real: an op whose inputs are all ordinary CPU tensors (and a factory that asks for the CPU)
 runs for real, so patch-time work (schedules, index tables, reading a lengths list) is not flagged, and its
-results become fake CUDA tensors only when moved with ``.to(device)``.
+results become fake CUDA tensors only when moved with ``.to(device)``. Pinning host memory needs a driver, so
+``pin_memory()`` hands back the host tensor itself (a copy from it to the device is what a real GPU would do
+asynchronously).
 """
 from __future__ import annotations
 
@@ -52,6 +54,8 @@ class SimulatedCuda(FakeTensorMode):
         tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
         device = kwargs.get("device")
         wants_host = device is None or torch.device(device).type == "cpu"
+        if func.overloadpacket in (torch.ops.aten._pin_memory, torch.ops.aten.is_pinned) and _is_host(args[0]):
+            return args[0].clone() if func.overloadpacket is torch.ops.aten._pin_memory else True  # no driver
         if wants_host and all(_is_host(t) for t in tensors) and (tensors or device is not None):
             with unset_fake_temporarily():  # host work (patch time): real
                 return func(*args, **kwargs)

@@ -204,3 +204,15 @@ def test_llava_benchmark_smoke_run_fills_every_table(size):
     tables = {row["table"] for row in rows}
     assert {"prefill", "reduction"} <= tables
     assert all(row.get("error") is None for row in rows)
+    assert {row["batch"] for row in rows if row["table"] == "prefill"} == {1, 2}  # batch 1 and 8, capped by quick
+    for row in (r for r in rows if r["table"] == "reduction"):  # through the public entry point only
+        assert row["reduce_ops"] > 0 and row["tower_ops"] > 0 and row["tower_host_ms_meta"] > 0
+
+
+def test_llava_benchmark_compiled_rows_and_batch_option():
+    from benchmarks import llava as llava_bench
+
+    rows = llava_bench.run(quick=True, size="quick", repeats=1, sections=("compiled",), batches=(1,))
+    assert {row["mode"] for row in rows} == {"eager", "compiled (default)"} and all(r["prefill_ms"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="batches"):
+        llava_bench.run(quick=True, size="quick", sections=("prefill",), batches=(0,))

@@ -277,6 +277,37 @@ def test_per_image_counts_are_checked():
         llava.compact_image_tokens(ids, None, model)
 
 
+@pytest.mark.parametrize("keep", [16, 32, 10, 63, 0.25, 0.5], ids=str)  # 16 and 32 divide the 64 tokens
+def test_inputs_from_an_unpatched_processor_get_mmmerges_error_at_the_call(keep):
+    # Reduced without processor=, called with inputs the unpatched processor expanded to 64 per image: for
+    # every keep (also one that divides 64, whose runs look like whole numbers of reduced images) the call
+    # raises mmmerge's ValueError, naming both fixes, and generate() does too.
+    model, proc = tiny_llava(), processor()
+    llava.reduce_visual_tokens(model, keep=keep)
+    batch = to_device(proc(images=pictures(3), text=["w5 <image> <image> w7", "w8 <image> w9"], return_tensors="pt",
+                           padding=True))
+    assert (batch["input_ids"] == IMAGE).sum() == 3 * N
+    for call in (lambda: logits(model, **batch), lambda: generate(model, steps=1, **batch)):
+        with pytest.raises(ValueError, match=r"mmmerge\.llava: .*processor=.*compact_image_tokens"):
+            call()
+    ids, mask = llava.compact_image_tokens(batch["input_ids"], batch["attention_mask"], model)
+    assert logits(model, **{**batch, "input_ids": ids, "attention_mask": mask}).shape[1] == ids.shape[1]
+
+
+def test_anyres_and_video_inputs_from_an_unpatched_processor_get_mmmerges_error():
+    from test_llava_next import WIDE, TALL, batch, next_processor, picture, tiny_next
+
+    model, proc = tiny_next(), next_processor()
+    llava.reduce_visual_tokens(model, keep=0.25)
+    inputs = batch(proc, [picture(WIDE), picture(TALL, 1)], ["w5 <image> <image>"])
+    with pytest.raises(ValueError, match=r"mmmerge\.llava: .*processor=.*compact_image_tokens"):
+        logits(model, **inputs)
+    video = tiny_video()
+    llava.reduce_visual_tokens(video, keep=16)
+    with pytest.raises(ValueError, match=r"mmmerge\.llava: .*processor=.*compact_image_tokens"):
+        logits(video, input_ids=video_prompt(N), pixel_values_videos=video_pixels())
+
+
 # ---------------------------------------------------------------------------------------------- video
 def video_prompt(keep, videos=2):
     return torch.tensor([[3, 4] + [VIDEO] * keep + [5]] * videos, device=DEVICE)

@@ -330,7 +330,7 @@ def test_reductions_run_under_sync_debug_mode_error(method):
     llava.reduce_visual_tokens(model, keep=0.25, method=method)
     ctx, lm = model._mmmerge_llava, model.model
     images = [ctx.image_layout(lm, s, True, None) for s in inputs["image_sizes"].tolist()]
-    plan = llava._ragged_plan(ctx, images, DEVICE)
+    plan = llava.anyres.ragged_plan(ctx, images, DEVICE)
     L = sum(i.length for i in images)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(L, 32, generator=g).to(DEVICE, DTYPE)
@@ -342,8 +342,8 @@ def test_reductions_run_under_sync_debug_mode_error(method):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        y, _ = llava._reduce_ragged(ctx, x, metric, score, plan)
-        z, _ = llava._reduce(small._mmmerge_llava, images, images[..., :8], score[:192].view(3, 64), 16, 0)
+        y, _ = llava.reduction.reduce_ragged(ctx, x, metric, score, plan)
+        z, _ = llava.reduction.reduce_rows(small._mmmerge_llava, images, images[..., :8], score[:192].view(3, 64), 16, 0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert y.shape[0] == sum(plan.lengths_out) and z.shape == (3, 16, 32)

@@ -147,11 +147,11 @@ def test_score_without_cls_is_the_mean_attention_received_and_no_eager(monkeypat
                         lambda *a, **k: eager_calls.append(1) or original(*a, **k))
     model = tiny_onevision()
     lm = model.model
-    layout = llava._layout(lm)
+    layout = llava.kinds.tower_layout(lm)
     pv = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
     with torch.no_grad():
         hidden = lm.vision_tower(pv, output_hidden_states=True).hidden_states
-        _, score = llava._keys_and_scores(lm, layout, hidden, True)
+        _, score = llava.reduction.keys_and_scores(lm, layout, hidden, True)
     assert lm.vision_tower.config._attn_implementation == "sdpa" and eager_calls == []
     eager = copy.deepcopy(lm.vision_tower)
     eager.set_attn_implementation("eager")

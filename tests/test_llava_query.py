@@ -83,7 +83,7 @@ def test_generate_passes_the_prompt_too():
     assert out.shape == (2, ids.shape[1] + 2)
     source = mmmerge.last_info(model).state.source
     assert not torch.equal(source[0], source[1])  # the two prompts kept different tokens
-    assert getattr(llava._CALL, "prompt", None) is None  # held for the one call only (this thread's slot)
+    assert getattr(llava.context.CALL, "prompt", None) is None  # held for the one call only (this thread's slot)
 
 
 def test_padding_and_placeholders_are_not_part_of_the_query():
@@ -110,13 +110,13 @@ def test_several_images_per_prompt_get_their_own_prompt():
     ids = torch.tensor(rows)
     mask = (ids != PAD).long()
     ctx = model.model._mmmerge_llava
-    llava._CALL.prompt = (ids, mask)  # this thread's held prompt, as the pre-hook sets it
-    query = llava._item_queries(ctx, model.model, IMAGE, torch.full((3,), keep))
+    llava.context.CALL.prompt = (ids, mask)  # this thread's held prompt, as the pre-hook sets it
+    query = llava.query.item_queries(ctx, model.model, IMAGE, torch.full((3,), keep))
     embed = model.model.get_input_embeddings()
     assert torch.equal(query[0][0], embed(ids[0])) and torch.equal(query[0][1], embed(ids[0]))
     assert torch.equal(query[0][2], embed(ids[1]))
     assert query[1][0].sum() == 3 and query[1][2].sum() == 3  # <s> and the two words
-    llava._CALL.prompt = None
+    llava.context.CALL.prompt = None
 
 
 def test_images_and_a_video_of_one_call_both_get_its_prompt_and_the_call_releases_it(monkeypatch):
@@ -125,24 +125,24 @@ def test_images_and_a_video_of_one_call_both_get_its_prompt_and_the_call_release
     model, proc = ov.tiny_onevision(), ov.onevision_processor()
     llava.reduce_visual_tokens(model, keep=0.25, method="cdpruner", processor=proc)
     seen = []
-    original = llava._item_queries
+    original = llava.query.item_queries
 
     def spy(ctx, lm, token_id, counts):
         query = original(ctx, lm, token_id, counts)
         seen.append((token_id, query is not None))
         return query
 
-    monkeypatch.setattr(llava, "_item_queries", spy)
+    monkeypatch.setattr(llava.features, "item_queries", spy)
     inputs = ov.to_device(proc(images=[ov.picture(ov.WIDE)], videos=ov.clips(1), text=["w5 <image> w6 <video> w1"],
                                return_tensors="pt"))
     with torch.no_grad():
         model(**inputs)
     assert seen == [(ov.IMAGE, True), (ov.VIDEO, True)]  # the video reduction, after the image's, still has it
-    assert llava._CALL.prompt is None  # released with the call: a later call never sees this prompt
+    assert llava.context.CALL.prompt is None  # released with the call: a later call never sees this prompt
     bad = dict(inputs, input_ids=inputs["input_ids"][:, 1:])  # a placeholder short: the call raises
     with pytest.raises(Exception), torch.no_grad():
         model(**bad)
-    assert llava._CALL.prompt is None and not llava._CALL.prompts
+    assert llava.context.CALL.prompt is None and not llava.context.CALL.prompts
 
 
 def test_without_a_prompt_cdpruner_is_plain_dpp_and_divprune_needs_none():

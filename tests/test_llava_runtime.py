@@ -65,7 +65,7 @@ SETUPS = {
 
 
 def replacements(model):
-    return {name: value for name, value in vars(model.model).items() if isinstance(value, llava._Replacement)}
+    return {name: value for name, value in vars(model.model).items() if isinstance(value, llava.context.Replacement)}
 
 
 # ------------------------------------------------------------------------------------------------ copies

@@ -1,0 +1,152 @@
+"""Features and the reduction: keys and scores from what the tower computed, and the engine call on the
+projected tokens (batched rows, and a batch of packed anyres images)."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from mmmerge.reduce import reduce_tokens
+from mmmerge.state import TokenState
+
+from ..encoder import layer_parts
+from .anyres import RaggedPlan
+from .context import LlavaContext
+from .kinds import SCORED, SELF_METRIC, Layout, tower_layers
+
+
+# ------------------------------------------------------------------------------------- scores and metric
+def _hidden_request(ctx: LlavaContext, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``kwargs`` for the model's own ``get_*_features`` with the hidden states the reduction reads: the feature
+    layers (what the model selects itself) and the key layer's input. A caller's own request is kept."""
+    if ctx.select_hidden is None:  # the model's call returns every hidden state anyway
+        return kwargs
+    asked = kwargs.get("output_hidden_states")
+    if asked is True:
+        return kwargs
+    extra = () if asked in (None, False) else ((asked,) if isinstance(asked, int) else tuple(asked))
+    return {**kwargs, "output_hidden_states": sorted(set(ctx.select_hidden) | set(extra))}
+
+
+def _select_hidden(layout: Layout, original: Callable) -> Optional[Tuple[int, ...]]:
+    """``LlavaContext.select_hidden`` for the model's ``get_*_features``: None where it takes
+    ``output_hidden_states`` itself (transformers 5.17 ignores it and returns every hidden state), else the
+    indices to ask for (transformers >= 5.24 keeps only the hidden states it is asked for)."""
+    if "output_hidden_states" in inspect.signature(original).parameters:
+        return None
+    return tuple(sorted({layout.key_layer, *layout.feature_layers}))
+
+
+def keys_and_scores(lm: nn.Module, layout: Layout, hidden_states: Sequence[Optional[Tensor]], need_score: bool
+                     ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Head-averaged keys ``[items, T, d]`` and an importance score ``[items, T]`` (float32) of the tower inputs
+    (T = tower tokens), from the key layer's own norm and query/key projections applied to its input
+    ``hidden_states[layout.key_layer]`` (what the tower computed in its forward, recomputed once here: no hook,
+    and the tower keeps its attention backend).
+
+    Score: the head-averaged [CLS] attention for towers with [CLS]; for towers without it, the mean attention
+    each token receives (averaged over heads and all queries) in the key layer.
+    """
+    index = layout.key_layer
+    h = hidden_states[index] if hidden_states is not None and index < len(hidden_states) else None
+    if h is None:
+        raise RuntimeError(f"mmmerge.llava: the vision tower returned no hidden_states[{index}] (the input of the "
+                           "feature layer); this transformers version selects hidden states differently, please "
+                           "report it")
+    parts = layer_parts(tower_layers(lm)[index])
+    attn = parts.attention
+    with torch.no_grad():  # matching builds no graph
+        x = parts.norm1(h)
+        k = attn.k_proj(x)
+        B, T, D = k.shape
+        heads = parts.num_heads
+        kh = k.view(B, T, heads, D // heads)
+        keys = kh.mean(2)
+        if not need_score:
+            return keys, None
+        # The [CLS] score needs the [CLS] queries only: project that row alone (a CLIP-L tower: 1 of 577 rows);
+        # towers without [CLS] rank by the attention every token receives, so every row is a query.
+        queries = attn.q_proj(x[:, : layout.cls]) if layout.cls else attn.q_proj(x)
+        qh = queries.reshape(B, queries.shape[1], heads, D // heads)
+        logits = torch.einsum("bqhd,bthd->bhqt", qh.float(), kh.float()) * (D // heads) ** -0.5
+        return keys, logits.softmax(-1).mean((1, 2))
+
+
+def _raster_order(x: Tensor, state: TokenState) -> Tuple[Tensor, TokenState]:
+    """Sort reduced tokens ``[B, K, C]`` by their earliest original position (a grid keeps its raster order)."""
+    B, K = state.size.shape
+    N0 = state.source.shape[1]
+    if K == N0:
+        return x, state
+    positions = torch.arange(N0, device=x.device).expand(B, N0)
+    first = torch.full((B, K), N0, device=x.device, dtype=torch.long).scatter_reduce(
+        1, state.source, positions, reduce="amin")
+    order = first.argsort(dim=1)  # [B, K]
+    inverse = torch.empty_like(order).scatter_(1, order, torch.arange(K, device=x.device).expand(B, K))
+    x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    state = state.replace(size=state.size.gather(1, order), source=inverse.gather(1, state.source),
+                          coords={n: c.gather(1, order) for n, c in state.coords.items()},
+                          valid=None if state.valid is None else state.valid.gather(1, order))
+    return x, state
+
+
+def reduce_rows(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor], keep: int, protected: int,
+            state: Optional[TokenState] = None, constraint=None,
+            query: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, TokenState]:
+    """Reduce ``x`` ``[B, N, C]`` to ``[B, keep, C]`` with ``ctx.method``, in raster order (batched, no host sync).
+    ``query``: cdpruner's ``(text embeddings [B, L, C], mask [B, L])`` of each row's prompt (``item_queries``)."""
+    hyper = dict(ctx.hyper)
+    if ctx.method in SCORED and score is not None:
+        hyper["score"] = score
+    if ctx.method in SELF_METRIC:  # DivPrune and CDPruner compare the tokens handed to the LM themselves
+        metric = x
+        if query is not None:
+            hyper["query"], hyper["query_mask"] = query
+    y, state = reduce_tokens(x, keep, ctx.method, metric=metric, protected=protected if state is None else 0,
+                             state=state, constraint=constraint, check_layout=False,  # time-major by construction
+                             **hyper)
+    return _raster_order(y, state)
+
+
+def reduce_ragged(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor], plan: RaggedPlan,
+                   query: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tuple[Tensor, TokenState]:
+    """Reduce the packed tokens of a batch of anyres images ``[L, C]`` (all images concatenated).
+
+    One batched engine call per row group (a handful: base views, and one per distinct crop layout). The kept
+    tokens and the untouched newline tokens are then ordered by the position of their earliest original token,
+    which keeps images, parts and rows in order. Returns ``([L', C], state)`` with one state row over the whole
+    batch: ``size`` ``[1, L']``, ``source`` ``[1, L]`` (packed position -> output token). ``query``: cdpruner's
+    per-image ``(embeddings, mask, packed end of each image)``; each row gets its image's prompt.
+    """
+    L = x.shape[0]
+    device = x.device
+    outs, firsts, sizes, sources = [], [], [], []
+    for idx, keep in plan.groups:  # a few static row shapes; each step is one batched reduction
+        rows = None if query is None else torch.searchsorted(query[2], idx[:, 0].contiguous(), right=True)  # image
+        y, state = reduce_rows(ctx, x[idx], metric[idx], None if score is None else score[idx], keep, 0,
+                           query=None if rows is None else (query[0][rows], query[1][rows]))
+        first = torch.full_like(state.size, L, dtype=torch.long).scatter_reduce(1, state.source, idx, reduce="amin")
+        outs.append(y.flatten(0, 1))
+        firsts.append(first.flatten())
+        sizes.append(state.size.flatten())
+        sources.append(state.source)
+    outs.append(x[plan.newlines])
+    firsts.append(plan.newlines)
+    sizes.append(torch.ones(plan.newlines.shape[0], device=device))
+    order = torch.cat(firsts).argsort()
+    total = order.shape[0]
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(total, device=device))
+    source = torch.empty(L, dtype=torch.long, device=device)
+    start = 0
+    for (idx, keep), src in zip(plan.groups, sources):
+        slots = start + src + torch.arange(idx.shape[0], device=device).unsqueeze(1) * keep  # [G, length]
+        source.scatter_(0, idx.flatten(), inverse[slots.flatten()])
+        start += idx.shape[0] * keep
+    source.scatter_(0, plan.newlines, inverse[start + torch.arange(plan.newlines.shape[0], device=device)])
+    state = TokenState(size=torch.cat(sizes)[order].unsqueeze(0), source=source.unsqueeze(0))
+    return torch.cat(outs)[order], state
+
+
