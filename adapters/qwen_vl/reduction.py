@@ -1,0 +1,154 @@
+"""The reduction: each image's (video's) LM tokens, reduced with the core engine, batched per grid shape.
+
+The model's own ``get_image_features`` / ``get_video_features`` runs (tower and patch merger, untouched); its
+``pooler_output`` (one ``[F_i, C]`` tensor per item: the LM's visual inputs) is reduced to ``K_i`` tokens per
+item. Items of the same shape (grid and budget) form one batched engine call ``[G, F, C] -> [G, K, C]``, so a
+call makes one engine call per distinct shape, never one per image. Qwen3-VL's deepstack features (the same
+tokens after earlier tower layers, added to the LM's first layers) ride along as extra channels of the same
+call, so they are merged by exactly the same plan as the tokens they belong to.
+
+Metric and score: the tower's attention runs packed over all items (``cu_seqlens``) with rotary embeddings in
+sdpa / flash kernels that return no attention probabilities, and Qwen towers have no [CLS] token. So the
+similarity metric is the item's LM tokens themselves (float32 cosine in the engine; the patch merger's output is
+what the tower computed last), and the methods that take an importance score (``tps``, ``prune``,
+``dominant``) use the engine's default importance, minus the PiToMe energy (redundant tokens go first).
+Recomputing one layer's attention per image would cost ``O(N^2)`` memory per head (a 1280x720 image has ~4,700
+patches). ``cdpruner`` compares each item's tokens with its prompt's text embeddings (the LM's own embedding
+table), ``divprune`` measures diversity on the tokens being reduced.
+
+Where a reduced token sits: each token's (time, row, col) rides along as three more channels of the same
+engine call, so it is merged exactly like the token's value: a token kept as it is (every selection method,
+``prune``, ``divprune`` / ``cdpruner`` with ``drop_unselected=True``, ``dominant``'s dominant tokens) keeps its
+own cell; a merged token sits at the cell of the weighted centre of the tokens its value is made of (rounded;
+the weights are the merge's own: sizes for ``tome``, the similarity softmax for ``tps``). Each item's tokens are
+then sorted by cell (raster order over time, row, col), and ``kept`` (the cell index ``(t * rows + row) * cols +
+col`` in the item, per output token) gives the position the unreduced model gave that cell (``positions.py``).
+All of it stays on the device: index tables are host arithmetic on the grids (read on the host by the model
+itself), moved once per call.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from mmmerge.constraints import parse_constraint
+from mmmerge.reduce import reduce_tokens
+from mmmerge.state import TokenState, init_state
+
+from .kinds import Item, QwenContext
+
+SELF_METRIC = ("divprune", "cdpruner")  # compare the tokens being reduced (the metric is always x here)
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host-built index tensor to ``device`` without a synchronising copy (pinned memory on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def grid_cells(rows: int, cols: int, frames: int, device: torch.device) -> Tensor:
+    """``[frames * rows * cols, 3]`` float (time, row, col) of every token of an item, raster order."""
+    t, r, c = torch.meshgrid(torch.arange(frames, device=device), torch.arange(rows, device=device),
+                             torch.arange(cols, device=device), indexing="ij")
+    return torch.stack([t, r, c], -1).reshape(-1, 3).float()
+
+
+def place(y: Tensor, rows: int, cols: int) -> Tuple[Tensor, Tensor]:
+    """Split reduced tokens ``[G, K, C' + 3]`` (the last 3 channels: their merged (time, row, col)) into tokens
+    ``[G, K, C']`` sorted by grid cell and the cell ``[G, K]`` (index ``(t * rows + row) * cols + col`` in the
+    item) each one sits at: its (time, row, col), rounded. A kept, unmerged token sits at its own cell."""
+    cell = y[..., -3:].float().round().long()
+    index = (cell[..., 0] * rows + cell[..., 1]) * cols + cell[..., 2]
+    index, order = index.sort(dim=1, stable=True)
+    y = y[..., :-3].gather(1, order.unsqueeze(-1).expand(-1, -1, y.shape[-1] - 3))
+    return y, index
+
+
+def _engine(ctx: QwenContext, x: Tensor, C: int, keep: int, state: Optional[TokenState] = None,
+            constraint: Any = None, query: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """``x`` ``[G, N, C']`` (the metric: its first C channels) to ``[G, keep, C']``."""
+    hyper = dict(ctx.hyper)
+    if query is not None:
+        hyper["query"], hyper["query_mask"] = query
+    y, _ = reduce_tokens(x, keep, ctx.method, metric=x[..., :C], state=state, constraint=constraint,
+                         check_layout=False, **hyper)  # time-major by construction
+    return y
+
+
+def _group(ctx: QwenContext, items: Sequence[Item], video: bool) -> Dict[Tuple, List[int]]:
+    """Items of one shape (frames, rows, cols, kept, per frame) -> their indices, in order."""
+    groups: Dict[Tuple, List[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault((item.frames, item.rows, item.cols, item.kept, item.per_frame), []).append(i)
+    return groups
+
+
+def reduce_items(ctx: QwenContext, tokens: Sequence[Tensor], extras: Sequence[Sequence[Tensor]],
+                 items: Sequence[Item], video: bool, query: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+                 ) -> Tuple[List[Tensor], List[List[Tensor]], Tensor]:
+    """Reduce every item's LM tokens to its budget.
+
+    Args:
+        tokens: per item ``[F_i, C]`` (the model's ``pooler_output``). extras: per extra feature (deepstack
+            layer), per item ``[F_i, C_e]``; reduced with the same plan.
+        items: the budgets (``QwenContext.item``). video: time modes apply.
+        query: cdpruner's ``(embeddings [R, L, C], mask [R, L], row of each item [items])``, or None.
+    Returns:
+        ``(tokens per item [K_i, C], extras per feature per item, cells [sum K_i])``: ``cells`` holds, per output
+        token in order, the index inside its item of the grid cell it sits at.
+    """
+    device = tokens[0].device
+    widths = [tokens[0].shape[-1]] + [e[0].shape[-1] for e in extras]
+    x_all = torch.cat(list(tokens), 0)
+    if extras:
+        x_all = torch.cat([x_all] + [torch.cat(list(e), 0).to(x_all.dtype) for e in extras], -1)
+    starts_in, starts_out, at_in, at_out = [], [], 0, 0
+    for item in items:
+        starts_in.append(at_in)
+        starts_out.append(at_out)
+        at_in += item.tokens
+        at_out += item.kept
+    out = x_all.new_empty(at_out, x_all.shape[-1])
+    cells = torch.empty(at_out, dtype=torch.long, device=device)
+    C = widths[0]
+    for (T, rows, cols, K, per_frame), members in _group(ctx, items, video).items():  # one call per shape
+        n, F = rows * cols, T * rows * cols
+        take = to_device(torch.tensor([starts_in[i] for i in members]).unsqueeze(1) + torch.arange(F), device)
+        put = to_device(torch.tensor([starts_out[i] for i in members]).unsqueeze(1) + torch.arange(K), device)
+        x = x_all[take]  # [G, F, C']
+        G = x.shape[0]
+        q = None
+        if query is not None:
+            rows_of = query[2][to_device(torch.tensor(members), device)]
+            q = (query[0][rows_of], query[1][rows_of])
+        if K == F:
+            out[put.flatten()] = x.flatten(0, 1)
+            cells[put.flatten()] = torch.arange(F, device=device).repeat(G)
+            continue
+        # (time, row, col) ride along as 3 more channels: merged like the tokens, they say where each one sits.
+        x = torch.cat([x, grid_cells(rows, cols, T, device).to(x.dtype).expand(G, F, 3)], -1)
+        if video and ctx.time_mode == "within_frame":
+            qf = None if q is None else tuple(v.repeat_interleave(T, dim=0) for v in q)
+            y = _engine(ctx, x.reshape(G * T, n, -1), C, per_frame, query=qf).reshape(G, K, -1)
+        elif video and T > 1:
+            t = torch.arange(T, device=device, dtype=torch.float32).repeat_interleave(n)
+            state = init_state(G, F, device=device, coords={"t": t, "t_min": t, "t_max": t},
+                               rules={"t_min": "min", "t_max": "max"})
+            y = _engine(ctx, x, C, K, state=state, constraint=parse_constraint(ctx.time_mode, steps={"t": T}),
+                        query=q)
+        else:
+            y = _engine(ctx, x, C, K, query=q)
+        y, cell = place(y, rows, cols)
+        out[put.flatten()] = y.flatten(0, 1)
+        cells[put.flatten()] = cell.flatten()
+    sizes = [item.kept for item in items]
+    split = list(out.split(sizes))
+    main = [s[:, :C] for s in split]
+    extra_out, at = [], C
+    for width in widths[1:]:
+        extra_out.append([s[:, at:at + width].to(e.dtype) for s, e in zip(split, extras[len(extra_out)])])
+        at += width
+    return main, extra_out, cells
