@@ -202,3 +202,16 @@ def forward(lm: nn.Module, original: Callable, *args: Any, **kwargs: Any) -> Any
         return original(*bound.args, **bound.kwargs)
     finally:
         _pop(frame)
+
+
+def generate_with_prompt(model: nn.Module, original: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Replacement of ``generate`` (cdpruner only): hold the prompt for the call, so the vision step that
+    ``generate`` runs before its first forward (transformers >= 5.24) gets its query too."""
+    from .kinds import inner
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    frame = Frame(inner(model), prompt=(ids, kwargs.get("attention_mask")) if isinstance(ids, Tensor) else None)
+    _push(frame)
+    try:
+        return original(*args, **kwargs)
+    finally:
+        _pop(frame)

@@ -20,7 +20,7 @@ from mmmerge.constraints import parse_time_mode
 from mmmerge.matchers import MATCHERS, check_options
 from mmmerge.reduce import reduce_tokens
 
-from .features import forward, image_features, video_features
+from .features import forward, generate_with_prompt, image_features, video_features
 from .kinds import SUPPORTED, KINDS, QwenContext, check_keep, inner, model_kind
 from .placeholders import check_processor, patch_processor, unpatch_processor
 from .positions import reduced_rope_index
@@ -165,6 +165,9 @@ def reduce_visual_tokens(model: nn.Module, keep: Any = 0.25, method: str = "tome
         lm.__dict__["_mmmerge_qwen"] = ctx
         for name, fn in _WRAPPERS:
             lm.__dict__[name] = _Replacement(lm, name, fn, lm.__dict__.get(name))
+        if method == "cdpruner" and model is not lm and callable(getattr(type(model), "generate", None)):
+            model.__dict__["generate"] = _Replacement(model, "generate", generate_with_prompt,
+                                                      model.__dict__.get("generate"))
         if processor is not None:
             ctx.processor_undo.append(patch_processor(processor, ctx))
         model.__dict__["_mmmerge"] = ctx
