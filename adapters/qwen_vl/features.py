@@ -145,8 +145,9 @@ def video_features(lm: nn.Module, original: Callable, pixel_values_videos: Tenso
     """Replacement of ``get_video_features``: the model's own call, each video reduced (time modes apply).
     Where the model's own video call goes through ``get_image_features`` (Qwen3-VL), the class's image call is
     the one run, so a video is reduced once, as a video."""
-    if context_of(lm).kind.video_via_image:
-        original = type(lm).get_image_features.__get__(lm, type(lm))
+    if context_of(lm).kind.video_via_image and getattr(original, "__func__", None) is type(lm).get_video_features:
+        image = lm.__dict__.get("get_image_features")
+        original = getattr(image, "original", None) or type(lm).get_image_features.__get__(lm, type(lm))
     return _features(lm, original, pixel_values_videos, video_grid_thw, True, kwargs)
 
 

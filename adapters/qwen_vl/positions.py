@@ -133,8 +133,8 @@ def reduced_rope_index(lm: Any, original: Callable, input_ids: Tensor, mm_token_
     device = input_ids.device
     if mm_token_type_ids is None:
         mm_token_type_ids = (input_ids == ctx.image_token_id).long() + 2 * (input_ids == ctx.video_token_id).long()
-    ids_h, types_h = input_ids.cpu(), mm_token_type_ids.cpu().long()  # the model reads them on the host too
-    real_h = torch.ones_like(ids_h, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
+    ids_h, types_h = host_copy(input_ids), host_copy(mm_token_type_ids).long()
+    real_h = torch.ones_like(ids_h, dtype=torch.bool) if attention_mask is None else host_copy(attention_mask).bool()
     ex = expand(ids_h, types_h, real_h, images, videos)
     host = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in call.items()}
     full_pos, full_delta = original(ex.ids, mm_token_type_ids=ex.types.to(mm_token_type_ids.dtype),
@@ -154,6 +154,12 @@ def reduced_rope_index(lm: Any, original: Callable, input_ids: Tensor, mm_token_
         positions = positions.masked_fill(~attention_mask.to(device).bool().unsqueeze(0), 0)
     deltas = to_dev(full_delta.cpu() + ex.removed.unsqueeze(1), device)
     return positions.to(input_ids.dtype), deltas
+
+
+def host_copy(t: Tensor) -> Tensor:
+    """The one host read of the positions: the prompt's ids, token types and mask (the model's own
+    ``get_rope_index`` reads the same tensors on the host, row by row)."""
+    return t.cpu()
 
 
 def to_dev(t: Tensor, device: torch.device) -> Tensor:

@@ -44,7 +44,7 @@ SELF_METRIC = ("divprune", "cdpruner")  # compare the tokens being reduced (the 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
     """Host-built index tensor to ``device`` without a synchronising copy (pinned memory on CUDA)."""
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
