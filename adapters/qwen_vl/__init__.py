@@ -24,12 +24,17 @@ Files:
     placeholders.py   ``compact_image_tokens`` and the processor patch
     patch.py          ``reduce_visual_tokens`` / ``restore_visual_tokens``
 """
+from mmmerge.patching import register
+
 from .kinds import SUPPORTED, is_qwen_vl
 from .patch import reduce_visual_tokens, restore_visual_tokens
 from .placeholders import compact_image_tokens
 
 patch = reduce_visual_tokens
 unpatch = restore_visual_tokens
+
+for _name in SUPPORTED:  # mmmerge.patch(model, keep=...) dispatches here
+    register(_name, reduce_visual_tokens)
 
 __all__ = ["SUPPORTED", "compact_image_tokens", "is_qwen_vl", "patch", "reduce_visual_tokens",
            "restore_visual_tokens", "unpatch"]

@@ -119,6 +119,7 @@ def _features(lm: nn.Module, original: Callable, pixels: Tensor, grid: Any, vide
         return cached if return_dict else cached.to_tuple()
     out = original(pixels, grid, return_dict=True, **kwargs)
     items = ctx.items(host_grid(grid), video)
+    ctx.record(items)
     if any(i.kept != i.tokens for i in items):
         layers = list(out.deepstack_features) if ctx.kind.deepstack and out.deepstack_features else []
         sizes = [i.tokens for i in items]  # transformers 5.17 hands deepstack features unsplit: [sum F_i, C]

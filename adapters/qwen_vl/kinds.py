@@ -10,10 +10,15 @@ temporal patch).
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
+
+from mmmerge.info import MergeInfo
 
 KeepSpec = Union[int, float]
 
@@ -100,6 +105,9 @@ class Item:
         return self.rows * self.cols
 
 
+_RECORDS = threading.local()  # per thread: WeakKeyDictionary context -> MergeInfo of its last reduction
+
+
 @dataclass(eq=False)  # identity: one context per patched model (per copy)
 class QwenContext:
     """What one ``reduce_visual_tokens`` call set up; lives on the inner model (``_mmmerge_qwen``).
@@ -117,6 +125,23 @@ class QwenContext:
     video_token_id: int
     hyper: Dict[str, Any] = field(default_factory=dict)
     processor_undo: List[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def info(self) -> "MergeInfo":
+        """This thread's last reduction with this context (``mmmerge.last_info``): per item (image or video, in
+        call order) ``(tokens in, tokens out)``; an empty MergeInfo before the first."""
+        return getattr(_RECORDS, "by_context", {}).get(self) or MergeInfo()
+
+    def record(self, items: Sequence["Item"]) -> None:
+        """Keep this call's counts as this thread's last reduction (eager calls only)."""
+        if torch.compiler.is_compiling():
+            return
+        total_in, total_out = sum(i.tokens for i in items), sum(i.kept for i in items)
+        records = getattr(_RECORDS, "by_context", None)
+        if records is None:
+            records = _RECORDS.by_context = weakref.WeakKeyDictionary()
+        records[self] = MergeInfo(schedule=[total_in - total_out], tokens_per_layer=[total_in, total_out],
+                                  items=[(i.tokens, i.kept) for i in items])
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
