@@ -295,3 +295,45 @@ def test_inner_model_class_is_reduced_too(kind):
     with torch.no_grad():
         out = model(**red).last_hidden_state
     assert out.shape[1] == red["input_ids"].shape[1] < full["input_ids"].shape[1]
+
+
+def test_qwen2_5_video_seconds_per_grid_keep_their_time_positions():
+    """Qwen2.5-VL spaces a video's temporal positions by ``second_per_grid_ts``: kept tokens keep them."""
+    model = tiny("qwen2_5_vl")
+    full = {**batch("qwen2_5_vl", MIXED), "second_per_grid_ts": torch.tensor([0.5])}
+    model.config.vision_config.tokens_per_second = 4
+    full_call = lm_inputs(model, **full)[1]
+    plain = lm_inputs(model, **{**full, "second_per_grid_ts": torch.tensor([1.0])})[1]
+    assert not torch.equal(full_call[1], plain[1])  # the spacing is in effect
+    qwen_vl.reduce_visual_tokens(model, keep=0.5, method="divprune", drop_unselected=True)
+    red = compact(model, full)
+    red_call = lm_inputs(model, **red)[1]
+
+    def kept_of(b, c):
+        same = (full_call[0][b] == red_call[0][b, c]).all(-1) & (full["mm_token_type_ids"][b] > 0)
+        return int(torch.nonzero(same)[0])
+    _check_positions("qwen2_5_vl", full, red, full_call, red_call, kept_of)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int_keep_larger_than_an_item_keeps_it_whole_and_text_only_rows_work(kind):
+    model = tiny(kind)
+    rows = [[5, 6, 7, 8], [9, ("img", 0), 10, ("img", 1), 11]]  # a text-only row next to one with two images
+    full = batch(kind, rows, image_grids=[[1, 4, 4], [1, 8, 8]])  # 4 and 16 tokens
+    full_call = lm_inputs(model, **full)[1]
+    qwen_vl.reduce_visual_tokens(model, keep=6, method="tome")
+    red = compact(model, full)
+    assert int((red["input_ids"] == IMG).sum()) == 4 + 6
+    red_call = lm_inputs(model, **red)[1]
+    assert torch.equal(red_call[1][:, 0], full_call[1][:, 0, -red["input_ids"].shape[1]:])  # text row unchanged
+    small = red_call[0][1][red["input_ids"][1] == IMG][:4]
+    assert torch.equal(small, full_call[0][1][full["input_ids"][1] == IMG][:4])  # the small image: untouched
+
+
+def test_inputs_embeds_with_pixels_is_refused_with_the_fix():
+    model = tiny("qwen2_vl")
+    qwen_vl.reduce_visual_tokens(model, keep=0.5)
+    red = compact(model, batch("qwen2_vl", MIXED))
+    embeds = model.get_input_embeddings()(red.pop("input_ids"))
+    with pytest.raises(ValueError, match="pass input_ids"):
+        model(inputs_embeds=embeds, **red)

@@ -172,8 +172,11 @@ def forward(lm: nn.Module, original: Callable, *args: Any, **kwargs: Any) -> Any
     pixels, videos = call.get("pixel_values"), call.get("pixel_values_videos")
     encoded = call.get("mm_encoder_outputs") or {}
     cache = call.get("cache", call.get("past_key_values"))
-    if ids is None or (pixels is None and videos is None and not encoded) or _cached_length(cache) > 0:
+    if (pixels is None and videos is None and not encoded) or _cached_length(cache) > 0:
         return original(*args, **kwargs)
+    if ids is None:
+        raise ValueError("a reduced Qwen-VL model computes the positions of the kept visual tokens from input_ids: "
+                         "pass input_ids (not inputs_embeds) with pixel_values / pixel_values_videos")
     frame = Frame(lm, prompt=(ids, call.get("attention_mask")))
     _push(frame)
     try:

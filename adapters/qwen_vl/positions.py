@@ -26,6 +26,7 @@ for a call with pixels (text positions and ``rope_deltas`` never depend on which
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -136,7 +137,9 @@ def reduced_rope_index(lm: Any, original: Callable, input_ids: Tensor, mm_token_
     ids_h, types_h = host_copy(input_ids), host_copy(mm_token_type_ids).long()
     real_h = torch.ones_like(ids_h, dtype=torch.bool) if attention_mask is None else host_copy(attention_mask).bool()
     ex = expand(ids_h, types_h, real_h, images, videos)
-    host = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in call.items()}
+    named = inspect.signature(original).parameters  # only what the model's own call names: generate() hands
+    host = {k: (v.cpu() if isinstance(v, Tensor) else v)  # it every model input (pixels stay where they are)
+            for k, v in call.items() if k in named and named[k].kind is not inspect.Parameter.VAR_KEYWORD}
     full_pos, full_delta = original(ex.ids, mm_token_type_ids=ex.types.to(mm_token_type_ids.dtype),
                                     attention_mask=ex.mask, **host)
     column = to_dev(ex.column, device)
