@@ -337,3 +337,18 @@ def test_inputs_embeds_with_pixels_is_refused_with_the_fix():
     embeds = model.get_input_embeddings()(red.pop("input_ids"))
     with pytest.raises(ValueError, match="pass input_ids"):
         model(inputs_embeds=embeds, **red)
+
+
+def test_a_video_kept_whole_next_to_reduced_images_keeps_its_positions():
+    """keep=4 reduces the 6- and 8-token images and leaves a 4-token video whole (no cells recorded for it)."""
+    model = tiny("qwen2_vl")
+    full = batch("qwen2_vl", MIXED, video_grids=[[1, 4, 4]])
+    full_call = lm_inputs(model, **full)[1]
+    qwen_vl.reduce_visual_tokens(model, keep=4, method="divprune", drop_unselected=True)
+    red = compact(model, full)
+    red_call = lm_inputs(model, **red)[1]
+
+    def kept_of(b, c):
+        same = (full_call[0][b] == red_call[0][b, c]).all(-1) & (full["mm_token_type_ids"][b] > 0)
+        return int(torch.nonzero(same)[0])
+    _check_positions("qwen2_vl", full, red, full_call, red_call, kept_of)

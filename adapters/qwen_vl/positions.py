@@ -144,13 +144,11 @@ def reduced_rope_index(lm: Any, original: Callable, input_ids: Tensor, mm_token_
                                     attention_mask=ex.mask, **host)
     column = to_dev(ex.column, device)
     visual = to_dev(ex.visual, device)
+    kept = to_dev(ex.offset, device)  # in placeholder order: exact for an item kept whole
     if frame is not None and frame.kept_for(images, videos):
-        kept = torch.zeros_like(column)
         for code, values in ((1, frame.image_kept), (2, frame.video_kept)):
             if values is not None:
                 kept = kept.masked_scatter(visual & (mm_token_type_ids.to(device) == code), values)
-    else:
-        kept = to_dev(ex.offset, device)
     column = torch.where(visual, column + kept, column)
     positions = to_dev(full_pos, device).gather(2, column.unsqueeze(0).expand(3, -1, -1))
     if attention_mask is not None:
