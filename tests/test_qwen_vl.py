@@ -230,6 +230,10 @@ def test_merged_tokens_sit_at_their_earliest_original_token(kind, method):
     red = compact(model, full)
     red_call = lm_inputs(model, **red)[1]
     kept = _kept_columns(model, full)
+    for token, grids in ((IMG, IMAGE_GRIDS), (VID, VIDEO_GRIDS)):  # every item: distinct cells, raster order
+        counts = [model.model._mmmerge_qwen.item(g, token == VID).kept for g in grids]
+        for cells in kept[token].split(counts):
+            assert torch.equal(cells, cells.unique())
     # Item starts (full columns) of each placeholder run, in order, per token id.
     starts = {}
     for token in (IMG, VID):

@@ -14,7 +14,8 @@ call. That is the hook: the inner model's ``get_rope_index`` is replaced (an ins
    and Qwen3-VL's per-frame timestamps all keep their own rules, in every transformers version), and
 3. gathers, for every token of the reduced prompt, the position of its original token: text 1:1, each visual
    token at the grid cell the reduction placed it at (``kept``: its own cell for a token kept as it is, the
-   weighted centre for a merged one, ``reduction.py``; on the device: a gather, no host read). ``rope_deltas`` grow by the tokens removed from each row, so decoding continues where the unreduced
+   member nearest the weighted centre of its group for a merged one, ``reduction.py``; on the device: a gather,
+   no host read). ``rope_deltas`` grow by the tokens removed from each row, so decoding continues where the unreduced
    model would.
 
 Where ``kept`` comes from: the reduction of this very call. ``forward`` of a reduced model (``features.py``) runs

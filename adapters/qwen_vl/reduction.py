@@ -17,12 +17,14 @@ patches). ``cdpruner`` compares each item's tokens with its prompt's text embedd
 table), ``divprune`` measures diversity on the tokens being reduced.
 
 Where a reduced token sits: each token's (time, row, col) rides along as three more channels of the same
-engine call, so it is merged exactly like the token's value: a token kept as it is (every selection method,
-``prune``, ``divprune`` / ``cdpruner`` with ``drop_unselected=True``, ``dominant``'s dominant tokens) keeps its
-own cell; a merged token sits at the cell of the weighted centre of the tokens its value is made of (rounded;
-the weights are the merge's own: sizes for ``tome``, the similarity softmax for ``tps``). Each item's tokens are
-then sorted by cell (raster order over time, row, col), and ``kept`` (the cell index ``(t * rows + row) * cols +
-col`` in the item, per output token) gives the position the unreduced model gave that cell (``positions.py``).
+engine call, merged exactly like the token's value, which gives every output token the weighted centre of what it
+is made of (the merge's own weights: sizes for ``tome``, the similarity softmax for ``tps``, 0 for dropped
+values). The token then sits at the original token of its group nearest that centre (ties: the earliest). So a
+token kept as it is (every selection method, ``prune``, ``divprune`` / ``cdpruner`` with
+``drop_unselected=True``, ``dominant``'s dominant tokens) keeps its own cell, a merged one takes the cell of the
+member at the middle of what it merged, and no two tokens share a cell. Each item's tokens are sorted by cell
+(raster order over time, row, col); ``cells`` (the index ``(t * rows + row) * cols + col`` in the item, per
+output token) give the position the unreduced model gave that cell (``positions.py``).
 All of it stays on the device: index tables are host arithmetic on the grids (read on the host by the model
 itself), moved once per call.
 """
@@ -56,26 +58,47 @@ def grid_cells(rows: int, cols: int, frames: int, device: torch.device) -> Tenso
     return torch.stack([t, r, c], -1).reshape(-1, 3).float()
 
 
-def place(y: Tensor, rows: int, cols: int) -> Tuple[Tensor, Tensor]:
-    """Split reduced tokens ``[G, K, C' + 3]`` (the last 3 channels: their merged (time, row, col)) into tokens
-    ``[G, K, C']`` sorted by grid cell and the cell ``[G, K]`` (index ``(t * rows + row) * cols + col`` in the
-    item) each one sits at: its (time, row, col), rounded. A kept, unmerged token sits at its own cell."""
-    cell = y[..., -3:].float().round().long()
-    index = (cell[..., 0] * rows + cell[..., 1]) * cols + cell[..., 2]
-    index, order = index.sort(dim=1, stable=True)
-    y = y[..., :-3].gather(1, order.unsqueeze(-1).expand(-1, -1, y.shape[-1] - 3))
-    return y, index
+def place(y: Tensor, source: Tensor, cells: Tensor) -> Tuple[Tensor, Tensor]:
+    """Where each reduced token sits: the original token of its group nearest the weighted centre of what it was
+    made of (ties: the earliest), so a token kept as it is sits at its own cell and no two tokens share one.
+
+    Args:
+        y: ``[G, K, C' + 3]`` reduced tokens; the last 3 channels are their merged (time, row, col).
+        source: ``[G, N]`` output token of each original token. cells: ``[N, 3]`` (time, row, col) of each.
+    Returns:
+        ``(tokens [G, K, C'] in raster order, representative [G, K] in [0, N), increasing)``.
+    """
+    G, K = y.shape[:2]
+    N = source.shape[1]
+    centre = y[..., -3:].float().gather(1, source.unsqueeze(-1).expand(G, N, 3))  # [G, N, 3]: of its group
+    distance = (cells.unsqueeze(0) - centre).square().sum(-1)  # [G, N]
+    nearest = distance.new_full((G, K), float("inf")).scatter_reduce(1, source, distance, reduce="amin")
+    index = torch.arange(N, device=y.device).expand(G, N)
+    candidate = torch.where(distance <= nearest.gather(1, source), index, torch.full_like(index, N))
+    representative = torch.full((G, K), N, dtype=torch.long, device=y.device).scatter_reduce(
+        1, source, candidate, reduce="amin")
+    representative, order = representative.sort(dim=1)
+    return y[..., :-3].gather(1, order.unsqueeze(-1).expand(G, K, y.shape[-1] - 3)), representative
+
+
+def _place_frames(y: Tensor, source: Tensor, cells: Tensor) -> Tuple[Tensor, Tensor]:
+    """``place`` for rows with their own cells ``[R, n, 3]`` (the frames of ``within_frame``)."""
+    R, n = source.shape
+    flat_source = source + (torch.arange(R, device=y.device) * y.shape[1]).unsqueeze(1)  # rows as one batch
+    tokens, rep = place(y.reshape(1, R * y.shape[1], -1), flat_source.reshape(1, R * n), cells.reshape(R * n, 3))
+    rep = rep.view(R, -1) - (torch.arange(R, device=y.device) * n).unsqueeze(1)
+    return tokens.view(R, y.shape[1], -1), rep
 
 
 def _engine(ctx: QwenContext, x: Tensor, C: int, keep: int, state: Optional[TokenState] = None,
-            constraint: Any = None, query: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-    """``x`` ``[G, N, C']`` (the metric: its first C channels) to ``[G, keep, C']``."""
+            constraint: Any = None, query: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+    """``x`` ``[G, N, C']`` (the metric: its first C channels) to ``([G, keep, C'], source [G, N])``."""
     hyper = dict(ctx.hyper)
     if query is not None:
         hyper["query"], hyper["query_mask"] = query
-    y, _ = reduce_tokens(x, keep, ctx.method, metric=x[..., :C], state=state, constraint=constraint,
-                         check_layout=False, **hyper)  # time-major by construction
-    return y
+    y, state = reduce_tokens(x, keep, ctx.method, metric=x[..., :C], state=state, constraint=constraint,
+                             check_layout=False, **hyper)  # time-major by construction
+    return y, state.source
 
 
 def _group(ctx: QwenContext, items: Sequence[Item], video: bool) -> Dict[Tuple, List[int]]:
@@ -129,19 +152,25 @@ def reduce_items(ctx: QwenContext, tokens: Sequence[Tensor], extras: Sequence[Se
             cells[put.flatten()] = torch.arange(F, device=device).repeat(G)
             continue
         # (time, row, col) ride along as 3 more channels: merged like the tokens, they say where each one sits.
-        x = torch.cat([x, grid_cells(rows, cols, T, device).to(x.dtype).expand(G, F, 3)], -1)
+        grid = grid_cells(rows, cols, T, device)  # [F, 3]
+        x = torch.cat([x, grid.to(x.dtype).expand(G, F, 3)], -1)
         if video and ctx.time_mode == "within_frame":
             qf = None if q is None else tuple(v.repeat_interleave(T, dim=0) for v in q)
-            y = _engine(ctx, x.reshape(G * T, n, -1), C, per_frame, query=qf).reshape(G, K, -1)
-        elif video and T > 1:
-            t = torch.arange(T, device=device, dtype=torch.float32).repeat_interleave(n)
-            state = init_state(G, F, device=device, coords={"t": t, "t_min": t, "t_max": t},
-                               rules={"t_min": "min", "t_max": "max"})
-            y = _engine(ctx, x, C, K, state=state, constraint=parse_constraint(ctx.time_mode, steps={"t": T}),
-                        query=q)
+            y, source = _engine(ctx, x.reshape(G * T, n, -1), C, per_frame, query=qf)
+            frame_cells = grid.view(T, n, 3).repeat(G, 1, 1)  # [G*T, n, 3]: each row's own cells
+            y, cell = _place_frames(y, source, frame_cells)
+            cell = (cell + (torch.arange(T, device=device) * n).repeat(G).unsqueeze(1)).reshape(G, K)
+            y = y.reshape(G, K, -1)
         else:
-            y = _engine(ctx, x, C, K, query=q)
-        y, cell = place(y, rows, cols)
+            if video and T > 1:
+                t = torch.arange(T, device=device, dtype=torch.float32).repeat_interleave(n)
+                state = init_state(G, F, device=device, coords={"t": t, "t_min": t, "t_max": t},
+                                   rules={"t_min": "min", "t_max": "max"})
+                y, source = _engine(ctx, x, C, K, state=state,
+                                    constraint=parse_constraint(ctx.time_mode, steps={"t": T}), query=q)
+            else:
+                y, source = _engine(ctx, x, C, K, query=q)
+            y, cell = place(y, source, grid)
         out[put.flatten()] = y.flatten(0, 1)
         cells[put.flatten()] = cell.flatten()
     sizes = [item.kept for item in items]
