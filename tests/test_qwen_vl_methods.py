@@ -120,6 +120,7 @@ def _untouched(model):
     (dict(r=4), TypeError, "keep="),
     (dict(method="tps", score=torch.ones(1)), ValueError, "score= is made by the adapter"),
     (dict(where="vision_tower"), ValueError, "post_projector"),
+    (dict(prop_attn=True), ValueError, "leave prop_attn=None"),
 ])
 def test_bad_options_fail_at_patch_time_and_leave_the_model_as_it_was(options, error, message):
     model = tiny("qwen2_vl")

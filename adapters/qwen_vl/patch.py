@@ -121,7 +121,8 @@ def unpatch_model(model: nn.Module) -> None:
 
 
 def reduce_visual_tokens(model: nn.Module, keep: Any = 0.25, method: str = "tome", processor: Any = None,
-                         time_mode: Optional[str] = None, **hyper: Any) -> nn.Module:
+                         where: str = "post_projector", time_mode: Optional[str] = None,
+                         prop_attn: Optional[bool] = None, **hyper: Any) -> nn.Module:
     """Make a Qwen-VL model hand its language model fewer visual tokens per image (per video); in place.
 
     Args:
@@ -131,8 +132,10 @@ def reduce_visual_tokens(model: nn.Module, keep: Any = 0.25, method: str = "tome
         method: ``tome``, ``pitome``, ``tps``, ``random``, ``prune``, ``dominant``, ``divprune`` or ``cdpruner``
             (its query is the prompt of each item).
         processor: the model's processor; patched to emit the reduced count per image (video).
+        where: ``post_projector`` only (the tokens the patch merger hands the LM), as named for LLaVA.
         time_mode: videos: ``global`` (default), ``within_frame``, ``adjacent`` or ``window(k)`` over the
-            temporal patches; Qwen3-VL takes ``within_frame`` only (its default).
+            temporal patches; Qwen3-VL takes ``within_frame`` only (its default). None: the kind's default.
+        prop_attn: LLaVA's option for merging inside a tower; must stay None here (nothing merges in the tower).
         **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``, random
             ``generator``, dominant ``contextual``, divprune / cdpruner ``drop_unselected``), checked now.
     Returns:
@@ -144,10 +147,12 @@ def reduce_visual_tokens(model: nn.Module, keep: Any = 0.25, method: str = "tome
     kind = model_kind(model)
     if kind is None:
         raise TypeError(f"mmmerge.qwen_vl supports {', '.join(SUPPORTED)}; got {type(model).__name__}")
-    if "where" in hyper and hyper["where"] != "post_projector":
-        raise ValueError(f"where='{hyper['where']}': Qwen-VL reduces the tokens its patch merger hands the language "
-                         "model (where='post_projector', the default)")
-    hyper.pop("where", None)
+    if where != "post_projector":
+        raise ValueError(f"where='{where}': Qwen-VL reduces the tokens its patch merger hands the language model "
+                         "(where='post_projector', the default); its tower packs every image into one sequence")
+    if prop_attn is not None:
+        raise ValueError("prop_attn applies to merging inside a vision tower; Qwen-VL reduces after the patch "
+                         "merger: leave prop_attn=None")
     if "r" in hyper:
         raise TypeError("Qwen-VL models take keep= (visual tokens kept per image, or a fraction such as "
                         "keep=0.25), not r=")
