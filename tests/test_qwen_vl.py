@@ -356,3 +356,19 @@ def test_a_video_kept_whole_next_to_reduced_images_keeps_its_positions():
         same = (full_call[0][b] == red_call[0][b, c]).all(-1) & (full["mm_token_type_ids"][b] > 0)
         return int(torch.nonzero(same)[0])
     _check_positions("qwen2_vl", full, red, full_call, red_call, kept_of)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_beam_search_prefill_sees_each_beam_at_the_forward_positions(kind):
+    """generate(num_beams=2) repeats every prompt and its encoded items (transformers >= 5.24 regroups the
+    encoder outputs): each beam's prefill gets the embeddings and positions of a plain forward."""
+    model = tiny(kind)
+    qwen_vl.reduce_visual_tokens(model, keep=0.5, method="tome")
+    red = compact(model, batch(kind, MIXED))
+    embeds, positions = lm_inputs(model, **red)[1]
+    rec = LMInputs(model)
+    with torch.no_grad():
+        model.generate(**red, max_new_tokens=2, do_sample=False, num_beams=2, pad_token_id=PAD)
+    rec.close()
+    assert torch.equal(rec.calls[0][1], positions.repeat_interleave(2, dim=1))
+    assert torch.equal(rec.calls[0][0], embeds.repeat_interleave(2, dim=0))

@@ -2,8 +2,9 @@
 
 ``get_image_features`` / ``get_video_features`` (replacements, instance attributes): the model's own call, then
 each item's tokens reduced (``reduction.py``); the output carries ``mmmerge_kept`` (``[sum K_i]`` long, the
-index inside its item of the grid cell each output token sits at, ``reduction.py``) and ``mmmerge_grid`` (the grids), which the
-positions need.
+index inside its item of the grid cell each output token sits at, ``reduction.py``) and ``mmmerge_items``: per
+item's ``pooler_output`` tensor (by identity), its grid row and cells. The positions read both through the items,
+so they follow the outputs when ``generate`` regroups them (beam search repeats each prompt's items).
 
 ``forward`` (replacement): for a call with pixels (or with encoder outputs that ``generate`` made), it opens a
 ``Frame`` for the call in this thread, runs the vision step, computes the M-RoPE positions of the reduced prompt
@@ -42,20 +43,20 @@ class Frame:
     video_out: Any = None
 
     @property
-    def image_grid(self) -> Any:
-        return getattr(self.image_out, "mmmerge_grid", None)
+    def image_grid(self) -> Optional[Tensor]:
+        return _grid_of(self.image_out)
 
     @property
-    def video_grid(self) -> Any:
-        return getattr(self.video_out, "mmmerge_grid", None)
+    def video_grid(self) -> Optional[Tensor]:
+        return _grid_of(self.video_out)
 
     @property
     def image_kept(self) -> Optional[Tensor]:
-        return getattr(self.image_out, "mmmerge_kept", None)
+        return _cells_of(self.image_out)
 
     @property
     def video_kept(self) -> Optional[Tensor]:
-        return getattr(self.video_out, "mmmerge_kept", None)
+        return _cells_of(self.video_out)
 
     def kept_for(self, images: Sequence[Item], videos: Sequence[Item]) -> bool:
         """The frame's reductions are those of these items (so their ``kept`` fill the placeholders)."""
@@ -64,6 +65,26 @@ class Frame:
             if reduced and (kept is None or kept.shape[0] != sum(i.kept for i in items)):
                 return False
         return self.image_kept is not None or self.video_kept is not None
+
+
+def _items_of(out: Any) -> Optional[List[Tuple[Tensor, List[int], Optional[Tensor]]]]:
+    """Per item of a (possibly regrouped) feature output: ``(tokens, grid row, cells or None)``."""
+    table = getattr(out, "mmmerge_items", None)
+    if table is None:
+        return None
+    return [table[id(t)][1:] for t in out.pooler_output]
+
+
+def _grid_of(out: Any) -> Optional[Tensor]:
+    items = _items_of(out)
+    return None if not items else torch.tensor([grid for grid, _ in items])
+
+
+def _cells_of(out: Any) -> Optional[Tensor]:
+    items = _items_of(out)
+    if not items or all(cells is None for _, cells in items):
+        return None
+    return torch.cat([cells for _, cells in items])
 
 
 def frame_of(lm: nn.Module) -> Optional[Frame]:
@@ -131,7 +152,8 @@ def _features(lm: nn.Module, original: Callable, pixels: Tensor, grid: Any, vide
             out.deepstack_features = [torch.cat(e) if isinstance(f, torch.Tensor) else tuple(e)
                                       for f, e in zip(layers, extra_out)]
         out.mmmerge_kept = kept
-    out.mmmerge_grid = grid
+    split = out.mmmerge_kept.split([i.kept for i in items]) if hasattr(out, "mmmerge_kept") else [None] * len(items)
+    out.mmmerge_items = {id(t): (t, row, cells) for t, row, cells in zip(out.pooler_output, host_grid(grid) or [], split)}
     return out if return_dict else out.to_tuple()
 
 
