@@ -44,3 +44,14 @@ def test_bad_input_exits_with_one_clear_line(runs, case, message):
     lines = [line for line in err.splitlines() if line.strip() and "config" not in line]
     assert code == 2, err[-2000:]
     assert "Traceback" not in err and message in lines[-1] and lines[-1].startswith("qwen_vl_vqa.py: error:"), err
+
+
+def test_benchmark_quick_size_gives_both_tables():
+    from benchmarks import qwen_vl as bench
+
+    rows = bench.run("quick", repeats=1)
+    prefill = [r for r in rows if r["table"] == "prefill"]
+    assert [r["keep"] for r in prefill] == list(bench.KEEPS)
+    assert [r["prefill_tokens"] for r in prefill] == [106, 74, 58, 50]  # 40 text + 2 markers + 64/32/16/8 visual
+    reduction = [r for r in rows if r["table"] == "reduction"]
+    assert len(reduction) == 3 and all(r["fraction_of_tower"] > 0 for r in reduction)
