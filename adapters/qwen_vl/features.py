@@ -122,7 +122,10 @@ def _queries(ctx: QwenContext, lm: nn.Module, items: Sequence[Item], video: bool
         return None
     ids, attention_mask = frame.prompt
     token = ctx.video_token_id if video else ctx.image_token_id
-    counts = to_device(torch.tensor([i.kept for i in items]), ids.device)
+    key = ("counts", tuple(i.kept for i in items), str(ids.device))
+    counts = ctx.plans.get(key)
+    if counts is None:  # host arithmetic, once per layout (the memo of reduction.plan)
+        counts = ctx.plans[key] = to_device(torch.tensor([i.kept for i in items]), ids.device)
     row_end = (ids == token).sum(1).cumsum(0)  # [B] placeholders up to the end of each row
     rows = torch.searchsorted(row_end, counts.cumsum(0) - counts, right=True).clamp_max(ids.shape[0] - 1)
     text = (ids != ctx.image_token_id) & (ids != ctx.video_token_id)

@@ -112,7 +112,7 @@ _RECORDS = threading.local()  # per thread: WeakKeyDictionary context -> MergeIn
 class QwenContext:
     """What one ``reduce_visual_tokens`` call set up; lives on the inner model (``_mmmerge_qwen``).
 
-    Fixed at patch time and only read by a forward. A copy (``copy.deepcopy``, pickle) carries the settings and
+    Fixed at patch time and only read by a forward, except the memo of index tables (``plans``). A copy (``copy.deepcopy``, pickle) carries the settings and
     starts without the processors, which belong to the user and stay patched for the original model.
     """
 
@@ -125,6 +125,9 @@ class QwenContext:
     video_token_id: int
     hyper: Dict[str, Any] = field(default_factory=dict)
     processor_undo: List[Callable[[], None]] = field(default_factory=list)
+    # Memo of host arithmetic: index tables per call layout (item shapes, device), filled by ``reduction.plan``;
+    # a pure function of its key, written whole under the GIL, so threads never see a partial entry.
+    plans: Dict[Tuple, Any] = field(default_factory=dict)
 
     @property
     def info(self) -> "MergeInfo":
@@ -145,7 +148,7 @@ class QwenContext:
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
-        state["processor_undo"] = []
+        state.update(processor_undo=[], plans={})
         return state
 
     def item(self, grid: Sequence[int], video: bool) -> Item:

@@ -30,6 +30,7 @@ itself), moved once per call.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -101,11 +102,41 @@ def _engine(ctx: QwenContext, x: Tensor, C: int, keep: int, state: Optional[Toke
     return y, state.source
 
 
-def _group(ctx: QwenContext, items: Sequence[Item], video: bool) -> Dict[Tuple, List[int]]:
-    """Items of one shape (frames, rows, cols, kept, per frame) -> their indices, in order."""
-    groups: Dict[Tuple, List[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault((item.frames, item.rows, item.cols, item.kept, item.per_frame), []).append(i)
+@dataclass(frozen=True)
+class Group:
+    """Items of one shape (frames, rows, cols, kept, kept per frame): one batched engine call."""
+
+    shape: Tuple[int, int, int, int, int]
+    members: Tensor  # [G] item indices, on the device (cdpruner's prompt rows)
+    take: Tensor  # [G, F] rows of the items' tokens in the concatenated input
+    put: Tensor  # [G, K] rows of their reduced tokens in the concatenated output
+
+
+def plan(ctx: QwenContext, items: Sequence[Item], device: torch.device) -> List[Group]:
+    """The groups of a call's items, with their index tables on ``device``: host arithmetic on the grids, done
+    once per layout (memo on the context) and moved without a synchronising copy."""
+    key = (tuple((i.frames, i.rows, i.cols, i.kept, i.per_frame) for i in items), str(device))
+    groups = ctx.plans.get(key)
+    if groups is not None:
+        return groups
+    starts_in, starts_out, at_in, at_out = [], [], 0, 0
+    for item in items:
+        starts_in.append(at_in)
+        starts_out.append(at_out)
+        at_in, at_out = at_in + item.tokens, at_out + item.kept
+    members: Dict[Tuple, List[int]] = {}
+    for i, shape in enumerate(key[0]):
+        members.setdefault(shape, []).append(i)
+    groups = []
+    for shape, idx in members.items():
+        T, rows, cols, K, _ = shape
+        take = torch.tensor([starts_in[i] for i in idx]).unsqueeze(1) + torch.arange(T * rows * cols)
+        put = torch.tensor([starts_out[i] for i in idx]).unsqueeze(1) + torch.arange(K)
+        groups.append(Group(shape, to_device(torch.tensor(idx), device), to_device(take, device),
+                            to_device(put, device)))
+    if len(ctx.plans) > 64:
+        ctx.plans.clear()
+    ctx.plans[key] = groups
     return groups
 
 
@@ -128,24 +159,18 @@ def reduce_items(ctx: QwenContext, tokens: Sequence[Tensor], extras: Sequence[Se
     x_all = torch.cat(list(tokens), 0)
     if extras:
         x_all = torch.cat([x_all] + [torch.cat(list(e), 0).to(x_all.dtype) for e in extras], -1)
-    starts_in, starts_out, at_in, at_out = [], [], 0, 0
-    for item in items:
-        starts_in.append(at_in)
-        starts_out.append(at_out)
-        at_in += item.tokens
-        at_out += item.kept
-    out = x_all.new_empty(at_out, x_all.shape[-1])
-    cells = torch.empty(at_out, dtype=torch.long, device=device)
+    total = sum(item.kept for item in items)
+    out = x_all.new_empty(total, x_all.shape[-1])
+    cells = torch.empty(total, dtype=torch.long, device=device)
     C = widths[0]
-    for (T, rows, cols, K, per_frame), members in _group(ctx, items, video).items():  # one call per shape
+    for group in plan(ctx, items, device):  # one engine call per distinct item shape
+        (T, rows, cols, K, per_frame), take, put = group.shape, group.take, group.put
         n, F = rows * cols, T * rows * cols
-        take = to_device(torch.tensor([starts_in[i] for i in members]).unsqueeze(1) + torch.arange(F), device)
-        put = to_device(torch.tensor([starts_out[i] for i in members]).unsqueeze(1) + torch.arange(K), device)
         x = x_all[take]  # [G, F, C']
         G = x.shape[0]
         q = None
         if query is not None:
-            rows_of = query[2][to_device(torch.tensor(members), device)]
+            rows_of = query[2][group.members]
             q = (query[0][rows_of], query[1][rows_of])
         if K == F:
             out[put.flatten()] = x.flatten(0, 1)
