@@ -16,6 +16,9 @@ padding, several images and videos per prompt). The same arguments as ``mmmerge.
 inputs an unpatched processor expanded (and ``mm_token_type_ids=`` with them); ``restore_visual_tokens(model)``
 gives the model back bit for bit.
 
+``is_qwen_vl(model)`` says whether a model is one of these (``mmmerge.adapters.llava`` dispatches on it), and
+``mmmerge.patch(model, keep=...)`` / ``mmmerge.unpatch`` / ``mmmerge.last_info`` work as for every adapter.
+
 Files:
     kinds.py          model kinds, the context, the per-item budgets
     reduction.py      the reduction of each item's LM tokens with the engine (batched per grid shape)
