@@ -372,3 +372,22 @@ def test_beam_search_prefill_sees_each_beam_at_the_forward_positions(kind):
     rec.close()
     assert torch.equal(rec.calls[0][1], positions.repeat_interleave(2, dim=1))
     assert torch.equal(rec.calls[0][0], embeds.repeat_interleave(2, dim=0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_prompt_that_ends_on_an_image_decodes_from_the_unreduced_position(kind):
+    model = tiny(kind)
+    full = batch(kind, [[5, 6, ("img", 0)], [7, ("img", 1)]], image_grids=IMAGE_GRIDS[:2])
+    full["input_ids"], full["attention_mask"], full["mm_token_type_ids"] = (
+        full[k][:, :-1] for k in ("input_ids", "attention_mask", "mm_token_type_ids"))  # no vision-end token
+    rec = LMInputs(model)
+    generate(model, steps=3, **full)
+    rec.close()
+    full_steps = rec.calls
+    qwen_vl.reduce_visual_tokens(model, keep=0.5, method="tome")
+    red = compact(model, full)
+    rec = LMInputs(model)
+    generate(model, steps=3, **red)
+    rec.close()
+    for (_, pos_full), (_, pos_red) in zip(full_steps[1:], rec.calls[1:]):
+        assert torch.equal(pos_full, pos_red)

@@ -22,7 +22,8 @@ Where ``kept`` comes from: the reduction of this very call. ``forward`` of a red
 the vision step first, holds its result for the call (a per-thread frame, dropped when the call returns) and
 lets the model's own forward continue; ``get_rope_index`` reads ``kept`` from that frame. Before the vision step
 (``generate`` prepares positions before it encodes the pixels) the visual positions are not known yet: they
-are filled in placeholder order, and ``forward`` replaces the three M-RoPE rows of the position ids it is given
+are filled with the last K cells of each run (a prompt that ends on an image then still ends where it would
+have, which is where decoding continues from), and ``forward`` replaces the three M-RoPE rows of the position ids it is given
 for a call with pixels (text positions and ``rope_deltas`` never depend on which tokens are kept).
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Expansion:
     mask: Tensor  # [B, L_full] attention mask of the unreduced layout
     column: Tensor  # [B, L] full column of each reduced token (visual tokens: their run's full start - first)
     visual: Tensor  # [B, L] bool: visual tokens (their column still needs the token's original index)
-    offset: Tensor  # [B, L] placeholder-order stand-in for ``kept`` (index inside the item if kept in order)
+    offset: Tensor  # [B, L] stand-in for ``kept``: the last K cells of each run (exact for an item kept whole)
     removed: Tensor  # [B] tokens removed from each row
 
 
@@ -71,6 +72,7 @@ def expand(ids: Tensor, types: Tensor, real: Tensor, images: Sequence[Item], vid
     visual, start, in_run = _runs(types, real)
     width = torch.ones(B, L, dtype=torch.long)
     base = torch.zeros(B, L, dtype=torch.long)  # first original index of the token's run in its item
+    skip = torch.zeros(B, L, dtype=torch.long)  # tokens the reduction removed from the token's run
     for code, items, what in ((1, images, "image"), (2, videos, "video")):
         runs = [run for item in items for run in item.runs]
         is_start = (start & (types == code)).flatten()
@@ -97,10 +99,13 @@ def expand(ids: Tensor, types: Tensor, real: Tensor, images: Sequence[Item], vid
         last = mine & (in_run == reduced[rid] - 1)
         width = torch.where(last, width + (full - reduced)[rid], width)
         base = torch.where(mine, first[rid], base)
+        skip = torch.where(mine, (full - reduced)[rid], skip)
     column = width.cumsum(1) - width  # full column of each token (of the first copy)
     run_start = column - in_run  # for visual tokens: the full column of their run's start
     column = torch.where(visual, run_start - base, column)
-    offset = torch.where(visual, base + in_run, torch.zeros_like(column))
+    # Stand-in cells before the reduction ran (generate prepares positions first): a run's last K cells, so a
+    # prompt that ends on an image still ends at the unreduced position its decoding continues from.
+    offset = torch.where(visual, base + skip + in_run, torch.zeros_like(column))
     total = width.sum(1)
     L_full = int(total.max())
     reps = width.flatten()
@@ -145,7 +150,7 @@ def reduced_rope_index(lm: Any, original: Callable, input_ids: Tensor, mm_token_
                                     attention_mask=ex.mask, **host)
     column = to_dev(ex.column, device)
     visual = to_dev(ex.visual, device)
-    kept = to_dev(ex.offset, device)  # in placeholder order: exact for an item kept whole
+    kept = to_dev(ex.offset, device)  # stand-in cells: exact for an item kept whole
     if frame is not None and frame.kept_for(images, videos):
         for code, values in ((1, frame.image_kept), (2, frame.video_kept)):
             if values is not None:
