@@ -2,8 +2,6 @@
 exactness of keep=1.0 and restore, fewer LM tokens, and the M-RoPE positions every kept token keeps."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import transformers
@@ -208,7 +206,7 @@ def test_selected_tokens_keep_their_positions_images_and_video_left_padded(kind)
     _check_positions(kind, full, red, full_call, red_call, kept_of)
 
 
-def _kept_columns(model, full, video_first=False):
+def _kept_columns(model, full):
     """Full column of every reduced visual token from the reduction's own record of its earliest original token."""
     with torch.no_grad():
         kept = {}
@@ -251,8 +249,6 @@ def test_merged_tokens_sit_at_their_earliest_original_token(kind, method):
         token = int(red["input_ids"][b, c])
         k = int(order[token][b * red["input_ids"].shape[1] + c])
         index = int(kept[token][k])
-        sizes = [t * (h // MERGE) * (w // MERGE) for t, h, w in (IMAGE_GRIDS if token == IMG else VIDEO_GRIDS)]
-        run_items, before = [], 0
         counts = [model.model._mmmerge_qwen.item(g, token == VID).kept
                   for g in (IMAGE_GRIDS if token == IMG else VIDEO_GRIDS)]
         item = next(i for i in range(len(counts)) if k < sum(counts[:i + 1]))

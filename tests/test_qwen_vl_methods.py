@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from mmmerge.adapters import qwen_vl
 
-from test_qwen_vl import (IMG, KINDS, MERGE, MIXED, VIDEO_GRIDS, VID, LMInputs, batch, compact, generate, lm_inputs,
-                          pixels, tiny)
+from test_qwen_vl import (KINDS, MERGE, MIXED, VIDEO_GRIDS, VID, LMInputs, batch, compact, generate, lm_inputs,
+                          tiny)
 
 METHODS = ("tome", "pitome", "tps", "prune", "random", "dominant", "divprune", "cdpruner")
 

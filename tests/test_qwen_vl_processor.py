@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mmmerge.adapters import qwen_vl
 
-from test_qwen_vl import IMG, KINDS, PAD, VE, VID, VS, generate, lm_inputs, tiny
+from test_qwen_vl import IMG, KINDS, VE, VID, VS, generate, lm_inputs, tiny
 
 
 def tokenizer():

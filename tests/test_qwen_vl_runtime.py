@@ -12,7 +12,7 @@ import torch
 import mmmerge
 from mmmerge.adapters import qwen_vl
 
-from test_qwen_vl import IMAGE_GRIDS, KINDS, MIXED, VIDEO_GRIDS, batch, compact, lm_inputs, tiny
+from test_qwen_vl import IMAGE_GRIDS, KINDS, MIXED, VIDEO_GRIDS, batch, compact, tiny
 
 
 def logits(model, **inputs):
@@ -49,7 +49,8 @@ def test_deepcopy_is_an_independent_reduced_model(kind):
     reduced = logits(model, **red)
     twin = copy.deepcopy(model)
     assert torch.equal(logits(twin, **red), reduced)
-    assert twin.model.get_image_features.owner is twin.model and twin.model._mmmerge_qwen is not model.model._mmmerge_qwen
+    assert twin.model.get_image_features.owner is twin.model
+    assert twin.model._mmmerge_qwen is not model.model._mmmerge_qwen
     qwen_vl.restore_visual_tokens(twin)
     assert torch.equal(logits(twin, **full), ref)
     assert torch.equal(logits(model, **red), reduced)  # the original is still reduced

@@ -156,7 +156,8 @@ def _features(lm: nn.Module, original: Callable, pixels: Tensor, grid: Any, vide
                                       for f, e in zip(layers, extra_out)]
         out.mmmerge_kept = kept
     split = out.mmmerge_kept.split([i.kept for i in items]) if hasattr(out, "mmmerge_kept") else [None] * len(items)
-    out.mmmerge_items = {id(t): (t, row, cells) for t, row, cells in zip(out.pooler_output, host_grid(grid) or [], split)}
+    rows = host_grid(grid) or []
+    out.mmmerge_items = {id(t): (t, row, cells) for t, row, cells in zip(out.pooler_output, rows, split)}
     return out if return_dict else out.to_tuple()
 
 

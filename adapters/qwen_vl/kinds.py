@@ -112,8 +112,9 @@ _RECORDS = threading.local()  # per thread: WeakKeyDictionary context -> MergeIn
 class QwenContext:
     """What one ``reduce_visual_tokens`` call set up; lives on the inner model (``_mmmerge_qwen``).
 
-    Fixed at patch time and only read by a forward, except the memo of index tables (``plans``). A copy (``copy.deepcopy``, pickle) carries the settings and
-    starts without the processors, which belong to the user and stay patched for the original model.
+    Fixed at patch time and only read by a forward, except the memo of index tables (``plans``). A copy
+    (``copy.deepcopy``, pickle) carries the settings and starts without the memo and the processors, which
+    belong to the user and stay patched for the original model.
     """
 
     kind: ModelKind

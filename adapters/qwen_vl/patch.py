@@ -2,10 +2,11 @@
 
 What a patch installs (nothing else; the classes are untouched): on the inner ``Qwen*VLModel`` the context
 ``_mmmerge_qwen`` and four instance attributes (``_Replacement``) in place of the model's own
-``get_image_features``, ``get_video_features``, ``get_rope_index`` and ``forward``; on the outer model (or the
-inner one when it is given) ``_mmmerge`` (read by ``mmmerge.last_info``) and ``_mmmerge_undo``, and for
-``cdpruner`` a ``generate`` that holds the prompt for the call. No hook is registered. A replacement holds only its owner, a module-level function and the method's name, so
-``copy.deepcopy`` gives the copy its own reduced methods and pickle stores the functions by reference.
+``get_image_features``, ``get_video_features``, ``get_rope_index`` and ``forward``; on the outer model (or the inner
+one when it is given) ``_mmmerge`` (read by ``mmmerge.last_info``) and ``_mmmerge_undo``, and for ``cdpruner`` a
+``generate`` that holds the prompt for the call. No hook is registered. A replacement holds only its owner, a
+module-level function and the method's name, so ``copy.deepcopy`` gives the copy its own reduced methods and pickle
+stores the functions by reference.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from mmmerge.matchers import MATCHERS, check_options
 from mmmerge.reduce import reduce_tokens
 
 from .features import forward, generate_with_prompt, image_features, video_features
-from .kinds import SUPPORTED, KINDS, QwenContext, check_keep, inner, model_kind
+from .kinds import SUPPORTED, QwenContext, check_keep, inner, model_kind
 from .placeholders import check_processor, patch_processor, unpatch_processor
 from .positions import reduced_rope_index
 

@@ -23,14 +23,14 @@ the vision step first, holds its result for the call (a per-thread frame, droppe
 lets the model's own forward continue; ``get_rope_index`` reads ``kept`` from that frame. Before the vision step
 (``generate`` prepares positions before it encodes the pixels) the visual positions are not known yet: they
 are filled with the last K cells of each run (a prompt that ends on an image then still ends where it would
-have, which is where decoding continues from), and ``forward`` replaces the three M-RoPE rows of the position ids it is given
-for a call with pixels (text positions and ``rope_deltas`` never depend on which tokens are kept).
+have, which is where decoding continues from), and ``forward`` replaces the three M-RoPE rows of the position
+ids it is given for a call with pixels (text positions and ``rope_deltas`` never depend on which tokens are kept).
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
