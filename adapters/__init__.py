@@ -4,10 +4,12 @@
     video.py    ViViT / VideoMAE: time modes, load_video, frame_features, visualize
     audio.py    AST: band/time modes, padding, load_audio, features, column outputs, visualize
     llava/      LLaVA-1.5, NeXT, NeXT-Video, OneVision: reduce_visual_tokens before the language model (a package)
+    qwen_vl/    Qwen2-VL / Qwen2.5-VL / Qwen3-VL: reduce_visual_tokens with M-RoPE positions kept
 Importing this package registers every adapter with ``mmmerge.patch``.
 """
 from . import audio  # noqa: F401
 from . import llava  # noqa: F401
+from . import qwen_vl  # noqa: F401
 from . import video  # noqa: F401
 
-__all__ = ["audio", "llava", "video"]
+__all__ = ["audio", "llava", "qwen_vl", "video"]
