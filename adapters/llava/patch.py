@@ -14,6 +14,7 @@ from mmmerge.matchers import check_options
 from mmmerge.reduce import reduce_tokens
 from mmmerge.schedule import TargetTokens, resolve_schedule
 
+from ..qwen_vl.kinds import is_qwen_vl
 from ..encoder import TokenGrid, layer_parts, patch_encoder, plan_layout, unpatch_encoder
 from ..video import TIME_MODES
 from .context import LlavaContext, Replacement
@@ -112,22 +113,24 @@ def _unpatch_model(model: nn.Module) -> None:
             module.__dict__.pop(key, None)
 
 
-def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "tome", processor: Any = None,
-                         where: str = "post_projector", time_mode: str = "global",
+def reduce_visual_tokens(model: nn.Module, keep: Optional[KeepSpec] = None, method: str = "tome", processor: Any = None,
+                         where: str = "post_projector", time_mode: Optional[str] = None,
                          prop_attn: Optional[bool] = None, **hyper: Any) -> nn.Module:
     """Make a LLaVA model hand its language model fewer visual tokens per image (per video); in place.
 
     Args:
         model: a LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video or LLaVA-OneVision model (``...ForConditionalGeneration``
-            or ``...Model``); see the module docstring for what each reduces.
-        keep: an int (tokens per image / video; anyres images: a budget spread over base view and crops, an image
+            or ``...Model``); see the module docstring for what each reduces. A Qwen2-VL, Qwen2.5-VL or Qwen3-VL
+            model goes to ``mmmerge.adapters.qwen_vl.reduce_visual_tokens`` with the same arguments (its
+            defaults: keep=0.25, each model's own time mode).
+        keep: default 144. An int (tokens per image / video; anyres images: a budget spread over base view and crops, an image
             with fewer features keeps all), or a float in (0, 1]: each item keeps ``ceil(keep * its tokens)``.
             Keeping everything is an exact no-op.
         method: ``tome``, ``pitome``, ``tps``, ``random``, ``prune``, ``dominant`` (VisionZip-style), ``divprune``
             or ``cdpruner`` (its query is each image's prompt, taken from ``forward`` / ``generate``).
         processor: the model's processor; patched to emit the reduced count per image (video).
         where: ``post_projector`` (default), ``pre_projector`` (LLaVA-1.5) or ``vision_tower`` (LLaVA-1.5).
-        time_mode: videos: ``global``, ``within_frame``, ``adjacent`` or ``window(k)`` (blocks of k frames).
+        time_mode: videos: ``global`` (default), ``within_frame``, ``adjacent`` or ``window(k)`` (blocks of k frames).
         prop_attn: ``vision_tower`` only: proportional attention in the merged layers; default on, except for
             ``prune`` (as in the video and audio adapters).
         **hyper: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``, random
@@ -140,6 +143,14 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
         time_mode, option value, or a processor that does not match): checked before any change, so the model
         (and processor) are left as they were.
     """
+    if is_qwen_vl(model):  # M-RoPE positions, its own placeholders: the Qwen-VL package
+        from mmmerge.adapters import qwen_vl
+
+        given = {"keep": keep} if keep is not None else {}
+        return qwen_vl.reduce_visual_tokens(model, method=method, processor=processor, where=where,
+                                            time_mode=time_mode, prop_attn=prop_attn, **given, **hyper)
+    keep = 144 if keep is None else keep
+    time_mode = "global" if time_mode is None else time_mode
     if "window" in hyper:
         raise ValueError("reduce_visual_tokens takes no option 'window'; use time_mode='window(k)'")
     if "r" in hyper:
@@ -249,6 +260,10 @@ def reduce_visual_tokens(model: nn.Module, keep: KeepSpec = 144, method: str = "
 def restore_visual_tokens(model: nn.Module, processor: Any = None) -> nn.Module:
     """Undo ``reduce_visual_tokens``: model (and processor) behave bit-identically to before. A no-op on an
     unpatched model; ``processor`` is restored even if it was patched with another call."""
+    if is_qwen_vl(model):
+        from mmmerge.adapters import qwen_vl
+
+        return qwen_vl.restore_visual_tokens(model, processor)
     undo = model.__dict__.get("_mmmerge_undo")
     if undo is not None:
         undo()

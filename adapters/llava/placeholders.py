@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..qwen_vl.kinds import is_qwen_vl
 from .anyres import _aspect, _cropped, _host_sizes, reduced_length
 from .context import LlavaContext, _context
 from .features import _video_counts
@@ -184,7 +185,7 @@ def check_placeholder_counts(input_ids: Tensor, model: nn.Module, num_frames: Op
 
 def compact_image_tokens(input_ids: Tensor, attention_mask: Optional[Tensor], model: nn.Module,
                          num_frames: Optional[int] = None, pad_token_id: Optional[int] = None,
-                         image_sizes: Any = None, batch_num_images: Any = None) -> Tuple[Tensor, Tensor]:
+                         image_sizes: Any = None, batch_num_images: Any = None, **qwen_inputs: Any) -> Any:
     """Rewrite inputs expanded for the unpatched model so every image (video) has its reduced placeholder count.
 
     Of every item's placeholders the first ``count`` remain (the LM fills them in order, so only the count
@@ -203,7 +204,17 @@ def compact_image_tokens(input_ids: Tensor, attention_mask: Optional[Tensor], mo
         dependent): call it once per batch, outside the model's forward.
     Raises:
         ValueError if the model is not patched or the placeholders do not match unreduced items.
+
+    A Qwen-VL model goes to ``mmmerge.adapters.qwen_vl.compact_image_tokens`` (``image_grid_thw=``,
+    ``video_grid_thw=``, ``mm_token_type_ids=``; it also returns the compacted token types when given them).
     """
+    if is_qwen_vl(model):
+        from mmmerge.adapters import qwen_vl
+
+        return qwen_vl.compact_image_tokens(input_ids, attention_mask, model, pad_token_id=pad_token_id,
+                                            **qwen_inputs)
+    if qwen_inputs:
+        raise TypeError(f"compact_image_tokens got {sorted(qwen_inputs)}, which only Qwen-VL models take")
     ctx = _context(model)
     lm = inner_model(model)
     if input_ids.dim() != 2:
