@@ -9,6 +9,7 @@ Sections (each recorded, and skipped with the reason when the budget runs short)
                within_frame and pitome: eager at batch 1, 8, 32, compiled at 32, CUDA graphs
                (mode="reduce-overhead") at 1, the host's time to return at batch 1, and the ceiling rows (the
                unmerged model on half the frames); median of interleaved per-pair ratios, CUDA-event times
+    qwen       Qwen2.5-VL-7B size prefill at keep 1.0 / 0.5 / 0.25 / 0.125 and the reduction's share of the tower
     llava      prefill of LLaVA-1.5-7B size (576 / 192 / 128 / 64 visual tokens) and LLaVA-NeXT-7B size
                (2880 / 640 / 320 / 160), random weights in bf16 built on the device; the reduction's share of
                the vision tower's time (benchmarks/llava.py)
@@ -252,14 +253,27 @@ def llava_section(quick: bool, repeats: int, budget: Budget) -> List[Dict[str, A
     return rows
 
 
+def qwen_section(quick: bool, repeats: int, budget: Budget) -> List[Dict[str, Any]]:
+    """Qwen2.5-VL-7B size (bf16, random weights): prefill at keep 1.0 / 0.5 / 0.25 / 0.125 and the reduction's
+    share of the tower (benchmarks/qwen_vl.py)."""
+    from . import qwen_vl as bench
+
+    if budget.left() < 60 and not quick:
+        return [{"size": "7b", "skipped": "time budget"}]
+    try:
+        return bench.run(size="quick" if quick else "7b", repeats=repeats)
+    except Exception as err:
+        return [{"size": "7b", "error": f"{type(err).__name__}: {err}"[:400]}]
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/gpu_check.json"))
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for all sections together")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="tiny models: check the script itself (CPU too)")
-    parser.add_argument("--sections", nargs="+", default=["sync", "videomae", "llava"],
-                        choices=["sync", "videomae", "llava"])
+    parser.add_argument("--sections", nargs="+", default=["sync", "videomae", "llava", "qwen"],
+                        choices=["sync", "videomae", "llava", "qwen"])
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     budget = Budget(args.budget)
@@ -283,8 +297,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                 rows = sync_section(device, args.quick)
             elif name == "videomae":
                 rows = videomae_section(device, budget, args.quick, args.repeats, record)
-            else:
+            elif name == "llava":
                 rows = llava_section(args.quick, min(args.repeats, 5), budget)
+            else:
+                rows = qwen_section(args.quick, min(args.repeats, 5), budget)
             result["sections"][name] = {"rows": rows, "seconds": time.monotonic() - start}
         except Exception:
             result["sections"][name] = {"rows": partial, "error": traceback.format_exc()[-2000:],
