@@ -18,7 +18,7 @@ BAD_OPTIONS = [
     ("tps", {"temperature": "hot"}, TypeError, "temperature must be a number"),
     ("random", {"generator": 3}, TypeError, "generator must be a torch.Generator"),
     ("dominant", {"contextual": 0}, ValueError, "contextual must be a positive int"),
-    ("tome", {"temperature": 1.0}, ValueError, "'tome' takes no option 'temperature'; its options are: none"),
+    ("tome", {"temperature": 1.0}, ValueError, "'tome' takes no option 'temperature'; its options are: parity"),
 ]
 
 
