@@ -72,7 +72,7 @@ def check_entry_options(where: str, fn: Callable[..., Any], method: str, options
             continue  # a misspelled matcher option: check_options names the method and suggests it
         if close:
             raise ValueError(f"{where} has no option '{name}'; did you mean '{close[0]}'?")
-        takes = f"; method '{method}' takes: {', '.join(method_options) or 'none'}" if known else ""
+        takes = f"; method '{method}' takes: {', '.join(sorted(method_options)) or 'none'}" if known else ""
         raise ValueError(f"{where} has no option '{name}'; its options are: {', '.join(own)}{takes}")
 
 
