@@ -57,6 +57,24 @@ def write_sample_clip(path: Path, seconds: float = 4.0, rate: int = 22050, seed:
     return path
 
 
+def check_model_folder(name: Optional[str]) -> None:
+    """A ``--model`` that names a path must be a model folder (hub ids such as ``org/name`` go to transformers).
+
+    Raises InputError (one line) for a path with no folder, or a folder with no config.json, before anything loads.
+    """
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    looks_local = (path.is_dir() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+                   or name.endswith("/"))
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise InputError(f"--model {name}: no such model folder")
+    if not (path / "config.json").is_file():
+        raise InputError(f"--model {name}: not a model folder (no config.json in it)")
+
+
 def load_model(name: Optional[str], attn: str):
     """An AST classifier from a hub name or local directory, or AST-base from its config (random weights)."""
     from transformers import ASTConfig, ASTForAudioClassification, AutoModelForAudioClassification
@@ -120,6 +138,9 @@ def read_audio(args, tmp: Path) -> Tuple[torch.Tensor, int, str, torch.Tensor, s
             long_what = f"a generated {args.long_seconds:g} s recording (tone, rising chirps, noise bursts)"
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise InputError(f"--audio {args.audio}: {err}" if args.audio else str(err)) from None
+    if waveform.shape[0] < audio.FRAME_SAMPLES:  # rate is 16 kHz here: load_audio resampled it
+        raise InputError(f"--audio {args.audio}: {1000 * waveform.shape[0] / rate:.0f} ms of audio; AST needs at "
+                         f"least one 25 ms fbank frame ({audio.FRAME_SAMPLES} samples at 16 kHz)")
     what = f"{args.audio}" if args.audio else "a generated 4 s sample clip"
     return waveform, rate, what, long_wave, long_what
 
@@ -139,6 +160,7 @@ def check_args(args) -> None:
         raise InputError(f"--hop must be > 0 seconds, got {args.hop}")
     if args.audio and not Path(args.audio).is_file():
         raise InputError(f"--audio {args.audio}: no such file")
+    check_model_folder(args.model)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
