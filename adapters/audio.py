@@ -16,9 +16,13 @@ Time modes (``time_mode``):
 time rules the tokens merge in time-major order (columns first), so merged outputs come time-major.
 
 Padding: clips shorter than ``max_length`` frames are padded. Pass the real lengths (``features`` returns
-them; ``real_lengths`` reads them off input from transformers' ASTFeatureExtractor) and padded columns are
-dropped right after the embeddings (``drop_padding=True``, a free speedup on short clips) or kept but marked
-invalid, so that they never merge with real tokens.
+them; ``real_lengths`` reads them off input from transformers' ASTFeatureExtractor) and padded columns are kept
+but marked invalid, so that they never merge with real tokens (the default: with ``r=0`` the outputs are the
+unpatched model's, bit for bit), or, with ``drop_padding=True``, dropped right after the embeddings. Dropping
+is faster on short clips but changes what the model computes: the real tokens no longer attend to the padding
+the model saw in training. How much that changes the predictions depends on the model (``python -m benchmarks
+padding``: on the reference AST, trained without padding, dropping *raised* the accuracy on half-padded clips;
+on one trained with padding it changed the top-1 of some clips); check it on your model before relying on it.
 """
 from __future__ import annotations
 
@@ -190,7 +194,7 @@ def _padding(layout: AudioLayout, lengths: Optional[List[int]], drop: bool
 # ------------------------------------------------------------------------------------------------ patch
 def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode: str = "global",
           prop_attn: Optional[bool] = None, trace_source: bool = False, lengths: Lengths = None,
-          drop_padding: bool = True, within_band: bool = False, group_budget: bool = True,
+          drop_padding: bool = False, within_band: bool = False, group_budget: bool = True,
           output: str = "merged", **options: Any) -> nn.Module:
     """Patch an ASTModel or ASTForAudioClassification in place for token merging; returns the model.
 
@@ -208,8 +212,10 @@ def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode
             ``last_info``.
         lengths: real length in frames (int, or one per clip), as ``features`` (or ``real_lengths``) returns;
             None = all real.
-        drop_padding: with ``lengths``, remove columns that are padding in every clip before layer 0 (the
-            output then covers fewer columns); otherwise padded columns stay, marked invalid.
+        drop_padding: with ``lengths``, remove columns that are padding in every clip before layer 0 (faster;
+            the output then covers fewer columns, and the predictions change: see the module docstring);
+            default False: padded columns stay, marked invalid (never merged with real ones), so ``r=0`` is
+            exactly the unpatched model.
         output: ``"merged"`` (the merged tokens) or ``"original"`` (one row per token entering layer 0).
         **options: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``, random
             ``generator``); unknown names and bad values raise ValueError.
@@ -569,7 +575,7 @@ class WindowTags:
 
     ``starts`` ``[W]`` seconds where each window starts; ``lengths`` ``[W]`` real fbank frames per window (every
     window holds ``max_length`` but a shorter last one); ``columns`` ``[W]`` time columns the encoder saw (fewer
-    in a short last window, whose padding is dropped); ``tokens_per_layer``: per window, as the patched model ran
+    in a short last window when the patch drops padding); ``tokens_per_layer``: per window, as the patched model ran
     it; ``logits`` ``[W, L]`` each window's clip logits; ``scores`` ``[L]`` the recording's scores, the max over
     windows of ``activation(logits)`` (a tag heard in any window scores high); ``timeline`` ``[ceil(seconds), L]``
     per-second scores: the per-column scores (``column_logits``) of every window, averaged over the columns that

@@ -257,7 +257,7 @@ def test_drop_padding_removes_columns_before_layer_zero():
     model = tiny(layers=3)
     x = spectrogram()
     lengths = torch.tensor([33, 50])  # 5 and 7 real columns: 7 kept, column 5-6 of clip 0 invalid
-    audio.patch(model, r=0, lengths=lengths)
+    audio.patch(model, r=0, lengths=lengths, drop_padding=True)
     out = output(model, x)
     info = mmmerge.last_info(model)
     assert info.tokens_per_layer == [2 + BANDS * 7] * 4
@@ -275,7 +275,7 @@ def test_drop_padding_removes_columns_before_layer_zero():
         manual = model.classifier((h[:, 0] + h[:, 1]) / 2)
     torch.testing.assert_close(out, manual, atol=1e-5, rtol=1e-5)
     # Merging on top: padded columns of clip 0 stay apart from its real ones.
-    info = merged_source(model, x, r=4, lengths=lengths)
+    info = merged_source(model, x, r=4, lengths=lengths, drop_padding=True)
     assert info.tokens_per_layer == [23, 19, 15, 11]
     real = torch.cat([torch.ones(2, dtype=torch.bool), (torch.arange(7) < 5).repeat(BANDS)])
     assert all(len(m) == 1 for m in groups_of(info.source[0], real).values())
@@ -288,7 +288,7 @@ def test_lengths_must_match_batch_and_set_lengths_repatches():
         output(model, spectrogram(2))
     audio.set_lengths(model, [40, 60])
     output(model, spectrogram(2))
-    audio.patch(model, r=2, lengths=40)
+    audio.patch(model, r=2, lengths=40, drop_padding=True)
     output(model, spectrogram(2))
     assert mmmerge.last_info(model).tokens_per_layer == [2 + BANDS * 5 - 2 * i for i in range(4)]
     audio.set_lengths(model, 128)
@@ -337,7 +337,7 @@ def test_visualize_paints_groups():
     audio.patch(model, r=0, trace_source=True)
     output(model, x)
     plain = np.asarray(audio.visualize(x, mmmerge.last_info(model), model=model))
-    audio.patch(model, r=4, trace_source=True, lengths=60)
+    audio.patch(model, r=4, trace_source=True, lengths=60, drop_padding=True)
     output(model, x)
     merged = audio.visualize(x[0], mmmerge.last_info(model), model=model, scale=1)
     assert plain.shape == (MELS * 2, FRAMES * 2, 3) and merged.size == (FRAMES, MELS)
@@ -371,7 +371,7 @@ def test_infeasible_r_raises_before_modifying():
     assert torch.equal(output(model, x), reference)
     audio.patch(model, r=3)
     with pytest.raises(ValueError, match="infeasible"):
-        audio.patch(model, r=3, lengths=10)  # one column left: 3 tokens cannot lose 3 per layer
+        audio.patch(model, r=3, lengths=10, drop_padding=True)  # one column left: 3 tokens cannot lose 3 per layer
     output(model, x)
     assert mmmerge.last_info(model).tokens_per_layer == [47, 44, 41, 38]  # the old patch is still in force
 
@@ -581,3 +581,18 @@ def test_lengths_are_frame_counts_within_the_models_window():
     assert untouched(model)
     audio.patch(model, r=2, lengths=np.array([40, 128]))  # numpy ints are frame counts too
     assert audio.patched_layout(model).columns == COLUMNS
+
+
+def test_padding_is_kept_by_default_so_r0_is_the_unpatched_model():
+    model = tiny()
+    x = spectrogram(3)
+    reference = output(model, x)
+    lengths = [40, 90, 128]
+    audio.patch(model, r=0, lengths=lengths)  # padding kept (invalid): exactly what transformers runs
+    assert torch.equal(output(model, x), reference)
+    assert mmmerge.last_info(model).tokens_per_layer == [TOKENS] * 4
+    audio.patch(model, r=0, lengths=lengths, drop_padding=True)  # opt-in: fewer tokens, other outputs
+    assert mmmerge.last_info(model).tokens_per_layer[0] == TOKENS  # the longest clip is whole: nothing to drop
+    audio.patch(model, r=0, lengths=[40, 60, 90], drop_padding=True)
+    dropped = output(model, x)
+    assert mmmerge.last_info(model).tokens_per_layer[0] == 2 + BANDS * 12 and not torch.allclose(dropped, reference)
