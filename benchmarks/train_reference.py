@@ -108,6 +108,10 @@ RECIPES: Dict[str, Recipe] = {
                        "pixel_values", steps=800),
     "ast": Recipe("ast", _ast_config, "ASTForAudioClassification", tasks.audio_batch, "input_values",
                   steps=1200, pool=6144, aux_mean_pool=1.0, task="audio"),
+    # The same AST trained on half unpadded, half padded clips (``tasks.padded_audio_batch``), as AudioSet's ASTs
+    # see padding in training: the padding benchmark's second model (``python -m benchmarks padding``).
+    "ast_padded": Recipe("ast_padded", _ast_config, "ASTForAudioClassification", tasks.padded_audio_batch,
+                         "input_values", steps=1200, pool=6144, aux_mean_pool=1.0, task="audio"),
     "videomae_when": Recipe("videomae_when", _videomae_when_config, "VideoMAEForVideoClassification",
                             tasks.when_batch, "pixel_values", steps=800, task="when"),
 }
@@ -127,7 +131,7 @@ def build_model(recipe: Recipe, seed: Optional[int] = None):
     config = recipe.make_config()
     config._attn_implementation = "sdpa"
     model = getattr(transformers, recipe.model_class)(config)
-    if recipe.name in ("ast", "vivit"):
+    if recipe.name in ("ast", "ast_padded", "vivit"):
         # transformers starts AST's and ViViT's CLS (and distillation) tokens and learned position embeddings
         # at zero (they are meant to be loaded from a checkpoint). From scratch that leaves every token
         # position-blind. So the special tokens are drawn like ViT's and the patch positions start from the
@@ -136,7 +140,7 @@ def build_model(recipe: Recipe, seed: Optional[int] = None):
         # and ViViT learned the flash order only with a constant learning rate (in 800 steps).
         from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
 
-        if recipe.name == "ast":
+        if recipe.name.startswith("ast"):
             emb = model.audio_spectrogram_transformer.embeddings
             special = (emb.cls_token, emb.distillation_token)
         else:
