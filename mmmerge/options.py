@@ -15,7 +15,7 @@ import difflib
 import inspect
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["check_flag", "check_entry_options"]
+__all__ = ["check_flag", "check_entry_options", "closest"]
 
 
 def check_flag(name: str, value: Any, where: str = "", optional: bool = False, default: str = "") -> None:
