@@ -16,13 +16,20 @@ Time modes (``time_mode``):
 time rules the tokens merge in time-major order (columns first), so merged outputs come time-major.
 
 Padding: clips shorter than ``max_length`` frames are padded. Pass the real lengths (``features`` returns
-them; ``real_lengths`` reads them off input from transformers' ASTFeatureExtractor) and padded columns are
-dropped right after the embeddings (``drop_padding=True``, a free speedup on short clips) or kept but marked
-invalid, so that they never merge with real tokens.
+them; ``real_lengths`` reads them off input from transformers' ASTFeatureExtractor) and padded columns are kept
+but marked invalid, so that they never merge with real tokens (the default: with ``r=0`` the outputs are the
+unpatched model's, bit for bit), or, with ``drop_padding=True``, dropped right after the embeddings. Dropping
+is faster on short clips but changes what the model computes: the real tokens no longer attend to the padding.
+How much that changes the predictions depends on the model (``python -m benchmarks padding``, on half-padded
+clips: the reference AST, trained without padding, is at 16% accuracy on the padded input and at 50% with the
+padding dropped, a different top-1 on 97% of clips; the same AST fine-tuned with padding keeps its accuracy,
+50.2% -> 50.6%, but changes the top-1 of 2% of clips); check it on your model before relying on it.
 """
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -35,6 +42,7 @@ from torch import Tensor
 from mmmerge.constraints import parse_time_mode
 from mmmerge.extras import require
 from mmmerge.info import MergeInfo
+from mmmerge.options import check_entry_options
 from mmmerge.patching import register
 from mmmerge.schedule import ScheduleSpec
 
@@ -127,24 +135,40 @@ def _position_coords(layout: AudioLayout) -> Tuple[Dict[str, Tensor], Dict[str, 
 
 # --------------------------------------------------------------------------------------------- padding
 def _lengths_list(lengths: Lengths, layout: AudioLayout) -> Optional[List[int]]:
-    """Real frame counts as Python ints (setup time, never in a forward), checked."""
+    """Real frame counts as Python ints (setup time, never in a forward), checked against the model's window."""
     if lengths is None:
         return None
-    if isinstance(lengths, Tensor):
-        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must hold integer frame counts, got a {lengths.dtype} tensor")
-        values = lengths.reshape(-1).tolist()
-    elif isinstance(lengths, bool) or isinstance(lengths, (str, bytes)):
-        raise TypeError(f"lengths must be an int or a sequence of ints (frames per clip), got {lengths!r}")
-    elif isinstance(lengths, int):
-        values = [lengths]
-    else:
+    what = ("lengths must be real fbank frame counts: an int, or one int per clip (a list, or the long tensor "
+            "features() returns)")
+    if isinstance(lengths, (bool, str, bytes)):
+        raise TypeError(f"{what}; got {lengths!r}")
+    if isinstance(lengths, Tensor) or type(lengths).__module__ == "numpy":
+        t = torch.as_tensor(lengths)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{what}; got a {t.dtype} tensor (integer frame counts, not seconds)")
+        values = t.reshape(-1).tolist()
+    elif isinstance(lengths, numbers.Integral):
+        values = [int(lengths)]
+    elif isinstance(lengths, (list, tuple, range)):
         values = list(lengths)
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-        raise TypeError(f"lengths must be positive int frame counts (features() returns them), got {lengths!r}")
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+        if bad:
+            raise TypeError(f"{what}; got {bad[0]!r} ({type(bad[0]).__name__}) among {lengths!r}")
+        values = [int(v) for v in values]
+    else:
+        raise TypeError(f"{what}; got {lengths!r} ({type(lengths).__name__})")
+    if not values:
+        raise ValueError(f"{what}; got none (an empty {type(lengths).__name__})")
     if any(v < 1 for v in values):
         raise ValueError(f"lengths must be positive frame counts (features() returns them), got {values}")
-    return [min(v, layout.max_length) for v in values]
+    longest = max(values)
+    if longest > layout.max_length:
+        raise ValueError(f"lengths: {longest} frames is longer than this model's window of {layout.max_length} frames "
+                         f"({layout.max_length * HOP_SECONDS:.2f} s, config.max_length): lengths count the real fbank "
+                         "frames of each clip's input_values; make the features for this model with "
+                         f"audio.features(waveform, rate, num_mel_bins={layout.num_mel_bins}, "
+                         f"max_length={layout.max_length}), which returns them")
+    return values
 
 
 def _padding(layout: AudioLayout, lengths: Optional[List[int]], drop: bool
@@ -171,7 +195,7 @@ def _padding(layout: AudioLayout, lengths: Optional[List[int]], drop: bool
 # ------------------------------------------------------------------------------------------------ patch
 def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode: str = "global",
           prop_attn: Optional[bool] = None, trace_source: bool = False, lengths: Lengths = None,
-          drop_padding: bool = True, within_band: bool = False, group_budget: bool = True,
+          drop_padding: bool = False, within_band: bool = False, group_budget: bool = True,
           output: str = "merged", **options: Any) -> nn.Module:
     """Patch an ASTModel or ASTForAudioClassification in place for token merging; returns the model.
 
@@ -189,8 +213,10 @@ def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode
             ``last_info``.
         lengths: real length in frames (int, or one per clip), as ``features`` (or ``real_lengths``) returns;
             None = all real.
-        drop_padding: with ``lengths``, remove columns that are padding in every clip before layer 0 (the
-            output then covers fewer columns); otherwise padded columns stay, marked invalid.
+        drop_padding: with ``lengths``, remove columns that are padding in every clip before layer 0 (faster;
+            the output then covers fewer columns, and the predictions change: see the module docstring);
+            default False: padded columns stay, marked invalid (never merged with real ones), so ``r=0`` is
+            exactly the unpatched model.
         output: ``"merged"`` (the merged tokens) or ``"original"`` (one row per token entering layer 0).
         **options: matcher options (pitome ``margin``/``alpha``/``preset``, tps ``temperature``, random
             ``generator``); unknown names and bad values raise ValueError.
@@ -198,12 +224,15 @@ def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode
         TypeError for unsupported models, ValueError for an infeasible r or a bad option; the model is
         then left untouched.
     """
-    for old, new in (("band_budget", "group_budget"), ("window", "time_mode='window(k)'")):
-        if old in options:
-            raise ValueError(f"audio.patch takes no option '{old}'; use {new}")
+    check_entry_options("audio.patch", patch, method, options,
+                        flags={"trace_source": trace_source, "drop_padding": drop_padding, "within_band": within_band,
+                               "group_budget": group_budget},
+                        optional_flags={"prop_attn": (prop_attn, "the default: on, off for prune")},
+                        renamed={"band_budget": "group_budget", "window": "time_mode='window(k)'"},
+                        supplied=("layer_idx", "num_layers"))
     full = ast_layout(model)
     base = _backbone(model)
-    mode, k = parse_time_mode(time_mode, TIME_MODES)
+    mode, k = parse_time_mode(time_mode, TIME_MODES, steps=full.full_columns, unit="columns")
     layout, keep, valid = _padding(full, _lengths_list(lengths, full), drop_padding)
     layers = encoder_layers(base)
     merge_layout = plan_layout(layout.grid, mode, k, group_budget, band_axis="f", within_band=within_band,
@@ -217,7 +246,36 @@ def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode
                   layer_flops=encoder_flops(base.config), embed_index=keep, embed_tokens=full.num_tokens,
                   valid=valid, position_coords=coords, rules=rules, family="audio",
                   extra={"layout": layout, "options": record, "lengths": lengths})
+    base.embeddings.register_forward_pre_hook(InputCheck(full.max_length, full.num_mel_bins))
+    model._mmmerge_undo = functools.partial(_remove_input_checks, model)  # copies and pickles with the model
     return model
+
+
+class InputCheck:
+    """Forward pre-hook on a patched AST's embeddings: ``input_values`` must be ``[B, max_length, num_mel_bins]``
+    of this model, else a ValueError naming both shapes (transformers fails deep inside the patch embedding or
+    the position embeddings instead). Shapes only: no data is read, so it compiles and runs on any device."""
+
+    def __init__(self, frames: int, mel: int) -> None:
+        self.frames, self.mel = frames, mel
+
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or (x.dim() == 3 and tuple(x.shape[1:]) == (self.frames, self.mel)):
+            return
+        raise ValueError(f"input_values of shape {list(x.shape)} do not fit this AST: it takes [B, {self.frames}, "
+                         f"{self.mel}] (config.max_length={self.frames} frames, config.num_mel_bins={self.mel}); "
+                         f"make them with audio.features(waveform, rate, num_mel_bins={self.mel}, "
+                         f"max_length={self.frames})")
+
+
+def _remove_input_checks(model: nn.Module) -> None:
+    """Undo of ``patch`` beyond the encoder layers (``mmmerge.unpatch`` calls it): drop the input checks."""
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, InputCheck):
+                del module._forward_pre_hooks[key]
+    model.__dict__.pop("_mmmerge_undo", None)
 
 
 for _name in SUPPORTED:
@@ -372,18 +430,39 @@ def as_mono_float(clip: Union[Tensor, Any], name: str = "clip") -> Tensor:
 
     Integer PCM is scaled by its full range (int16 / 32768, int32 / 2**31, int8 / 128, uint8: (x - 128) / 128);
     a channels-last ``[S, C]`` array (soundfile's layout, C <= 8) is mixed down to mono with a warning.
-    Raises ValueError for other layouts and for dtypes that are not audio samples (int64, bool, complex).
+    Raises ValueError for other layouts, for dtypes that are not audio samples (int64, bool, complex), for NaN or
+    inf samples, and for float audio far outside [-1, 1] (peak above ``FLOAT_PEAK_LIMIT``: integer PCM stored as
+    float, e.g. int16 samples x 32767, whose log-mel features would be shifted by ~21 in every bin).
     """
     x = torch.as_tensor(clip)
     if is_channels_last(x):
         warnings.warn(f"{name} of shape {list(x.shape)} is channels-last ({x.shape[1]} channels, soundfile's "
                       "layout): mixed down to mono; pass mono [S] (or load_audio(mono=True)) to skip this",
                       stacklevel=3)
-        x = x.float().mean(1) if x.is_floating_point() else as_pcm_float(x, name).mean(1)
+        x = _checked_float(x, name).mean(1) if x.is_floating_point() else as_pcm_float(x, name).mean(1)
     if x.dim() != 1:
         raise ValueError(f"{name} must be mono [S]; got shape {tuple(x.shape)} (use load_audio(mono=True), "
-                         "or data.mean(1) for a soundfile [S, channels] array)")
-    return x.float() if x.is_floating_point() else as_pcm_float(x, name)
+                         "data.mean(1) for a soundfile [S, channels] array, or wave.mean(0) for a torchaudio "
+                         "[channels, S] tensor)")
+    return _checked_float(x, name) if x.is_floating_point() else as_pcm_float(x, name)
+
+
+FLOAT_PEAK_LIMIT = 2.0  # float audio peaking above this is not [-1, 1] audio (clipped real audio stays near 1)
+
+
+def _checked_float(x: Tensor, name: str) -> Tensor:
+    """Float samples as float32, refused when not finite or far outside [-1, 1] (host reads: setup, not a forward)."""
+    x = x.float()
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} holds {bad} NaN or inf sample(s) of {x.numel()}; audio samples must be finite "
+                         "(check the decoder or the processing that made them)")
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if peak > FLOAT_PEAK_LIMIT:
+        scale = next((f" (it looks like {kind} PCM stored as float: divide by {full:g}, or pass the {kind} array "
+                      "itself)" for kind, full in (("int16", 2.0 ** 15), ("int32", 2.0 ** 31)) if peak <= full * 1.01), "")
+        raise ValueError(f"{name} is float audio with peak {peak:g}, but float audio must lie in [-1, 1]{scale}")
+    return x
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -414,9 +493,14 @@ def features(waveform: Union[Tensor, Sequence[Tensor]], sample_rate: int = 16000
     ``max_length`` frames (10.24 s for AST) is cut, with a warning: ``tag_windows`` tags a whole recording.
 
     Args:
-        waveform: ``[S]`` one clip, ``[B, S]`` clips of equal length, or a list of ``[S_i]`` clips (mono);
-            tensors or numpy arrays, float in [-1, 1] or integer PCM (scaled by its full range). A
-            channels-last ``[S, C]`` array (C <= 8, soundfile's layout) is mixed down to mono, with a warning.
+        waveform: ``[S]`` one clip, a list of ``[S_i]`` clips (mono), or ``[B, S]`` clips of equal length with
+            B = 1 or B > 8 (a ``[2..8, S]`` array is refused as ambiguous: channels-first audio, torchaudio's
+            layout, or a small batch; pass ``wave.mean(0)`` or a list); tensors or numpy arrays, float in
+            [-1, 1] or integer PCM (scaled by its full range). A channels-last ``[S, C]`` array (C <= 8,
+            soundfile's layout) is mixed down to mono, with a warning. NaN or inf samples, and float audio
+            peaking above 2 (integer PCM stored as float), are refused with a ValueError.
+        num_mel_bins, max_length: the model's ``config.num_mel_bins`` and ``config.max_length`` (AST-base's by
+            default); a patched model refuses input_values of another shape, naming both.
         sample_rate: rate of ``waveform`` in Hz.
     Returns:
         input_values ``[B, max_length, num_mel_bins]`` float32, and lengths ``[B]`` long: real frames per clip
@@ -428,7 +512,12 @@ def features(waveform: Union[Tensor, Sequence[Tensor]], sample_rate: int = 16000
         clips = [as_mono_float(c, f"clip {i}") for i, c in enumerate(waveform)]
     else:
         waveform = torch.as_tensor(waveform)
-        if waveform.dim() == 2 and not is_channels_last(waveform):  # a batch [B, S]
+        if waveform.dim() == 2 and not is_channels_last(waveform):  # a batch [B, S], or channels first [C, S]
+            if 1 < waveform.shape[0] <= MAX_CHANNELS:
+                rows = waveform.shape[0]
+                raise ValueError(f"waveform of shape {list(waveform.shape)} is ambiguous: {rows} channels of one clip "
+                                 f"(torchaudio's [channels, S] layout) or a batch of {rows} clips? Pass wave.mean(0) "
+                                 "for one clip mixed down to mono, or a list of clips ([w for w in wave]) for a batch")
             clips = [as_mono_float(c, f"clip {i}") for i, c in enumerate(waveform)]
         else:
             clips = [as_mono_float(waveform, "waveform")]
@@ -487,7 +576,7 @@ class WindowTags:
 
     ``starts`` ``[W]`` seconds where each window starts; ``lengths`` ``[W]`` real fbank frames per window (every
     window holds ``max_length`` but a shorter last one); ``columns`` ``[W]`` time columns the encoder saw (fewer
-    in a short last window, whose padding is dropped); ``tokens_per_layer``: per window, as the patched model ran
+    in a short last window when the patch drops padding); ``tokens_per_layer``: per window, as the patched model ran
     it; ``logits`` ``[W, L]`` each window's clip logits; ``scores`` ``[L]`` the recording's scores, the max over
     windows of ``activation(logits)`` (a tag heard in any window scores high); ``timeline`` ``[ceil(seconds), L]``
     per-second scores: the per-column scores (``column_logits``) of every window, averaged over the columns that

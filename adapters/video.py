@@ -27,6 +27,7 @@ from torch import Tensor
 from mmmerge.constraints import parse_time_mode
 from mmmerge.extras import require
 from mmmerge.info import MergeInfo
+from mmmerge.options import check_entry_options
 from mmmerge.patching import register
 from mmmerge.schedule import ScheduleSpec
 
@@ -128,12 +129,14 @@ def patch(model: nn.Module, r: ScheduleSpec = 0, method: str = "tome", time_mode
         TypeError for unsupported models, ValueError for an infeasible r or a bad option; the model is
         then left untouched.
     """
-    for old, new in (("frame_budget", "group_budget"), ("window", "time_mode='window(k)'")):
-        if old in options:
-            raise ValueError(f"video.patch takes no option '{old}'; use {new}")
+    check_entry_options("video.patch", patch, method, options,
+                        flags={"trace_source": trace_source, "group_budget": group_budget},
+                        optional_flags={"prop_attn": (prop_attn, "the default: on, off for prune")},
+                        renamed={"frame_budget": "group_budget", "window": "time_mode='window(k)'"},
+                        supplied=("layer_idx", "num_layers"))
     layout = video_layout(model)
     base, family = _backbone(model)
-    mode, k = parse_time_mode(time_mode, TIME_MODES)
+    mode, k = parse_time_mode(time_mode, TIME_MODES, steps=layout.grid.steps("t"), unit="tubelets")
     layers = encoder_layers(base)
     merge_layout = plan_layout(layout.grid, mode, k, group_budget)
     coords, rules = _position_coords(layout, timestamps)  # checks timestamps (check_timestamps, loading section)

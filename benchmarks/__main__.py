@@ -1,7 +1,7 @@
 """One entry point for every benchmark suite.
 
     python -m benchmarks <suite> [--quick] [--out results/]
-    suites: engine, video, audio, llava, quality, llava_quality, time_quality
+    suites: engine, video, audio, llava, quality, llava_quality, time_quality, padding
 
 Each suite is a module ``benchmarks/<suite>.py`` exposing ``run(out_dir: pathlib.Path, quick: bool = False)
 -> list[dict]`` (flat rows) and optionally ``plot(rows, out_dir) -> list[Path]``, ``COLUMNS`` (table column
@@ -23,7 +23,7 @@ from typing import List, Optional
 
 from . import results
 
-SUITES = ("engine", "video", "audio", "llava", "quality", "llava_quality", "time_quality")
+SUITES = ("engine", "video", "audio", "llava", "quality", "llava_quality", "time_quality", "padding")
 
 
 def load_suite(name: str):

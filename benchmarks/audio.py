@@ -61,7 +61,8 @@ def clip(seconds: float, rate: int = 16000) -> torch.Tensor:
 def schedule_for(model, fraction: float, method: str, time_mode: str, lengths=None) -> Tuple[List[int], str]:
     """The audio adapter's TargetFlops schedule for ``fraction`` at these real lengths (padding dropped), and a
     short description of it (a constant r when one reaches the target, else the mildest keep-ratio schedule)."""
-    audio.patch(model, r=mmmerge.TargetFlops(fraction), method=method, time_mode=time_mode, lengths=lengths)
+    audio.patch(model, r=mmmerge.TargetFlops(fraction), method=method, time_mode=time_mode, lengths=lengths,
+                drop_padding=lengths is not None)
     schedule = mmmerge.last_info(model).schedule
     mmmerge.unpatch(model)
     return schedule, f"const r={schedule[0]}" if len(set(schedule)) == 1 else "keep-ratio"
@@ -129,11 +130,12 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, repeats: int = 3, t
         for seconds, fraction in clip_grid:
             x, lengths = audio.features(clip(seconds))  # padded to 1024 frames; lengths = real frames
             if fraction is None:
-                record(x, f"{seconds:g} s", "none", "global", "drop padding", "r=0", lengths=lengths, r=0)
+                record(x, f"{seconds:g} s", "none", "global", "drop padding", "r=0", lengths=lengths, r=0,
+                       drop_padding=True)
             else:
                 spec, described = schedule_for(model, fraction, "tome", "global", lengths)
                 record(x, f"{seconds:g} s", "tome", "global", f"drop + {fraction}", described, lengths=lengths,
-                       r=spec)
+                       r=spec, drop_padding=True)
     base_ms = timer.baseline_median * 1e3
     rows.insert(0, {"input": "10.24 s (any clip, padded)", "tokens": layout.num_tokens, "method": "none",
                     "time_mode": "-", "target": 1.0, "schedule": "r=0", "final_tokens": layout.num_tokens,

@@ -362,6 +362,71 @@ def audio_batch(n: int, seed: int) -> Tuple[Tensor, Tensor]:
     return fbank(render_audio(p)), audio_labels(p)
 
 
+# Padded clips: the same task with its events inside the first ``real`` frames and the rest padding, as
+# transformers.ASTFeatureExtractor pads a short clip (zero fbank frames, then normalised).
+PAD_MARGIN = 0.05  # seconds between an event and the ends of the real part (the task's own margin)
+AUDIO_PAD_VALUE = (0.0 - AST_MEAN) / (2 * AST_STD)  # a padded frame's value in every mel bin
+
+
+def frames_samples(frames: int) -> int:
+    """Samples that give exactly ``frames`` fbank frames (25 ms window, 10 ms hop)."""
+    return 400 + (frames - 1) * 160
+
+
+def pair_span(p: Params) -> Tuple[Tensor, Tensor]:
+    """``(start, span)`` ``[B]`` seconds of the tone pair (first onset to last offset)."""
+    low_first = p["low_c"] < p["high_c"]
+    start = torch.where(low_first, p["low_c"] - p["low_d"] / 2, p["high_c"] - p["high_d"] / 2)
+    end = torch.where(low_first, p["high_c"] + p["high_d"] / 2, p["low_c"] + p["low_d"] / 2)
+    return start, end - start
+
+
+def needed_frames(p: Params) -> Tensor:
+    """``[B]`` long: the fewest frames whose samples hold the clip's tone pair and the chirp with margins."""
+    span = torch.maximum(pair_span(p)[1], p["chirp_d"]) + 2 * PAD_MARGIN
+    return (((span * SAMPLE_RATE + 1 - 400) / 160).ceil().long() + 1).clamp(max=AUDIO_FRAMES)
+
+
+def place_audio_events(p: Params, real_frames: Tensor, g: torch.Generator) -> Params:
+    """The clips of ``p`` with every event moved inside its first ``real_frames`` ``[B]`` frames; labels unchanged.
+
+    The tone pair (order, durations, gap: the label) is shifted to a uniform start inside the real part, the
+    chirp (direction, duration) and the noise bursts are re-drawn inside it. Needs ``needed_frames(p) <=
+    real_frames``.
+    """
+    length = (400 + (real_frames.float() - 1) * 160 - 1) / SAMPLE_RATE  # seconds of real samples
+    start, span = pair_span(p)
+    n = span.shape[0]
+    free = (length - 2 * PAD_MARGIN - span).clamp_min(0.0)
+    q = dict(p)
+    shift = PAD_MARGIN + torch.rand(n, generator=g) * free - start
+    q["low_c"], q["high_c"] = p["low_c"] + shift, p["high_c"] + shift
+    chirp_free = (length - 2 * PAD_MARGIN - p["chirp_d"]).clamp_min(0.0)
+    q["chirp_c"] = PAD_MARGIN + p["chirp_d"] / 2 + torch.rand(n, generator=g) * chirp_free
+    q["burst_c"] = PAD_MARGIN + torch.rand(n, 2, generator=g) * (length - 2 * PAD_MARGIN).unsqueeze(1)
+    return q
+
+
+def pad_fbank(x: Tensor, real_frames: Tensor) -> Tensor:
+    """``x`` ``[B, frames, mel]`` with every frame from ``real_frames[b]`` on set to padding: what the extractor
+    gives for the clip cut after ``frames_samples(real)`` samples (an fbank frame reads only its own window)."""
+    padded = torch.arange(x.shape[1]).unsqueeze(0) >= real_frames.unsqueeze(1)  # [B, frames]
+    return x.masked_fill(padded.unsqueeze(-1), AUDIO_PAD_VALUE)
+
+
+def padded_audio_batch(n: int, seed: int, full_share: float = 0.5) -> Tuple[Tensor, Tensor]:
+    """``n`` task clips ``[n, 256, 128]`` and labels ``[n]``, a ``full_share`` of them whole and the rest cut
+    after a uniform length between what their events need and the whole window, then padded (the training
+    data of the ``ast_padded`` reference: a model that, like AudioSet's ASTs, has seen padding)."""
+    p = audio_params(n, seed)
+    g = torch.Generator().manual_seed(seed + 31)
+    need = needed_frames(p)
+    cut = need + (torch.rand(n, generator=g) * (AUDIO_FRAMES + 1 - need)).long().clamp(max=AUDIO_FRAMES - need)
+    real = torch.where(torch.rand(n, generator=g) < full_share, torch.full_like(need, AUDIO_FRAMES), cut)
+    p = place_audio_events(p, real, g)
+    return pad_fbank(fbank(render_audio(p)), real), audio_labels(p)
+
+
 # ------------------------------------------------------------------------------------------- visual questions
 # Images of 48 x 48 RGB on a 12 x 12 grid of 4 x 4 px cells: with a 4 px patch, one cell is one visual token
 # (144 per image), so every shape lives in exactly one token and a question about it is lost with that token.

@@ -5,14 +5,15 @@
         --flops 0.5 --method tome --time-mode adjacent --visualize merged.png
 
 Part 1, a short clip: prints the top-5 tags of the unmerged model (input padded to 10.24 s, as transformers
-runs it) and of the merged model (padded columns dropped, then tokens merged to ``--flops`` of the remaining
-FLOPs), the tokens each layer sees, GFLOPs (torch.utils.flop_counter, via mmmerge.count_flops) and the
+runs it) and of the merged model (tokens merged to ``--flops`` of the FLOPs; padded columns kept, never merged
+with real ones, or with ``--drop-padding`` dropped first: faster on a short clip, but it changes the
+predictions, see the README), the tokens each layer sees, GFLOPs (torch.utils.flop_counter, via mmmerge.count_flops) and the
 wall-clock speedup (the two models run alternately; median of the per-pair ratios); with ``--columns`` also
 per-time-column scores of the top tag.
 
 Part 2, a long recording (``--long-seconds``, default 30 s; or ``--audio`` when it is longer than the model's
 10.24 s): ``audio.tag_windows`` runs the merged model on windows of 10.24 s, half a window apart (``--hop``),
-the last window's padding dropped, and prints each window's top tag and a per-second timeline of the
+the last window padded as in part 1, and prints each window's top tag and a per-second timeline of the
 recording's top tag.
 
 With no --model it runs offline: AST-base is built from its config with RANDOM weights (so its tags
@@ -55,6 +56,24 @@ def write_sample_clip(path: Path, seconds: float = 4.0, rate: int = 22050, seed:
     bursts = ((t % 1.3) < 0.15).float() * noise
     sf.write(str(path), (tone + chirp + bursts).numpy(), rate)
     return path
+
+
+def check_model_folder(name: Optional[str]) -> None:
+    """A ``--model`` that names a path must be a model folder (hub ids such as ``org/name`` go to transformers).
+
+    Raises InputError (one line) for a path with no folder, or a folder with no config.json, before anything loads.
+    """
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    looks_local = (path.is_dir() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+                   or name.endswith("/"))
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise InputError(f"--model {name}: no such model folder")
+    if not (path / "config.json").is_file():
+        raise InputError(f"--model {name}: not a model folder (no config.json in it)")
 
 
 def load_model(name: Optional[str], attn: str):
@@ -120,6 +139,9 @@ def read_audio(args, tmp: Path) -> Tuple[torch.Tensor, int, str, torch.Tensor, s
             long_what = f"a generated {args.long_seconds:g} s recording (tone, rising chirps, noise bursts)"
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise InputError(f"--audio {args.audio}: {err}" if args.audio else str(err)) from None
+    if waveform.shape[0] < audio.FRAME_SAMPLES:  # rate is 16 kHz here: load_audio resampled it
+        raise InputError(f"--audio {args.audio}: {1000 * waveform.shape[0] / rate:.0f} ms of audio; AST needs at "
+                         f"least one 25 ms fbank frame ({audio.FRAME_SAMPLES} samples at 16 kHz)")
     what = f"{args.audio}" if args.audio else "a generated 4 s sample clip"
     return waveform, rate, what, long_wave, long_what
 
@@ -139,6 +161,7 @@ def check_args(args) -> None:
         raise InputError(f"--hop must be > 0 seconds, got {args.hop}")
     if args.audio and not Path(args.audio).is_file():
         raise InputError(f"--audio {args.audio}: no such file")
+    check_model_folder(args.model)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -147,12 +170,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--audio", help="WAV/FLAC/OGG file (default: a generated 4 s sample clip)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--r", type=int, help="tokens merged per layer")
-    budget.add_argument("--flops", type=float, help="target fraction of the padding-free FLOPs (default 0.5)")
+    budget.add_argument("--flops", type=float,
+                        help="target fraction of the FLOPs (of the real columns with --drop-padding; default 0.5)")
     parser.add_argument("--method", default="tome", choices=["tome", "pitome", "tps", "random", "prune"])
     parser.add_argument("--time-mode", default="global", help="global, same_band, adjacent, window or window(k)")
     parser.add_argument("--window", type=int, default=4, help="columns per window for --time-mode window")
     parser.add_argument("--within-band", action="store_true", help="also never merge across frequency bands")
-    parser.add_argument("--keep-padding", action="store_true", help="mark padded columns invalid, do not drop them")
+    parser.add_argument("--drop-padding", action="store_true",
+                        help="drop the padded columns before layer 0 (faster on short clips; changes the predictions)")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--repeats", type=int, default=3, help="timed (merged, unmerged) pairs (the median ratio is reported)")
     parser.add_argument("--threads", type=int, default=1,
@@ -210,7 +235,7 @@ def run(args) -> int:
     try:  # patch validates everything first (infeasible r, unknown time mode) and leaves the model as it was
         time_mode = f"window({args.window})" if args.time_mode == "window" else args.time_mode
         audio.patch(model, r=spec, method=args.method, time_mode=time_mode, within_band=args.within_band,
-                    lengths=lengths, drop_padding=not args.keep_padding, trace_source=True)
+                    lengths=lengths, drop_padding=args.drop_padding, trace_source=True)
     except (ValueError, TypeError) as err:
         raise InputError(str(err)) from None
     with torch.no_grad():
@@ -220,7 +245,7 @@ def run(args) -> int:
         timing = side_by_side()(lambda: unmerged(input_values=x)).compare(lambda: model(input_values=x), args.repeats)
 
     print(f"\nmerging: method={args.method} time_mode={time_mode} within_band={args.within_band} "
-          f"padding={'kept (invalid)' if args.keep_padding else 'dropped'}; r per layer={info.schedule}")
+          f"padding={'dropped' if args.drop_padding else 'kept (invalid)'}; r per layer={info.schedule}")
     print(f"tokens per layer: {info.tokens_per_layer}")
     print(f"\n{'':10}{'unmerged (padded input)':>44}{'merged':>44}")
     for i, (a, b) in enumerate(zip(top5(base_logits, labels), top5(merged_logits, labels))):

@@ -2,7 +2,7 @@
 
     python examples/llava_vqa.py                                   # offline: tiny random LLaVA-1.5 (see below)
     python examples/llava_vqa.py --tiny next                       # offline: tiny random LLaVA-NeXT (anyres)
-    python examples/llava_vqa.py --model llava-hf/llava-1.5-7b-hf --image photo.jpg \
+    python examples/llava_vqa.py --model llava-hf/llava-1.5-7b-hf --image photo.jpg \\
         --question "What is in the picture?" --keep 64 --method dominant
     python examples/llava_vqa.py --batch 8                         # 8 prompts per call (fewer tokens pay at batch)
     python examples/llava_vqa.py --compile                         # compiled LM, static-cache generate
@@ -179,6 +179,19 @@ def check_image(parser: argparse.ArgumentParser, path) -> None:
         parser.error(f"--image {path}: not a readable image ({err})")
 
 
+def check_model_folder(parser: argparse.ArgumentParser, name) -> None:
+    """A ``--model`` that names a path must be a model folder (hub ids such as ``org/name`` go to transformers)."""
+    if name is None:
+        return
+    looks_local = (os.path.isdir(os.path.expanduser(name)) or name.startswith(("/", ".", "~")) or name.count("/") > 1
+                   or "\\" in name or name.endswith("/"))
+    if not looks_local:
+        return
+    if not os.path.isdir(os.path.expanduser(name)):
+        parser.error(f"--model {name}: no such model folder")
+    if not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
+        parser.error(f"--model {name}: not a model folder (no config.json in it)")
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub name or local directory of a LLaVA checkpoint")
@@ -199,8 +212,7 @@ def main(argv=None) -> None:
                         help="torch CPU threads (default 1: on a shared CPU one thread gives the steadiest ratio)")
     args = parser.parse_args(argv)
     check_image(parser, args.image)
-    if args.model is not None and os.path.sep in args.model and not os.path.isdir(args.model):
-        parser.error(f"--model {args.model}: no such directory")
+    check_model_folder(parser, args.model)
     torch.set_num_threads(args.threads)
 
     if args.model is None:

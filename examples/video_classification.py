@@ -98,6 +98,24 @@ def write_task_clip(path: Path, seed: int) -> Tuple[Path, str]:
     return path, tasks.VIDEO_LABELS[int(labels[0])]
 
 
+def check_model_folder(name: Optional[str]) -> None:
+    """A ``--model`` that names a path must be a model folder (hub ids such as ``org/name`` go to transformers).
+
+    Raises InputError (one line) for a path with no folder, or a folder with no config.json, before anything loads.
+    """
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    looks_local = (path.is_dir() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+                   or name.endswith("/"))
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise InputError(f"--model {name}: no such model folder")
+    if not (path / "config.json").is_file():
+        raise InputError(f"--model {name}: not a model folder (no config.json in it)")
+
+
 def model_config(name: Optional[str], reference: bool):
     """The model's config, read before any weights load (the input checks need its frame count)."""
     from transformers import AutoConfig, VideoMAEConfig
@@ -252,6 +270,7 @@ def run(args) -> int:
     if reference and not (REFERENCE / "model.safetensors").exists():
         raise InputError(f"the reference model is missing at {REFERENCE}; rebuild it with "
                          "`python -m benchmarks.train_reference videomae`, or pass --random-base or --model")
+    check_model_folder(args.model)
     try:
         config = model_config(args.model, reference)
     except (OSError, ValueError) as err:  # no such hub name or directory, or not a model config

@@ -10,6 +10,7 @@ The engine (this package) knows tensors, never a model class:
     attention.py    proportional attention bias
     flops.py        FLOP counting (torch's counter + CPU fused attention) and op counting
     reduce.py       plan_merge, merge_tokens, reduce_tokens
+    options.py      the one check of an entry point's own options (bools, typos with a suggestion)
 Adapters for Hugging Face models live in ``mmmerge.adapters``.
 """
 from .attention import size_bias

@@ -345,11 +345,14 @@ class AllOf(Constraint):
 ConstraintSpec = Union[None, str, Constraint]
 
 
-def parse_time_mode(time_mode: object, allowed: Sequence[str] = TIME_MODES) -> Tuple[str, int]:
+def parse_time_mode(time_mode: object, allowed: Sequence[str] = TIME_MODES, *, steps: Optional[int] = None,
+                    unit: str = "steps") -> Tuple[str, int]:
     """The one parser of time-mode names: returns ``(mode, k)`` with ``mode`` one of ``global``,
     ``within_frame``, ``adjacent``, ``window``, ``same_band`` and ``k`` the window size (1 otherwise).
 
     Accepts ``"window(k)"`` (k a positive integer). ``allowed`` restricts the names (an adapter's modes).
+    ``steps``: the time steps of the model's input (tubelets, columns); a window at least that wide holds the
+    whole input, so it would be ``global`` under another name: refused.
     """
     names = ", ".join(allowed)
     if not isinstance(time_mode, str):
@@ -361,7 +364,12 @@ def parse_time_mode(time_mode: object, allowed: Sequence[str] = TIME_MODES) -> T
             raise ValueError(f"time_mode '{time_mode}' is not available here; choose one of {names}")
         if not match.group(1).isdigit() or int(match.group(1)) < 1:
             raise ValueError(f"time_mode '{time_mode}': k in window(k) must be a positive integer, e.g. 'window(4)'")
-        return "window", int(match.group(1))
+        k = int(match.group(1))
+        if steps is not None and k >= steps:
+            raise ValueError(f"time_mode '{time_mode}': a window of {k} {unit} holds the whole input ({steps} {unit}), "
+                             f"so it constrains nothing and is time_mode='global'; pass 'global', or k < {steps} "
+                             "for windows")
+        return "window", k
     if spec not in allowed or spec == "window(k)":
         hint = " (for a window write 'window(k)', e.g. 'window(2)')" if spec == "window" else ""
         raise ValueError(f"unknown time_mode '{time_mode}'; choose one of {names}{hint}")

@@ -436,15 +436,29 @@ def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Co
     return removed, is_removed, host, host_sim
 
 
+# TPS presets: the fusion weight of a removed token relative to its host's own (inside one host's group).
+#   paper      the paper's similarity softmax at temperature tau, the host taking part with its own similarity 1:
+#              host exp(1 / tau), removed token exp(cos / tau), i.e. exp((cos - 1) / tau) relative to the host.
+#   official   the released code (Wei et al., MegEngine): the host's weight is e whatever the temperature,
+#              removed token exp(cos / tau), i.e. exp(cos / tau - 1) relative to the host.
+# Both agree at temperature 1 (the released code has no temperature); below 1 the paper's host dominates more.
+TPS_PRESETS: Dict[str, Dict[str, bool]] = {
+    "paper": {"host_temperature": True},
+    "official": {"host_temperature": False},
+}
+
+
 def tps(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
         partition: Optional[Partition] = None, *, score: Optional[Tensor] = None,
-        temperature: float = 1.0) -> MergePlan:
+        temperature: float = 1.0, preset: str = "paper") -> MergePlan:
     """TPS prune-and-squeeze: remove the r least important tokens, squeeze each into its host.
 
     Importance is ``score`` (``[B, N]``, e.g. CLS attention; higher keeps) or, if None, minus the
     energy (redundant tokens go first). Each removed token is fused into its most similar kept token;
-    inside a group the weights are ``size * exp((cos - 1) / temperature)`` normalised (a similarity
-    softmax; the host's own similarity is 1). Any r up to M - 1 works in one step (M - cliques under a rule).
+    inside a group the weights are ``size * w`` normalised, with ``w = 1`` for the host and, for a removed
+    token of cosine ``cos`` to it, ``exp((cos - 1) / temperature)`` (``preset="paper"``: a similarity softmax in
+    which the host's own similarity is 1) or ``exp(cos / temperature - 1)`` (``preset="official"``: the released
+    code's host weight e); see ``TPS_PRESETS``. Any r up to M - 1 works in one step (M - cliques under a rule).
     """
     if r == 0:
         return identity_plan(state)
@@ -453,7 +467,12 @@ def tps(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constrai
     with torch.no_grad():
         removed, is_removed, host, host_sim = _select_and_assign(metric, state, r, constraint or Global(),
                                                                  partition, score)
-        logit = host_sim - 1.0 if temperature == 1.0 else (host_sim - 1.0) / temperature
+        if temperature == 1.0:
+            logit = host_sim - 1.0
+        elif TPS_PRESETS[preset]["host_temperature"]:
+            logit = (host_sim - 1.0) / temperature
+        else:
+            logit = host_sim / temperature - 1.0
         slot = removed + P if P else removed
         weight = state.size.scatter(1, slot, state.size.gather(1, slot) * torch.exp(logit))
     return plan_from_pairs(removed, host, weight, M, P, is_removed)
@@ -547,7 +566,6 @@ def _positive_int(name: str) -> Callable[[Any], None]:
 OPTION_CHECKS: Dict[str, Callable[[Any], None]] = {
     "margin": _optional(_number("margin")),
     "alpha": _number("alpha", positive=True),
-    "preset": _choice("pitome preset", tuple(PITOME_PRESETS)),
     "temperature": _number("temperature", positive=True),
     "generator": _instance("generator", torch.Generator, "a torch.Generator"),
     "score": _instance("score", Tensor, "a [B, N] tensor"),
@@ -556,6 +574,11 @@ OPTION_CHECKS: Dict[str, Callable[[Any], None]] = {
     "num_layers": _number("num_layers", positive=True),
     "contextual": _positive_int("contextual"),
     "parity": _choice("tome parity", TOME_PARITIES),
+}
+# Checks of options whose values depend on the method (each method's own presets).
+METHOD_OPTION_CHECKS: Dict[Tuple[str, str], Callable[[Any], None]] = {
+    ("pitome", "preset"): _choice("pitome preset", tuple(PITOME_PRESETS)),
+    ("tps", "preset"): _choice("tps preset", tuple(TPS_PRESETS)),
 }
 # Passed by the caller (plan_merge, the encoder patch), never options of their own.
 SUPPLIED = ("metric", "state", "r", "constraint", "partition")
@@ -576,10 +599,12 @@ def check_options(method: str, options: Mapping[str, Any], supplied: Sequence[st
     unknown = sorted(set(options) - set(known))
     if unknown:
         users = sorted(k for k in known if k not in supplied)
+        from .options import closest
+
         raise ValueError(f"method '{method}' takes no option {', '.join(map(repr, unknown))}; "
-                         f"its options are: {', '.join(users) or 'none'}")
+                         f"its options are: {', '.join(users) or 'none'}{closest(unknown[0], users)}")
     for name, value in options.items():
-        check = OPTION_CHECKS.get(name)
+        check = METHOD_OPTION_CHECKS.get((method, name), OPTION_CHECKS.get(name))
         if check is not None:
             try:
                 check(value)

@@ -18,6 +18,7 @@ Specs:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -220,11 +221,26 @@ def _target_flops(fraction: float, num_layers: int, num_tokens: int, protected: 
     reached = schedule_flops([top] * num_layers, num_tokens, layer_flops) / base
     best = min(schedule_flops(_keep_ratio(0.01, num_layers, num_tokens, protected, method, grouping), num_tokens,
                               layer_flops) / base, reached)
-    raise ValueError(
-        f"TargetFlops({fraction}) is out of reach for '{method}' under this time mode: the most any feasible "
-        f"schedule removes gives {best:.2f} of the baseline FLOPs (largest constant r={top}); aim higher, use a "
-        "looser time mode, or a method that removes more per layer (tps, prune)"
-    )
+    if best >= 1.0:
+        raise OutOfReach(f"TargetFlops({fraction}) is out of reach for '{method}' under this time mode: it cannot "
+                         "remove any token there", best)
+    raise OutOfReach(f"TargetFlops({fraction}) is out of reach for '{method}' under this time mode: the most any "
+                     f"feasible schedule removes gives {best:.2f} of the baseline FLOPs (largest constant r={top})", best)
+
+
+class OutOfReach(ValueError):
+    """A schedule spec no feasible schedule meets; ``best``: the lowest FLOPs fraction that one reaches."""
+
+    def __init__(self, message: str, best: float) -> None:
+        super().__init__(message)
+        self.best = best
+
+
+# Methods offered as advice when a spec is out of reach (each one checked to meet it before it is named).
+ADVISED_METHODS = ("tome", "pitome", "tps", "prune", "random")
+# The loosest grouping of any time mode (``global``, with padding at most two runs and two cliques): a spec that
+# meets it meets time_mode='global'.
+LOOSEST = Grouping((), Guarantee(2, 2))
 
 
 def resolve_schedule(spec: ScheduleSpec, num_layers: int, num_tokens: int, protected: int = 0, *,
@@ -232,25 +248,83 @@ def resolve_schedule(spec: ScheduleSpec, num_layers: int, num_tokens: int, prote
                      layer_flops: Optional[LayerFlops] = None) -> List[int]:
     """Per-layer r list for ``num_layers`` layers over ``num_tokens`` input tokens.
 
-    Raises ValueError (naming the layer and the limit) if the spec cannot be met for every input.
+    Raises ValueError (naming the layer and the limit) if the spec cannot be met for every input; its advice
+    (another method, ``time_mode='global'``, a milder target) names only what was checked to meet the spec.
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     get_matcher(method)
+    grouping = grouping or Grouping()
+    args = (num_layers, num_tokens, protected)
+    try:
+        return _resolve(spec, *args, method, grouping, layer_flops)
+    except ValueError as err:
+        advice = _advice(spec, args, method, grouping, layer_flops, err)
+        if not advice:
+            raise
+        raise ValueError(f"{err}; {advice}") from None
+
+
+def _meets(spec: ScheduleSpec, args: Tuple[int, int, int], method: str, grouping: Grouping,
+           layer_flops: Optional[LayerFlops]) -> bool:
+    try:
+        _resolve(spec, *args, method, grouping, layer_flops)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _advice(spec: ScheduleSpec, args: Tuple[int, int, int], method: str, grouping: Grouping,
+            layer_flops: Optional[LayerFlops], err: ValueError) -> str:
+    """What meets ``spec`` instead (each checked), for an infeasible r or an out-of-reach target; "" otherwise."""
+    num_layers, num_tokens, protected = args
+    if isinstance(spec, TargetFlops) and not isinstance(err, OutOfReach):
+        return ""  # a bad fraction, not an infeasible one
+    if not isinstance(spec, (TargetFlops, TargetTokens, KeepRatio, int, list, tuple)) or isinstance(spec, bool):
+        return ""
+    if "infeasible" not in str(err) and not isinstance(err, OutOfReach):
+        return ""
+    ways = [f"method '{m}'" for m in ADVISED_METHODS if m != method and _meets(spec, args, m, grouping, layer_flops)]
+    if grouping != LOOSEST and grouping != Grouping() and _meets(spec, args, method, LOOSEST, layer_flops):
+        ways.append("time_mode='global' (no time or band rule)")
+    if isinstance(err, OutOfReach) and err.best < 1.0:
+        ways.append(f"a target of TargetFlops({math.ceil(err.best * 100) / 100:g}) or more")
+    largest = ""
+    if isinstance(spec, (int, list, tuple)):
+        best = _constant_feasible(num_layers, num_tokens, protected, method, grouping)
+        largest = (f"the largest constant r for {num_layers} layers is {best}" if best else
+                   f"the largest constant r for {num_layers} layers is 0: '{method}' cannot remove any token here")
+    if not ways:
+        return "; ".join(filter(None, [largest, "nothing else meets it under this time mode for these tokens"]))
+    return "; ".join(filter(None, [largest, "what meets it instead: " + ", or ".join(ways)]))
+
+
+def _resolve(spec: ScheduleSpec, num_layers: int, num_tokens: int, protected: int, method: str, grouping: Grouping,
+             layer_flops: Optional[LayerFlops]) -> List[int]:
     if method == "none":
         return [0] * num_layers
-    grouping = grouping or Grouping()
     _check_grouping(num_tokens, protected, grouping)
     merges_off = (isinstance(spec, int) and spec == 0) or (isinstance(spec, list) and not any(spec))
     if grouping.sizes and not merges_off:  # before any search, so the reason is not "out of reach"
         check_partitionable(method)
 
+    inflect = None
     if isinstance(spec, bool):
         raise TypeError("r must be an int, a (r, inflect) tuple, a list or a schedule object, not a bool")
     if isinstance(spec, int):
         schedule = [spec] * num_layers
     elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], float):
-        schedule = _tome_inflect(int(spec[0]), spec[1], num_layers)
+        r, inflect = spec
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"r={spec!r}: ToMe's (r, inflect) needs r, the mean tokens removed per layer, as an int "
+                             f">= 0, got {r!r}")
+        if not -1.0 <= inflect <= 1.0:
+            schedule = _tome_inflect(r, inflect, num_layers)
+            raise ValueError(f"r={spec!r}: ToMe's inflect rule runs r linearly from r * (1 - inflect) at the first layer "
+                             f"to r * (1 + inflect) at the last, here {schedule[0]} to {schedule[-1]}; inflect must lie "
+                             "in [-1, 1] so that no layer gets a negative r (-1: 2r at the first layer and none at the "
+                             "last; 1: the reverse)")
+        schedule = _tome_inflect(r, inflect, num_layers)
     elif isinstance(spec, (list, tuple)):
         schedule = list(spec)
         if len(schedule) != num_layers:
@@ -282,8 +356,7 @@ def resolve_schedule(spec: ScheduleSpec, num_layers: int, num_tokens: int, prote
     try:
         validate_schedule(schedule, num_tokens, protected, method, grouping)
     except ValueError as err:
-        if isinstance(spec, int) and spec >= 0:
-            best = _constant_feasible(num_layers, num_tokens, protected, method, grouping)
-            raise ValueError(f"{err}; the largest constant r for {num_layers} layers is {best}") from None
+        if inflect is not None:
+            raise ValueError(f"{err} (r={spec!r} is the schedule {schedule} by ToMe's inflect rule)") from None
         raise
     return schedule

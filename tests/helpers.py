@@ -66,11 +66,14 @@ def output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def untouched(model: nn.Module) -> bool:
-    """No trace of a patch: no swapped class, no attribute or buffer of mmmerge, no instance forward."""
+    """No trace of a patch: no swapped class, no attribute, buffer or hook of mmmerge, no instance forward."""
     for module in model.modules():
         if isinstance(module, MergingLayer) or "forward" in module.__dict__:
             return False
         if any(k.startswith("_mmmerge") for k in list(module.__dict__) + list(module._buffers)):
+            return False
+        hooks = list(module._forward_pre_hooks.values()) + list(module._forward_hooks.values())
+        if any(type(h).__module__.startswith("mmmerge") for h in hooks):
             return False
     return True
 

@@ -257,7 +257,7 @@ def test_drop_padding_removes_columns_before_layer_zero():
     model = tiny(layers=3)
     x = spectrogram()
     lengths = torch.tensor([33, 50])  # 5 and 7 real columns: 7 kept, column 5-6 of clip 0 invalid
-    audio.patch(model, r=0, lengths=lengths)
+    audio.patch(model, r=0, lengths=lengths, drop_padding=True)
     out = output(model, x)
     info = mmmerge.last_info(model)
     assert info.tokens_per_layer == [2 + BANDS * 7] * 4
@@ -275,7 +275,7 @@ def test_drop_padding_removes_columns_before_layer_zero():
         manual = model.classifier((h[:, 0] + h[:, 1]) / 2)
     torch.testing.assert_close(out, manual, atol=1e-5, rtol=1e-5)
     # Merging on top: padded columns of clip 0 stay apart from its real ones.
-    info = merged_source(model, x, r=4, lengths=lengths)
+    info = merged_source(model, x, r=4, lengths=lengths, drop_padding=True)
     assert info.tokens_per_layer == [23, 19, 15, 11]
     real = torch.cat([torch.ones(2, dtype=torch.bool), (torch.arange(7) < 5).repeat(BANDS)])
     assert all(len(m) == 1 for m in groups_of(info.source[0], real).values())
@@ -288,7 +288,7 @@ def test_lengths_must_match_batch_and_set_lengths_repatches():
         output(model, spectrogram(2))
     audio.set_lengths(model, [40, 60])
     output(model, spectrogram(2))
-    audio.patch(model, r=2, lengths=40)
+    audio.patch(model, r=2, lengths=40, drop_padding=True)
     output(model, spectrogram(2))
     assert mmmerge.last_info(model).tokens_per_layer == [2 + BANDS * 5 - 2 * i for i in range(4)]
     audio.set_lengths(model, 128)
@@ -296,7 +296,7 @@ def test_lengths_must_match_batch_and_set_lengths_repatches():
     assert mmmerge.last_info(model).tokens_per_layer[0] == TOKENS
     with pytest.raises(ValueError, match="lengths"):
         audio.patch(model, r=2, lengths=[0])
-    with pytest.raises(TypeError, match="lengths must be an int or a sequence"):
+    with pytest.raises(TypeError, match="lengths must be real fbank frame counts"):
         audio.patch(model, r=2, lengths="64")  # not read as [6, 4]
     with pytest.raises(TypeError, match="integer frame counts"):
         audio.patch(model, r=2, lengths=torch.tensor([40.5]))
@@ -337,7 +337,7 @@ def test_visualize_paints_groups():
     audio.patch(model, r=0, trace_source=True)
     output(model, x)
     plain = np.asarray(audio.visualize(x, mmmerge.last_info(model), model=model))
-    audio.patch(model, r=4, trace_source=True, lengths=60)
+    audio.patch(model, r=4, trace_source=True, lengths=60, drop_padding=True)
     output(model, x)
     merged = audio.visualize(x[0], mmmerge.last_info(model), model=model, scale=1)
     assert plain.shape == (MELS * 2, FRAMES * 2, 3) and merged.size == (FRAMES, MELS)
@@ -371,7 +371,7 @@ def test_infeasible_r_raises_before_modifying():
     assert torch.equal(output(model, x), reference)
     audio.patch(model, r=3)
     with pytest.raises(ValueError, match="infeasible"):
-        audio.patch(model, r=3, lengths=10)  # one column left: 3 tokens cannot lose 3 per layer
+        audio.patch(model, r=3, lengths=10, drop_padding=True)  # one column left: 3 tokens cannot lose 3 per layer
     output(model, x)
     assert mmmerge.last_info(model).tokens_per_layer == [47, 44, 41, 38]  # the old patch is still in force
 
@@ -480,8 +480,10 @@ def test_features_accept_numpy_and_resample_other_rates():
     clip = tone(1.0)
     values, lengths = audio.features(clip.numpy())
     torch.testing.assert_close(values, audio.features(clip)[0])
-    batch, batch_lengths = audio.features(torch.stack([clip, tone(1.0, seed=1)]).numpy())
+    batch, batch_lengths = audio.features([clip.numpy(), tone(1.0, seed=1).numpy()])
     assert batch.shape == (2, 1024, 128) and batch_lengths.tolist() == [98, 98]
+    many, _ = audio.features(torch.stack([tone(0.1, seed=i) for i in range(9)]).numpy())  # [9, S]: a batch
+    torch.testing.assert_close(many[1], audio.features(tone(0.1, seed=1))[0][0])
     import torchaudio.functional as AF
 
     low = tone(1.0, rate=8000)
@@ -503,3 +505,96 @@ def test_real_lengths_read_padding_off_feature_extractor_output():
     assert audio.real_lengths(raw, normalized=False).tolist() == raw_lengths.tolist()
     with pytest.raises(ValueError, match="input_values"):
         audio.real_lengths(torch.zeros(5))
+
+
+# ------------------------------------------------------------------------------- what must not pass silently
+def test_features_refuse_ambiguous_non_finite_and_integer_scaled_audio():
+    left, right = tone(1.0), 0.5 * tone(1.0, seed=1)
+    stereo = torch.stack([left, right])  # [2, S]: torchaudio's [channels, S], or a batch of 2?
+    with pytest.raises(ValueError, match=r"\[2, 16000\] is ambiguous: 2 channels .* wave.mean\(0\) .* a list"):
+        audio.features(stereo)
+    with pytest.raises(ValueError, match="ambiguous"):
+        audio.features(stereo.numpy())
+    # Each advice works: mixed down it is one clip, as a list a batch of two.
+    mono, length = audio.features(stereo.mean(0))
+    assert mono.shape == (1, 1024, 128) and length.tolist() == [98]
+    assert audio.features([c for c in stereo])[0].shape == (2, 1024, 128)
+    assert audio.features(stereo[:1])[0].shape == (1, 1024, 128)  # one row is one clip either way
+    for bad in (float("nan"), float("inf")):
+        broken = left.clone()
+        broken[100] = bad
+        with pytest.raises(ValueError, match=r"clip 1 holds 1 NaN or inf sample\(s\) of 16000"):
+            audio.features([left, broken])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        audio.tag_windows(tagger_for_checks(), torch.full((20000,), float("nan")))
+    loud = left * 32767  # int16 sample values in a float tensor
+    with pytest.raises(ValueError, match=r"waveform is float audio with peak \d+.*must lie in \[-1, 1\] \(it looks like int16 PCM stored as "
+                                         r"float: divide by 32768"):
+        audio.features(loud)
+    torch.testing.assert_close(audio.features(loud / 32768)[0], audio.features(left)[0], atol=1e-3, rtol=0)
+    audio.features(1.5 * left / left.abs().max())  # a little over full scale is still audio
+
+
+def tagger_for_checks():
+    model = tiny()
+    audio.patch(model, r=0, trace_source=True)
+    return model
+
+
+def test_a_patched_ast_refuses_input_values_of_another_shape_naming_both():
+    model = tiny()  # 128 frames x 32 mel bins, not AST-base
+    x, lengths = audio.features(tone(0.5))  # AST-base's defaults: [1, 1024, 128]
+    with pytest.raises(ValueError, match=r"lengths: .*window of 128 frames.*num_mel_bins=32, max_length=128"):
+        audio.patch(model, r=2, lengths=[200])
+    audio.patch(model, r=2, lengths=lengths)  # 48 frames: fits
+    message = (r"input_values of shape \[1, 1024, 128\] do not fit this AST: it takes \[B, 128, 32\] "
+               r"\(config.max_length=128 frames, config.num_mel_bins=32\); make them with audio.features\(waveform, "
+               r"rate, num_mel_bins=32, max_length=128\)")
+    with pytest.raises(ValueError, match=message):
+        model(input_values=x)
+    with pytest.raises(ValueError, match=message.replace("of shape", "of shape")):
+        audio.column_logits(audio.patch(model, r=2, trace_source=True), x)
+    x, lengths = audio.features(tone(0.5), num_mel_bins=MELS, max_length=FRAMES)  # the advice
+    audio.patch(model, r=2, lengths=lengths)
+    assert model(input_values=x).logits.shape == (1, 5)
+    # The check travels with copies and goes with unpatch (of that copy only).
+    twin = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="do not fit this AST"):
+        twin(input_values=spectrogram()[:, :, :16])
+    mmmerge.unpatch(twin)
+    assert untouched(twin) and not twin.audio_spectrogram_transformer.embeddings._forward_pre_hooks
+    with pytest.raises(ValueError, match="do not fit this AST"):
+        model(input_values=spectrogram()[:, :64])
+    mmmerge.unpatch(model)
+    assert untouched(model)
+
+
+def test_lengths_are_frame_counts_within_the_models_window():
+    model = tiny()
+    for bad in (1.5, [40, 1.5], "64", True, {"a": 1}):
+        with pytest.raises(TypeError, match=r"lengths must be real fbank frame counts: an int, or one int per clip"):
+            audio.patch(model, r=2, lengths=bad)
+        assert untouched(model)
+    with pytest.raises(ValueError, match=r"lengths: 10000 frames is longer than this model's window of 128 frames "
+                                         r"\(1.28 s, config.max_length\)"):
+        audio.patch(model, r=2, lengths=[10000])
+    with pytest.raises(ValueError, match="got none"):
+        audio.patch(model, r=2, lengths=[])
+    assert untouched(model)
+    audio.patch(model, r=2, lengths=np.array([40, 128]))  # numpy ints are frame counts too
+    assert audio.patched_layout(model).columns == COLUMNS
+
+
+def test_padding_is_kept_by_default_so_r0_is_the_unpatched_model():
+    model = tiny()
+    x = spectrogram(3)
+    reference = output(model, x)
+    lengths = [40, 90, 128]
+    audio.patch(model, r=0, lengths=lengths)  # padding kept (invalid): exactly what transformers runs
+    assert torch.equal(output(model, x), reference)
+    assert mmmerge.last_info(model).tokens_per_layer == [TOKENS] * 4
+    audio.patch(model, r=0, lengths=lengths, drop_padding=True)  # opt-in: fewer tokens, other outputs
+    assert mmmerge.last_info(model).tokens_per_layer[0] == TOKENS  # the longest clip is whole: nothing to drop
+    audio.patch(model, r=0, lengths=[40, 60, 90], drop_padding=True)
+    dropped = output(model, x)
+    assert mmmerge.last_info(model).tokens_per_layer[0] == 2 + BANDS * 12 and not torch.allclose(dropped, reference)

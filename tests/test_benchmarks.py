@@ -216,3 +216,41 @@ def test_llava_benchmark_compiled_rows_and_batch_option():
     assert {row["mode"] for row in rows} == {"eager", "compiled (default)"} and all(r["prefill_ms"] > 0 for r in rows)
     with pytest.raises(ValueError, match="batches"):
         llava_bench.run(quick=True, size="quick", sections=("prefill",), batches=(0,))
+
+
+# ------------------------------------------------------------------------------------------- padded clips
+def test_padded_clips_keep_their_labels_and_their_events_in_the_real_part():
+    from benchmarks import padding
+    from mmmerge.adapters import audio
+
+    p = tasks.audio_params(64, seed=3)
+    real = torch.full((64,), 256)
+    placed = tasks.place_audio_events(p, torch.maximum(tasks.needed_frames(p), real - 100), torch.Generator())
+    assert torch.equal(tasks.audio_labels(placed), tasks.audio_labels(p))  # order, sweep and gap are kept
+    whole, x, labels = padding.padded_batch(32, 128, seed=5)
+    assert torch.equal(audio.real_lengths(x), torch.full((32,), 128))  # what the extractor's padding reads as
+    assert torch.equal(x[:, :128], whole[:, :128]) and (x[:, 128:] == tasks.AUDIO_PAD_VALUE).all()
+    q = padding.fitted_params(32, 128, seed=5)
+    assert torch.equal(tasks.audio_labels(q), labels)
+    end = (128 - 1) * 0.01 + 0.025  # the last real frame's end, seconds
+    for name in ("low", "high", "chirp"):
+        assert (q[f"{name}_c"] + q[f"{name}_d"] / 2 <= end).all() and (q[f"{name}_c"] - q[f"{name}_d"] / 2 >= 0).all()
+    x, y = tasks.padded_audio_batch(64, seed=9)
+    lengths = audio.real_lengths(x)
+    assert (lengths == 256).any() and (lengths < 256).any() and y.shape == (64,)
+
+
+def test_padding_benchmark_rows_on_a_tiny_ast():
+    from benchmarks import padding
+    from transformers import ASTConfig, ASTForAudioClassification
+
+    torch.manual_seed(0)
+    model = ASTForAudioClassification(ASTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                                intermediate_size=64, max_length=256, num_mel_bins=128,
+                                                time_stride=16, frequency_stride=16, num_labels=8)).eval()
+    whole, x, labels = padding.padded_batch(16, 128, seed=1)
+    rows = {r["variant"]: r for r in padding.measure(model, whole, x, labels, 128, "tiny")}
+    assert rows["padded"]["agreement"] == 1.0 and rows["keep"]["max_logit_diff"] == 0.0  # kept padding is exact
+    assert rows["drop"]["tokens"] < rows["keep"]["tokens"] and rows["drop"]["gflops"] < rows["keep"]["gflops"]
+    assert rows["drop"]["max_logit_diff"] > 0.0  # dropping the padding changes the outputs
+    assert "| drop |" in padding.report(list(rows.values()))

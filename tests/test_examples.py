@@ -31,6 +31,10 @@ def runs(tmp_path_factory):
             container.mux(packet)
     (tmp / "text.mp4").write_text("this is not a video\n" * 50)
     (tmp / "text.wav").write_text("this is not audio\n" * 50)
+    import soundfile as sf
+
+    sf.write(str(tmp / "tiny.wav"), np.zeros(192, dtype=np.float32), 16000)  # 12 ms: not one 25 ms fbank frame
+    (tmp / "not_a_model").mkdir()
     from transformers import ASTConfig, ASTForAudioClassification
 
     small = tmp / "small_ast"  # a 1.28 s window (max_length 128): the example must not assume AST-base's 10.24 s
@@ -45,6 +49,12 @@ def runs(tmp_path_factory):
         "hop past the window": ([AUDIO, "--model", small, "--hop", "5.12", "--long-seconds", "3"],
                                 r"--hop must be at most one window of this model \(1.28 s\), got 5.12"),
         "small model": ([AUDIO, "--model", small, "--long-seconds", "3", "--repeats", "1", "--flops", "0.75"], None),
+        "12 ms audio": ([AUDIO, "--audio", tmp / "tiny.wav"],
+                        r"--audio .*tiny.wav: 12 ms of audio; AST needs at least one 25 ms fbank frame"),
+        "no video model folder": ([VIDEO, "--model", "/no/such/folder"], "--model /no/such/folder: no such model folder"),
+        "no audio model folder": ([AUDIO, "--model", "/no/such/folder"], "--model /no/such/folder: no such model folder"),
+        "not a model folder": ([VIDEO, "--model", tmp / "not_a_model"],
+                               r"--model .*not_a_model: not a model folder \(no config.json in it\)"),
     }
     started = {name: (subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True), expected)
@@ -62,7 +72,9 @@ def test_the_audio_example_runs_both_parts_on_a_model_with_a_short_window(runs):
     assert "long recording: a generated 3 s recording" in out and "speedup" in out
 
 
-@pytest.mark.parametrize("case", ["missing video", "text video", "short video", "text audio", "hop past the window"])
+@pytest.mark.parametrize("case", ["missing video", "text video", "short video", "text audio", "hop past the window",
+                                  "12 ms audio", "no video model folder", "no audio model folder",
+                                  "not a model folder"])
 def test_bad_input_exits_with_one_clear_line(runs, case):
     import re
 
@@ -74,6 +86,34 @@ def test_bad_input_exits_with_one_clear_line(runs, case):
     assert re.search(expected, lines[0]) and lines[0].startswith(("video_classification.py: error:",
                                                                   "audio_tagging.py: error:")), lines[0]
     assert "model:" not in out  # refused before any model loaded
+
+
+def test_usage_examples_keep_their_line_continuations():
+    """Each example's --help (its docstring) shows the usage lines as written: a backslash that ends a source line
+    of the docstring must be escaped, or Python joins the wrapped command onto one line."""
+    import ast
+
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        source = script.read_text()
+        node = ast.parse(source).body[0]
+        evaluated = node.value.value  # the docstring as argparse prints it
+        written = "\n".join(source.splitlines()[node.lineno - 1:node.end_lineno])
+        assert evaluated.count("\n") == written.count("\n"), f"{script.name}: a line continuation was lost"
+
+
+def test_model_folder_check_leaves_hub_names_to_transformers():
+    import importlib.util
+
+    for name in ("video_classification", "audio_tagging"):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for hub in ("MCG-NJU/videomae-base", "bert-base-uncased"):
+            module.check_model_folder(hub)  # not a path: no complaint here
+        module.check_model_folder(str(ROOT / "benchmarks" / "reference" / "videomae"))
+        for bad in ("/no/such/folder", "./nothing", "a/b/c"):
+            with pytest.raises(module.InputError, match="no such model folder"):
+                module.check_model_folder(bad)
 
 
 def test_benchmark_cli_prints_the_table(tmp_path, monkeypatch, capsys):

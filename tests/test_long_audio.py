@@ -39,7 +39,7 @@ def window_features(wave: torch.Tensor, starts: torch.Tensor):
 def test_windows_cover_the_recording_and_the_last_drops_its_padding():
     model = tiny()
     reference = copy.deepcopy(model)
-    audio.patch(model, r=0, trace_source=True)
+    audio.patch(model, r=0, trace_source=True, drop_padding=True)
     wave = recording(3.3)
     tags = audio.tag_windows(model, wave, hop_seconds=0.64)
     assert tags.starts.tolist() == pytest.approx([0.0, 0.64, 1.28, 1.92, 2.56])
@@ -57,7 +57,7 @@ def test_windows_cover_the_recording_and_the_last_drops_its_padding():
         assert torch.equal(tags.logits[:4], reference(input_values=x[:4]).logits)
     # the last window went through the padding path: the same as a patch given its length
     short = copy.deepcopy(reference)
-    audio.patch(short, r=0, lengths=lengths[4:], trace_source=True)
+    audio.patch(short, r=0, lengths=lengths[4:], trace_source=True, drop_padding=True)
     with torch.no_grad():
         torch.testing.assert_close(tags.logits[4], short(input_values=x[4:]).logits[0])
         padded = reference(input_values=x[4:]).logits[0]
@@ -90,7 +90,7 @@ def test_timeline_is_the_overlap_weighted_mean_of_column_scores():
 def test_merging_runs_in_every_window_and_the_patch_is_restored():
     model = tiny()
     x = torch.randn(1, FRAMES, MELS)
-    audio.patch(model, r=3, time_mode="adjacent", lengths=[100], trace_source=True)
+    audio.patch(model, r=3, time_mode="adjacent", lengths=[100], trace_source=True, drop_padding=True)
     with torch.no_grad():
         before = model(input_values=x).logits
     tokens_before = mmmerge.last_info(model).tokens_per_layer
@@ -124,7 +124,7 @@ def test_a_clip_shorter_than_one_window_is_one_padded_window():
     model = tiny()
     audio.patch(model, r=0, trace_source=True)
     tags = audio.tag_windows(model, recording(0.5))
-    assert tags.starts.tolist() == [0.0] and tags.lengths.tolist() == [48] and tags.columns.tolist() == [6]
+    assert tags.starts.tolist() == [0.0] and tags.lengths.tolist() == [48] and tags.columns.tolist() == [15]  # kept
     assert tags.timeline.shape == (1, 5)
 
 
@@ -163,7 +163,21 @@ def test_bad_calls_are_refused():
 
 def test_an_r_the_short_last_window_cannot_take_is_explained_and_the_patch_kept():
     model = tiny()
-    audio.patch(model, r=8, trace_source=True)  # feasible for 47 tokens, not for the 0.2 s last window (11)
+    audio.patch(model, r=8, trace_source=True, drop_padding=True)  # feasible for 47 tokens, not for the 0.2 s last window (11)
     with pytest.raises(ValueError, match="the last window holds .* a relative r"):
         audio.tag_windows(model, recording(1.295 + 0.2), hop_seconds=1.28)
     assert audio.patched_layout(model).columns == 15 and mmmerge.last_info(model).tokens_per_layer[0] == 47
+
+
+def test_by_default_the_last_window_keeps_its_padding_and_r0_is_exact():
+    model = tiny()
+    reference = copy.deepcopy(model)
+    audio.patch(model, r=0, trace_source=True)
+    wave = recording(3.3)
+    tags = audio.tag_windows(model, wave, hop_seconds=0.64)
+    assert tags.columns.tolist() == [15] * 5 and [t[0] for t in tags.tokens_per_layer] == [47] * 5
+    x, _ = window_features(wave, tags.starts)
+    with torch.no_grad():
+        assert torch.equal(tags.logits[:4], reference(input_values=x[:4]).logits)  # batched as tag_windows runs
+        # the padded last window too (tracing its padding reorders the tokens: equal up to float summation order)
+        torch.testing.assert_close(tags.logits[4], reference(input_values=x[4:]).logits[0], atol=1e-6, rtol=0)
