@@ -458,3 +458,12 @@ def test_mmmerge_patch_dispatch_and_unpatch():
     assert mmmerge.last_info(model).tokens_out == 16
     mmmerge.unpatch(model)
     assert torch.equal(logits(model, **inputs), ref)
+
+
+def test_reduce_visual_tokens_checks_its_own_options_like_every_entry_point():
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="reduce_visual_tokens has no option 'methd'; did you mean 'method'"):
+        llava.reduce_visual_tokens(model, keep=16, methd="tome")
+    with pytest.raises(TypeError, match="prop_attn must be True, False or None"):
+        llava.reduce_visual_tokens(model, keep=16, where="vision_tower", prop_attn="no")
+    assert model.__dict__.get("_mmmerge_undo") is None  # refused before any change

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from mmmerge.constraints import parse_time_mode
 from mmmerge.matchers import check_options
+from mmmerge.options import check_entry_options
 from mmmerge.reduce import reduce_tokens
 from mmmerge.schedule import TargetTokens, resolve_schedule
 
@@ -151,8 +152,9 @@ def reduce_visual_tokens(model: nn.Module, keep: Optional[KeepSpec] = None, meth
                                             time_mode=time_mode, prop_attn=prop_attn, **given, **hyper)
     keep = 144 if keep is None else keep
     time_mode = "global" if time_mode is None else time_mode
-    if "window" in hyper:
-        raise ValueError("reduce_visual_tokens takes no option 'window'; use time_mode='window(k)'")
+    check_entry_options("reduce_visual_tokens", reduce_visual_tokens, method, hyper,
+                        optional_flags={"prop_attn": (prop_attn, "on, except for prune")},
+                        renamed={"window": "time_mode='window(k)'"})
     if "r" in hyper:
         raise TypeError("LLaVA models take keep= (visual tokens kept per image, or a fraction such as keep=0.25), "
                         "not r= (tokens removed per encoder layer, for the video and audio encoders)")
