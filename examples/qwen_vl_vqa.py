@@ -1,4 +1,4 @@
-"""Ask a Qwen-VL model about an image (and a clip), with and without visual-token reduction.
+r"""Ask a Qwen-VL model about an image (and a clip), with and without visual-token reduction.
 
     python examples/qwen_vl_vqa.py                          # offline: tiny random Qwen2.5-VL (see below)
     python examples/qwen_vl_vqa.py --tiny qwen3             # offline: tiny random Qwen3-VL (qwen2, qwen2.5, qwen3)

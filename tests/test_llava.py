@@ -467,3 +467,21 @@ def test_reduce_visual_tokens_checks_its_own_options_like_every_entry_point():
     with pytest.raises(TypeError, match="prop_attn must be True, False or None"):
         llava.reduce_visual_tokens(model, keep=16, where="vision_tower", prop_attn="no")
     assert model.__dict__.get("_mmmerge_undo") is None  # refused before any change
+
+
+def test_a_half_precision_model_scores_and_matches_on_float32_keys():
+    """The keys that choose the tokens are projected in float32, so a bf16 run ranks tokens as a float32 run of
+    the same activations does (issue 20: bf16 and compiled runs choose the plans fp32 eager does)."""
+    model = tiny_llava().to(torch.bfloat16)
+    lm = model.model
+    layout = llava.kinds.tower_layout(lm)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        hidden = lm.vision_tower(pixels, output_hidden_states=True).hidden_states
+        keys, _ = llava.reduction.keys_and_scores(lm, layout, hidden, False)
+        parts = llava.reduction.layer_parts(llava.kinds.tower_layers(lm)[layout.key_layer])
+        x = parts.norm1(hidden[layout.key_layer]).float()
+        attn = parts.attention
+        exact = torch.nn.functional.linear(x, attn.k_proj.weight.float(), attn.k_proj.bias.float())
+    assert keys.dtype == torch.float32
+    torch.testing.assert_close(keys, exact.view(*exact.shape[:2], parts.num_heads, -1).mean(2))

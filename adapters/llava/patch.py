@@ -152,9 +152,8 @@ def reduce_visual_tokens(model: nn.Module, keep: Optional[KeepSpec] = None, meth
                                             time_mode=time_mode, prop_attn=prop_attn, **given, **hyper)
     keep = 144 if keep is None else keep
     time_mode = "global" if time_mode is None else time_mode
-    check_entry_options("reduce_visual_tokens", reduce_visual_tokens, method, hyper,
-                        optional_flags={"prop_attn": (prop_attn, "on, except for prune")},
-                        renamed={"window": "time_mode='window(k)'"})
+    if "window" in hyper:
+        raise ValueError("reduce_visual_tokens takes no option 'window'; use time_mode='window(k)'")
     if "r" in hyper:
         raise TypeError("LLaVA models take keep= (visual tokens kept per image, or a fraction such as keep=0.25), "
                         "not r= (tokens removed per encoder layer, for the video and audio encoders)")
@@ -162,6 +161,8 @@ def reduce_visual_tokens(model: nn.Module, keep: Optional[KeepSpec] = None, meth
     lm = inner_model(model)
     layout = tower_layout(lm)
     where = _where(where, hyper)
+    check_entry_options("reduce_visual_tokens", reduce_visual_tokens, method, hyper,
+                        optional_flags={"prop_attn": (prop_attn, "on, except for prune")})
     device = next(lm.parameters()).device
     _check_query_options(method, where, hyper)
     _check_method_options(method, hyper, device)

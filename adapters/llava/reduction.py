@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmmerge.reduce import reduce_tokens
@@ -60,7 +61,10 @@ def keys_and_scores(lm: nn.Module, layout: Layout, hidden_states: Sequence[Optio
     attn = parts.attention
     with torch.no_grad():  # matching builds no graph
         x = parts.norm1(h)
-        k = attn.k_proj(x)
+        # The keys in float32 (one projection of the feature layer's input): half-precision runs then score and
+        # choose as a float32 run does, up to the tower's own activations.
+        k = F.linear(x.float(), attn.k_proj.weight.float(),
+                     None if attn.k_proj.bias is None else attn.k_proj.bias.float())
         B, T, D = k.shape
         heads = parts.num_heads
         kh = k.view(B, T, heads, D // heads)
