@@ -2,6 +2,7 @@
 
     python -m benchmarks.llava_agreement                 # tome at keep 16 of 144, 1024 held-out questions
     python -m benchmarks.llava_agreement --methods tome pitome --keep 16 --questions 512
+    python -m benchmarks.llava_agreement --methods pitome --preset official
 
 On the reference LLaVA (``benchmarks/reference/llava``) it answers the held-out questions four ways, each for the
 unreduced model and for the reduced one: fp32 eager, bf16 eager and bf16 compiled (``torch.compile``, inductor).
@@ -29,8 +30,10 @@ def _answers(model, pixels, questions, tokens, dtype, compiled: bool) -> torch.T
     return answers_of(run, pixels.to(dtype), questions, tokens, batch=128)
 
 
-def run(methods: Sequence[str] = ("tome",), keep: int = 16, questions: int = 1024) -> List[Dict[str, object]]:
-    """Rows: method (``none`` = unreduced), bf16-vs-fp32 and compiled-vs-eager top-1 agreement."""
+def run(methods: Sequence[str] = ("tome",), keep: int = 16, questions: int = 1024,
+        options: Optional[Dict[str, object]] = None) -> List[Dict[str, object]]:
+    """Rows: method (``none`` = unreduced), bf16-vs-fp32 and compiled-vs-eager top-1 agreement. ``options``: matcher
+    options for every method (e.g. ``{"preset": "official"}``)."""
     from mmmerge.adapters import llava
 
     from .train_reference import load_reference, vqa_test_set
@@ -43,7 +46,7 @@ def run(methods: Sequence[str] = ("tome",), keep: int = 16, questions: int = 102
             model = load_reference("llava").eval().to(dtype)
             tokens = 144
             if method != "none":
-                llava.reduce_visual_tokens(model, keep=keep, method=method)
+                llava.reduce_visual_tokens(model, keep=keep, method=method, **(options or {}))
                 tokens = keep
             answers[f"{dtype}"] = _answers(model, pixels, qs, tokens, dtype, compiled=False)
             if dtype == torch.bfloat16:
@@ -73,8 +76,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["tome"])
     parser.add_argument("--keep", type=int, default=16)
     parser.add_argument("--questions", type=int, default=1024)
+    parser.add_argument("--preset", help="a matcher preset for every method (pitome, tps: paper / official ...)")
     args = parser.parse_args(argv)
-    rows = run(args.methods, args.keep, args.questions)
+    rows = run(args.methods, args.keep, args.questions, {"preset": args.preset} if args.preset else None)
     print(markdown_table(rows, ["method", "keep", "questions", "bf16_vs_fp32", "compiled_vs_eager"]))
     print("\n".join(goal_lines(rows)))
 
