@@ -2,10 +2,7 @@
 ``mmmerge.last_info``), and the replaced methods of the inner model (``Replacement``)."""
 from __future__ import annotations
 
-import functools
-import inspect
 import threading
-import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -15,6 +12,7 @@ import torch.nn as nn
 
 from mmmerge.info import MergeInfo
 
+from ..replacement import Replacement  # noqa: F401  (re-exported: the LLaVA parts import it from here)
 from .anyres import ImageLayout, RaggedPlan, _pack, _tiles
 from .kinds import KeepSpec, Layout, ModelKind, inner_model
 
@@ -124,47 +122,3 @@ def _context_of(lm: nn.Module) -> LlavaContext:
         raise RuntimeError(f"{type(lm).__name__} has a reduced feature method but no mmmerge context; call "
                            "restore_visual_tokens(model) and patch again")
     return ctx
-
-
-class Replacement:
-    """A method of the inner model replaced while patched (an instance attribute; the class is untouched).
-
-    Calling it calls ``fn(owner, original, *args, **kwargs)``, ``fn`` a module-level wrapper and ``original`` the
-    model's own method. It holds only its owner, the wrapper and the method's name, so ``copy.deepcopy`` of the
-    model gives the copy a replacement bound to the copy, and pickle stores the wrapper by reference (a bound
-    method would not do: it pickles as ``getattr(owner, fn.__name__)``). Its signature is the original's:
-    ``generate()`` routes pixel inputs by it.
-    """
-
-    def __init__(self, owner: nn.Module, name: str, fn: Callable, previous: Optional[Callable] = None) -> None:
-        self.owner = owner
-        self.name = name
-        self.fn = fn
-        self.previous = previous  # an instance attribute of that name the patch replaced (restored with it)
-
-    @property
-    def original(self) -> Callable:
-        if self.previous is not None:
-            return self.previous
-        # The class's own function with its owner as a partial, never a bound method: torch.compile calls a
-        # module's bound method by looking its name up on the instance again, which finds this replacement
-        # (endless recursion in a compiled whole model).
-        for cls in type(self.owner).__mro__:
-            if self.name in cls.__dict__:
-                attr = cls.__dict__[self.name]
-                if isinstance(attr, types.FunctionType):
-                    return functools.partial(attr, self.owner)
-                return attr.__get__(self.owner, type(self.owner))  # a staticmethod, classmethod, other descriptor
-        raise AttributeError(f"{type(self.owner).__name__} has no method {self.name}")
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self.original)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(self.owner, self.original, *args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<{self.name} of {type(self.owner).__name__}, reduced by mmmerge.llava ({self.fn.__name__})>"
-
-

@@ -1,12 +1,12 @@
 """The processor: checked against the model, and patched to emit each image's (video's) reduced count."""
 from __future__ import annotations
 
-import types
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.nn as nn
 from torch import Tensor
 
+from ..replacement import replace_processor_methods
 from .anyres import _aspect, reduced_length
 from .context import LlavaContext
 from .features import _video_counts
@@ -106,16 +106,6 @@ def _patch_processor(processor: Any, ctx: LlavaContext, lm: nn.Module) -> Callab
                                  f"{full}: processor and model settings differ")
             return self.video_token * reduced
         replacements["replace_video_token"] = replace_video
-    saved = {attr: (attr in processor.__dict__, processor.__dict__.get(attr)) for attr in replacements}
-    for attr, fn in replacements.items():
-        setattr(processor, attr, types.MethodType(fn, processor))
-
-    def undo() -> None:
-        for attr, (had, old) in saved.items():
-            if had:
-                setattr(processor, attr, old)
-            else:
-                processor.__dict__.pop(attr, None)
-    return undo
+    return replace_processor_methods(processor, replacements)
 
 

@@ -16,6 +16,7 @@ nothing outlives a call and threads never see each other's frames.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from dataclasses import dataclass
@@ -172,9 +173,10 @@ def video_features(lm: nn.Module, original: Callable, pixel_values_videos: Tenso
     """Replacement of ``get_video_features``: the model's own call, each video reduced (time modes apply).
     Where the model's own video call goes through ``get_image_features`` (Qwen3-VL), the class's image call is
     the one run, so a video is reduced once, as a video."""
-    if context_of(lm).kind.video_via_image and getattr(original, "__func__", None) is type(lm).get_video_features:
+    own = getattr(original, "func", getattr(original, "__func__", None))  # Replacement.original: a partial
+    if context_of(lm).kind.video_via_image and own is type(lm).get_video_features:
         image = lm.__dict__.get("get_image_features")
-        original = getattr(image, "original", None) or type(lm).get_image_features.__get__(lm, type(lm))
+        original = getattr(image, "original", None) or functools.partial(type(lm).get_image_features, lm)
     return _features(lm, original, pixel_values_videos, video_grid_thw, True, kwargs)
 
 

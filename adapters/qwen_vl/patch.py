@@ -1,7 +1,7 @@
 """Patch and undo: ``reduce_visual_tokens`` and ``restore_visual_tokens`` for Qwen-VL models.
 
 What a patch installs (nothing else; the classes are untouched): on the inner ``Qwen*VLModel`` the context
-``_mmmerge_qwen`` and four instance attributes (``_Replacement``) in place of the model's own
+``_mmmerge_qwen`` and four instance attributes (``Replacement``) in place of the model's own
 ``get_image_features``, ``get_video_features``, ``get_rope_index`` and ``forward``; on the outer model (or the inner
 one when it is given) ``_mmmerge`` (read by ``mmmerge.last_info``) and ``_mmmerge_undo``, and for ``cdpruner`` a
 ``generate`` that holds the prompt for the call. No hook is registered. A replacement holds only its owner, a
@@ -11,8 +11,7 @@ stores the functions by reference.
 from __future__ import annotations
 
 import functools
-import inspect
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -21,6 +20,7 @@ from mmmerge.constraints import parse_time_mode
 from mmmerge.matchers import MATCHERS, check_options
 from mmmerge.reduce import reduce_tokens
 
+from ..replacement import Replacement
 from .features import forward, generate_with_prompt, image_features, video_features
 from .kinds import SUPPORTED, QwenContext, check_keep, inner, model_kind
 from .placeholders import check_processor, patch_processor, unpatch_processor
@@ -28,36 +28,6 @@ from .positions import reduced_rope_index
 
 METHODS = tuple(m for m in MATCHERS if m != "none")
 TIME_MODES = ("global", "within_frame", "adjacent", "window(k)")
-
-
-class _Replacement:
-    """A method of a model replaced while patched (an instance attribute; the class is untouched).
-
-    Calling it calls ``fn(owner, original, *args, **kwargs)``. Its signature is the original's (``generate``
-    routes inputs by it).
-    """
-
-    def __init__(self, owner: nn.Module, name: str, fn: Callable, previous: Optional[Callable] = None) -> None:
-        self.owner = owner
-        self.name = name
-        self.fn = fn
-        self.previous = previous  # an instance attribute of that name the patch replaced (restored with it)
-
-    @property
-    def original(self) -> Callable:
-        if self.previous is not None:
-            return self.previous
-        return getattr(type(self.owner), self.name).__get__(self.owner, type(self.owner))
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self.original)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(self.owner, self.original, *args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<{self.name} of {type(self.owner).__name__}, reduced by mmmerge.qwen_vl ({self.fn.__name__})>"
 
 
 _WRAPPERS = (("get_image_features", image_features), ("get_video_features", video_features),
@@ -112,7 +82,7 @@ def unpatch_model(model: nn.Module) -> None:
         ctx.processor_undo.clear()
     for owner in {id(model): model, id(lm): lm}.values():
         for name, value in list(owner.__dict__.items()):
-            if isinstance(value, _Replacement) and value.owner is owner:
+            if isinstance(value, Replacement) and value.owner is owner:
                 if value.previous is not None:
                     owner.__dict__[name] = value.previous
                 else:
@@ -170,9 +140,9 @@ def reduce_visual_tokens(model: nn.Module, keep: Any = 0.25, method: str = "tome
     try:
         lm.__dict__["_mmmerge_qwen"] = ctx
         for name, fn in _WRAPPERS:
-            lm.__dict__[name] = _Replacement(lm, name, fn, lm.__dict__.get(name))
+            lm.__dict__[name] = Replacement(lm, name, fn, lm.__dict__.get(name))
         if method == "cdpruner" and model is not lm and callable(getattr(type(model), "generate", None)):
-            model.__dict__["generate"] = _Replacement(model, "generate", generate_with_prompt,
+            model.__dict__["generate"] = Replacement(model, "generate", generate_with_prompt,
                                                       model.__dict__.get("generate"))
         if processor is not None:
             ctx.processor_undo.append(patch_processor(processor, ctx))

@@ -3,13 +3,13 @@ patch that emits the reduced counts directly (``replace_image_token`` / ``replac
 from __future__ import annotations
 
 import re
-import types
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..replacement import replace_processor_methods
 from .kinds import QwenContext, host_grid, inner
 
 
@@ -160,17 +160,7 @@ def patch_processor(processor: Any, ctx: QwenContext) -> Callable[[], None]:
         return re.sub(pattern, lambda _: self.video_token * item.runs[0][1], text)
 
     replacements: Dict[str, Callable] = {"replace_image_token": replace_image, "replace_video_token": replace_video}
-    saved = {attr: (attr in processor.__dict__, processor.__dict__.get(attr)) for attr in replacements}
-    for attr, fn in replacements.items():
-        setattr(processor, attr, types.MethodType(fn, processor))
-
-    def undo() -> None:
-        for attr, (had, old) in saved.items():
-            if had:
-                setattr(processor, attr, old)
-            else:
-                processor.__dict__.pop(attr, None)
-    return undo
+    return replace_processor_methods(processor, replacements)
 
 
 def unpatch_processor(processor: Any) -> None:

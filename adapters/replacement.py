@@ -1,0 +1,73 @@
+"""Methods replaced on one instance while a vision-language model is patched (LLaVA, Qwen-VL): the class is
+untouched, ``restore`` puts the instance back as it was.
+
+    Replacement                 a model method replaced by a module-level wrapper ``fn(owner, original, ...)``
+    replace_processor_methods   a processor's placeholder-expansion methods replaced, with the undo
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from typing import Any, Callable, Dict
+
+import torch.nn as nn
+
+
+class Replacement:
+    """A method of a model replaced while patched (an instance attribute; the class is untouched).
+
+    Calling it calls ``fn(owner, original, *args, **kwargs)``, ``fn`` a module-level wrapper and ``original`` the
+    model's own method. It holds only its owner, the wrapper and the method's name, so ``copy.deepcopy`` of the
+    model gives the copy a replacement bound to the copy, and pickle stores the wrapper by reference (a bound
+    method would not do: it pickles as ``getattr(owner, fn.__name__)``). Its signature is the original's:
+    ``generate()`` routes pixel inputs by it.
+    """
+
+    def __init__(self, owner: nn.Module, name: str, fn: Callable, previous: Callable | None = None) -> None:
+        self.owner = owner
+        self.name = name
+        self.fn = fn
+        self.previous = previous  # an instance attribute of that name the patch replaced (restored with it)
+
+    @property
+    def original(self) -> Callable:
+        if self.previous is not None:
+            return self.previous
+        # The class's own function with its owner as a partial, never a bound method: torch.compile calls a
+        # module's bound method by looking its name up on the instance again, which finds this replacement
+        # (endless recursion in a compiled whole model).
+        for cls in type(self.owner).__mro__:
+            if self.name in cls.__dict__:
+                attr = cls.__dict__[self.name]
+                if isinstance(attr, types.FunctionType):
+                    return functools.partial(attr, self.owner)
+                return attr.__get__(self.owner, type(self.owner))  # a staticmethod, classmethod, other descriptor
+        raise AttributeError(f"{type(self.owner).__name__} has no method {self.name}")
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.original)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(self.owner, self.original, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        adapter = self.fn.__module__.rsplit(".adapters.", 1)[-1].split(".")[0]
+        return f"<{self.name} of {type(self.owner).__name__}, reduced by mmmerge.{adapter} ({self.fn.__name__})>"
+
+
+def replace_processor_methods(processor: Any, replacements: Dict[str, Callable]) -> Callable[[], None]:
+    """Set ``replacements`` (name -> function of the processor) as methods of this processor instance; returns
+    the undo, which puts back what the instance had (its own attribute, or none: the class's method again)."""
+    saved = {attr: (attr in processor.__dict__, processor.__dict__.get(attr)) for attr in replacements}
+    for attr, fn in replacements.items():
+        setattr(processor, attr, types.MethodType(fn, processor))
+
+    def undo() -> None:
+        for attr, (had, old) in saved.items():
+            if had:
+                setattr(processor, attr, old)
+            else:
+                processor.__dict__.pop(attr, None)
+    return undo
