@@ -14,7 +14,8 @@ Where a token is chosen, merged and restored, in one walk:
     and hands the next layer ``MergingCarry(x, state)``; the last one hands back a plain tensor (the
     merged tokens, or ``unmerge``'d to one row per original token for heads that average over tokens).
 
-The token state is a value that travels with one call: nothing is stored on a module during a forward,
+The layer's parts and the attention view live in ``anatomy.py``, the token grid and the time modes' layouts in
+``layout.py``. The token state is a value that travels with one call: nothing is stored on a module during a forward,
 no hook is registered per call, so a patched model can be deep-copied, pickled, called from several
 threads and compiled with ``torch.compile(fullgraph=True)``; shapes depend only on the schedule.
 Everything a patch needs (schedule, per-layer partitions, static index tensors) is fixed at patch time
@@ -23,9 +24,7 @@ and lives on the layers themselves (plain attributes and non-persistent buffers)
 """
 from __future__ import annotations
 
-import copy
 import functools
-import sys
 import threading
 import types
 import weakref
@@ -38,157 +37,19 @@ from einops import rearrange
 from torch import Tensor
 
 from mmmerge.attention import size_bias
-from mmmerge.constraints import AllOf, Constraint, Global, Partition, first_positions
+from mmmerge.constraints import Constraint, Partition, first_positions
 from mmmerge.info import MergeInfo
 from mmmerge.matchers import a_first, check_options, get_matcher
 from mmmerge.merge import merge_tokens, unmerge
 from mmmerge.patching import register_info, register_unpatch
-from mmmerge.schedule import (Grouping, LayerFlops, ScheduleSpec, layer_partitions, resolve_schedule,
+from mmmerge.schedule import (LayerFlops, ScheduleSpec, layer_partitions, resolve_schedule,
                               tokens_per_layer, transformer_layer_flops)
 from mmmerge.state import TokenState
 
-try:  # transformers >= 4.48
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-except ImportError:  # pragma: no cover - very old transformers
-    ALL_ATTENTION_FUNCTIONS = None
-    AttentionInterface = None
-
-BIAS_BACKENDS = ("eager", "sdpa")  # attention functions that accept an additive float bias
-_IMPL_NAME = "mmmerge"
-
-
-# ------------------------------------------------------------------------------------ attention, per call
-class _AttentionCall:
-    """One call's view of an attention module: the module's own ``forward`` runs with ``self`` seen
-    through this object, which names the "mmmerge" attention function in its ``config`` and carries this
-    call's size bias. Everything else is the module's (projections, heads, dropout, training flag)."""
-
-    def __init__(self, module: nn.Module, config: Any, base: Callable, bias: Optional[Tensor], metric: bool):
-        self.mmmerge_module = module
-        self.config = config
-        self.mmmerge_base = base
-        self.mmmerge_bias = bias
-        self.mmmerge_metric = metric
-
-    def __getattr__(self, name: str) -> Any:  # only called for names not set in __init__
-        return getattr(self.mmmerge_module, name)
-
-
-def _mmmerge_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                       **kwargs):
-    """Attention function "mmmerge": the base function (eager or sdpa) with ``log(size)`` added to the logits;
-    returns the head-averaged keys ``[B, N, d]`` (ToMe's metric) in place of the attention weights."""
-    bias = getattr(module, "mmmerge_bias", None)
-    if bias is not None:
-        bias = bias.to(query.dtype)
-        attention_mask = bias if attention_mask is None else attention_mask + bias
-    out, weights = module.mmmerge_base(module, query, key, value, attention_mask, **kwargs)
-    if not getattr(module, "mmmerge_metric", False):
-        return out, weights
-    with torch.no_grad():  # matching builds no graph; similarities in float32 (bf16 and fp32 choose alike)
-        return out, key.mean(1, dtype=torch.float32)
-
-
-if AttentionInterface is not None and _IMPL_NAME not in ALL_ATTENTION_FUNCTIONS:
-    AttentionInterface.register(_IMPL_NAME, _mmmerge_attention)
-
-
-def _base_attention(core: nn.Module, prop_attn: bool) -> Callable:
-    """The attention function ``core`` would use: its module's eager function, or a registered backend."""
-    impl = core.config._attn_implementation or "eager"
-    if impl == "eager":
-        fn = getattr(sys.modules[type(core).__module__], "eager_attention_forward", None)
-        if fn is None:
-            raise TypeError(f"{type(core).__name__}: cannot find its eager attention function")
-        return fn
-    if prop_attn and impl not in BIAS_BACKENDS:
-        raise ValueError(
-            f"attention backend '{impl}' cannot take the proportional-attention bias; load the model with "
-            "attn_implementation='sdpa' or 'eager', or pass prop_attn=False"
-        )
-    return ALL_ATTENTION_FUNCTIONS[impl]
-
-
-def _attention_config(core: nn.Module) -> Any:
-    """A copy of the attention module's config that names the "mmmerge" attention function (the model's
-    own config is untouched, so saving and reloading are unaffected)."""
-    config = copy.copy(core.config)
-    config._attn_implementation_internal = _IMPL_NAME
-    return config
-
-
-# ------------------------------------------------------------------------------ layer anatomy (per family)
-@dataclass(frozen=True)
-class LayerParts:
-    """The pieces of one encoder layer, as the model's own modules (found once at patch time and kept in the
-    layer's ``LayerSpec``; a deep copy or a pickle of the model maps them to the copy's own)."""
-
-    family: str  # "vit" (VideoMAE: self-attention + output modules), "vivit" (ViViT/AST 5.x), "clip" (CLIP/SigLIP)
-    norm1: nn.Module
-    norm2: nn.Module
-    attention: nn.Module  # the module that calls the attention function
-    num_heads: int
-
-
-def _heads(module: nn.Module) -> Optional[int]:
-    heads = getattr(module, "num_attention_heads", None) or getattr(module, "num_heads", None)
-    return int(heads) if heads else None
-
-
-def layer_parts(layer: nn.Module) -> LayerParts:
-    """Recognise a ViT-style HF layer and return its parts, or raise TypeError.
-
-    Families: ViT/VideoMAE (``attention.attention`` + ``attention.output``, the residual inside
-    ``output``), ViViT/AST in transformers 5.x (``attention`` with q/k/v/o projections, ``mlp`` +
-    ``dropout``), CLIP/SigLIP (``layer_norm1``/``self_attn``/``mlp``).
-    """
-    name = type(layer).__name__
-    if hasattr(layer, "layernorm_before") and hasattr(layer, "attention"):
-        att = layer.attention
-        if hasattr(att, "attention") and hasattr(att, "output") and hasattr(layer, "intermediate") \
-                and hasattr(layer, "output") and _heads(att.attention) and hasattr(att.attention, "config"):
-            return LayerParts("vit", layer.layernorm_before, layer.layernorm_after, att.attention, _heads(att.attention))
-        if hasattr(att, "k_proj") and hasattr(layer, "mlp") and _heads(att) and hasattr(att, "config"):
-            return LayerParts("vivit", layer.layernorm_before, layer.layernorm_after, att, _heads(att))
-        raise TypeError(f"{name}: unrecognised attention/MLP layout")
-    if hasattr(layer, "layer_norm1") and hasattr(layer, "self_attn") and hasattr(layer, "mlp"):
-        att = layer.self_attn
-        if _heads(att) and hasattr(att, "config"):
-            return LayerParts("clip", layer.layer_norm1, layer.layer_norm2, att, _heads(att))
-    raise TypeError(f"{name} is not a ViT-style encoder layer mmmerge knows")
-
-
-def _attend(layer: nn.Module, parts: LayerParts, h: Tensor, call: _AttentionCall) -> Tuple[Tensor, Tensor]:
-    """Attention branch of ``layer`` on normed tokens ``h``: ``(output before the residual add, metric)``."""
-    forward = type(parts.attention).forward
-    if parts.family == "vit":
-        context, metric = forward(call, h)
-        return layer.attention.output(context, h), metric
-    out, metric = forward(call, h, None)
-    if parts.family == "vivit":
-        out = layer.dropout(out)
-    return out, metric
-
-
-def _feed_forward(layer: nn.Module, parts: LayerParts, x: Tensor) -> Tensor:
-    """``x + mlp(norm2(x))`` with the layer's own modules (residual included)."""
-    if parts.family == "vit":
-        return layer.output(layer.intermediate(parts.norm2(x)), x)
-    if parts.family == "vivit":
-        return layer.dropout(layer.mlp(parts.norm2(x))) + x
-    return x + layer.mlp(parts.norm2(x))
-
-
-def encoder_layers(base: nn.Module) -> nn.ModuleList:
-    """The layer list of a HF encoder model (``encoder.layer``, ``encoder.layers`` or ``layers``)."""
-    for path in (("encoder", "layer"), ("encoder", "layers"), ("layers",)):
-        obj: Any = base
-        for attr in path:
-            obj = getattr(obj, attr, None)
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    raise TypeError(f"{type(base).__name__}: cannot find its encoder layers (encoder.layer / layers)")
-
+# The layer's anatomy and the token layout have files of their own; the adapters import them from here too.
+from .anatomy import (BIAS_BACKENDS, LayerParts, _attend, _AttentionCall, _attention_config,  # noqa: F401
+                      _base_attention, _feed_forward, encoder_layers, layer_parts)
+from .layout import MergeLayout, TokenGrid, plan_layout  # noqa: F401
 
 # --------------------------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
@@ -463,127 +324,6 @@ def _report_state(layer: nn.Module, patch: PatchSpec, state: TokenState) -> Toke
     valid = state.valid
     return TokenState(size=state.size, source=source, coords=coords, rules=dict(patch.rules),
                       protected=state.protected, valid=valid)
-
-
-# --------------------------------------------------------------------------------- token layout planner
-@dataclass(frozen=True)
-class TokenGrid:
-    """Static layout of an encoder's tokens: ``protected`` leading tokens, then a grid whose axes are
-    listed in memory order, e.g. ``(("t", 8), ("row", 14), ("col", 14))`` (time-major video) or
-    ``(("f", 12), ("t", 101))`` (AST: frequency-major)."""
-
-    protected: int
-    axes: Tuple[Tuple[str, int], ...]
-
-    @property
-    def cells(self) -> int:
-        n = 1
-        for _, s in self.axes:
-            n *= s
-        return n
-
-    @property
-    def num_tokens(self) -> int:
-        return self.protected + self.cells
-
-    def steps(self, axis: str) -> int:
-        return dict(self.axes)[axis]
-
-    def positions(self) -> Dict[str, Tensor]:
-        """``[cells]`` long: each grid cell's index along every axis, in memory order."""
-        shape = [s for _, s in self.axes]
-        grids = torch.meshgrid(*[torch.arange(s) for s in shape], indexing="ij")
-        return {name: g.reshape(-1) for (name, _), g in zip(self.axes, grids)}
-
-    def order(self, leading: Sequence[str]) -> Optional[Tensor]:
-        """Permutation of the cells that puts ``leading`` axes first (then the rest in memory order), or
-        None when they already lead. ``x[:, order]`` is the reordered grid."""
-        names = [a for a, _ in self.axes]
-        target = list(leading) + [a for a in names if a not in leading]
-        if target == names:
-            return None
-        index = torch.arange(self.cells).view(*[s for _, s in self.axes])
-        return index.permute(*[names.index(a) for a in target]).reshape(-1)
-
-
-@dataclass(frozen=True)
-class MergeLayout:
-    """How a time mode organises the tokens: the order they merge in, the static groups (each with its
-    own budget), the coordinate rule (and the spans it reads), and what one step can always remove."""
-
-    order: Optional[Tensor]  # [cells] permutation of the grid cells into merge order, or None
-    grouping: Grouping
-    constraint: Constraint
-    carried: Tuple[str, ...]  # axes whose spans travel in the state
-
-    def grid_order(self, grid: TokenGrid) -> Tensor:
-        return torch.arange(grid.cells) if self.order is None else self.order
-
-
-def plan_layout(grid: TokenGrid, mode: str, k: int = 1, budget: bool = True, *, time_axis: str = "t",
-                band_axis: Optional[str] = None, within_band: bool = False, padded: bool = False) -> MergeLayout:
-    """The merge layout of a time mode on ``grid`` (see ``mmmerge.constraints`` for the two kinds of rule).
-
-    Static groups (``budget=True``): ``within_frame`` (one group per step of ``time_axis``), ``window``
-    (blocks of ``k`` steps), ``same_band`` (one per band), and with ``within_band`` the bands (``adjacent``
-    inside each) or band x block groups (``window``). Otherwise one budget under a coordinate rule.
-    Tokens are reordered (once, before the first patched layer) so that groups and cliques are runs of
-    consecutive tokens and padding (``padded``: trailing time steps) ends every run. The guarantee counts
-    what every input keeps: padding and real tokens never merge, so where a group or block holds both,
-    it adds one run and one clique.
-    """
-    from mmmerge.constraints import Adjacent, Guarantee, SameSpan, Window
-
-    if mode == "global" and not padded and not within_band:  # any pair, in the model's own order
-        return MergeLayout(None, Grouping(), Global(), ())
-    T = grid.steps(time_axis)
-    per_step = grid.cells // T
-    band_rule = mode == "same_band" or within_band
-    if band_rule and band_axis is None:
-        raise ValueError(f"time mode '{mode}' needs a band axis (audio); this model has none")
-    F = grid.steps(band_axis) if band_axis else 1
-    leading = (band_axis, time_axis) if band_rule else (time_axis,)
-    needs_order = band_rule or mode in ("adjacent", "window", "within_frame") or padded
-    order = grid.order(leading) if needs_order else None
-    pad = int(padded)  # the one boundary between real and padded steps in a row of steps
-    mixed = Guarantee(1 + pad, 1 + pad)  # a group (or all tokens) spanning several steps
-    blocks = -(-T // k)
-    if mode == "global" and not band_rule:
-        return MergeLayout(order, Grouping((), mixed), Global(), ())
-    if mode == "within_frame":
-        if budget:  # a frame is one step: all padding or all real
-            return MergeLayout(order, Grouping((per_step,) * T), Global(), ())
-        return MergeLayout(order, Grouping((), Guarantee(T, T)), SameSpan(time_axis, "within_frame", T), (time_axis,))
-    if mode == "same_band" or (mode == "global" and band_rule):
-        if budget:
-            return MergeLayout(order, Grouping((T,) * F, mixed), Global(), ())
-        return MergeLayout(order, Grouping((), Guarantee(F * (1 + pad), F * (1 + pad))),
-                           SameSpan(band_axis, "same_band", F), (band_axis,))
-    if mode == "adjacent":
-        adjacent = Adjacent(time_axis, steps=T)
-        if not band_rule:
-            return MergeLayout(order, Grouping((), Guarantee(-(-T // 2) + pad, T)), adjacent, (time_axis,))
-        # Inside one band with one token per step, the tokens tile the band's steps in order: neighbours
-        # always touch, so each band is one run (two with padding).
-        runs = 1 + pad if per_step == F else -(-T // 2) + pad
-        if budget:
-            return MergeLayout(order, Grouping((T * (per_step // F),) * F, Guarantee(runs, T)), adjacent,
-                               (time_axis,))
-        rule = AllOf(SameSpan(band_axis, "same_band", F), adjacent)
-        return MergeLayout(order, Grouping((), Guarantee(F * runs, F * T)), rule, (band_axis, time_axis))
-    if mode == "window":
-        window = Window(k, time_axis, steps=T)
-        block_steps = tuple(min(k, T - b * k) for b in range(blocks))
-        if budget:
-            cells_per_step = per_step // F if band_rule else per_step
-            sizes = tuple(b * cells_per_step for b in block_steps) * (F if band_rule else 1)
-            return MergeLayout(order, Grouping(sizes, mixed), Global(), ())
-        if not band_rule:
-            return MergeLayout(order, Grouping((), Guarantee(blocks + pad, blocks + pad)), window, (time_axis,))
-        rule = AllOf(SameSpan(band_axis, "same_band", F), window)
-        return MergeLayout(order, Grouping((), Guarantee(F * (blocks + pad), F * (blocks + pad))), rule,
-                           (band_axis, time_axis))
-    raise ValueError(f"unknown time mode '{mode}'")
 
 
 # ------------------------------------------------------------------------------------ patch / unpatch
