@@ -2,6 +2,7 @@
 untouched, ``restore`` puts the instance back as it was.
 
     Replacement                 a model method replaced by a module-level wrapper ``fn(owner, original, ...)``
+    remove_replacements         every Replacement of some modules undone (what each replaced comes back)
     replace_processor_methods   a processor's placeholder-expansion methods replaced, with the undo
 """
 from __future__ import annotations
@@ -55,6 +56,18 @@ class Replacement:
     def __repr__(self) -> str:
         adapter = self.fn.__module__.rsplit(".adapters.", 1)[-1].split(".")[0]
         return f"<{self.name} of {type(self.owner).__name__}, reduced by mmmerge.{adapter} ({self.fn.__name__})>"
+
+
+def remove_replacements(*owners: nn.Module) -> None:
+    """Undo every ``Replacement`` installed on ``owners`` (each once): the instance attribute it replaced comes
+    back, or none (the class's method again)."""
+    for owner in {id(o): o for o in owners}.values():
+        for name, value in list(owner.__dict__.items()):
+            if isinstance(value, Replacement) and value.owner is owner:
+                if value.previous is not None:
+                    owner.__dict__[name] = value.previous
+                else:
+                    del owner.__dict__[name]
 
 
 def replace_processor_methods(processor: Any, replacements: Dict[str, Callable]) -> Callable[[], None]:

@@ -617,6 +617,20 @@ def record_check(name: str, out_dir: Path) -> None:
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
+def record_recheck(name: str, out_dir: Path) -> Dict[str, object]:
+    """Add this machine's ``reproduction_check(name)`` to the ``rechecks`` of ``out_dir / name / training.json``
+    (replacing an older one of the same CPU kernels and versions), without retraining. Bit-exact weights depend
+    on the CPU kernels: a recheck lets another machine verify that the recipe is unchanged since it was made."""
+    path = Path(out_dir) / name / "training.json"
+    record = json.loads(path.read_text())
+    check = reproduction_check(name)
+    same = ("cpu", "torch", "transformers")
+    record["rechecks"] = [c for c in record.get("rechecks", []) if any(c.get(k) != check[k] for k in same)]
+    record["rechecks"].append(check)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return check
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"models to train: {', '.join(RECIPES)}")
@@ -624,6 +638,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=REFERENCE_DIR)
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count (checks only)")
     parser.add_argument("--pool", type=int, default=None, help="override the training pool size (checks only)")
+    parser.add_argument("--recheck", action="store_true", help="no training: record this machine's 3-step "
+                        "reproduction hash of the named models (their CPU kernels differ from the recording's)")
     args = parser.parse_args(argv)
     every = list(RECIPES) + list(LLAVA_RECIPES)
     names = every if args.all else args.names
@@ -632,6 +648,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     unknown = [n for n in names if n not in every]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(every)}")
+    if args.recheck:
+        for name in names:
+            print(name, record_recheck(name, args.out))
+        return
     for name in names:
         if name in LLAVA_RECIPES:
             train_llava(LLAVA_RECIPES[name], args.out, steps=args.steps)

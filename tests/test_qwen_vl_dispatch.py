@@ -36,3 +36,10 @@ def test_qwen_only_inputs_are_refused_for_a_llava_model():
     ids = torch.ones(1, 4, dtype=torch.long)
     with pytest.raises(TypeError, match="only Qwen-VL"):
         llava.compact_image_tokens(ids, None, model, image_grid_thw=torch.tensor([[1, 4, 4]]))
+
+
+def test_a_misspelled_option_names_the_entry_point_for_a_qwen_model_too():
+    model = tiny("qwen2_vl")
+    with pytest.raises(ValueError, match="reduce_visual_tokens has no option 'methd'; did you mean 'method'"):
+        llava.reduce_visual_tokens(model, keep=0.5, methd="tome")
+    assert model.__dict__.get("_mmmerge_undo") is None

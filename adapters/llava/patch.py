@@ -16,6 +16,7 @@ from mmmerge.reduce import reduce_tokens
 from mmmerge.schedule import TargetTokens, resolve_schedule
 
 from ..qwen_vl.kinds import is_qwen_vl
+from ..replacement import remove_replacements
 from ..encoder import TokenGrid, layer_parts, patch_encoder, plan_layout, unpatch_encoder
 from ..video import TIME_MODES
 from .context import LlavaContext, Replacement
@@ -101,13 +102,7 @@ def _unpatch_model(model: nn.Module) -> None:
         ctx.processor_undo.clear()
         if ctx.where == "vision_tower":
             unpatch_encoder(getattr(lm.vision_tower, "vision_model", lm.vision_tower))
-    for owner in {id(model): model, id(lm): lm}.values():
-        for name, value in list(owner.__dict__.items()):
-            if isinstance(value, Replacement) and value.owner is owner:
-                if value.previous is not None:
-                    owner.__dict__[name] = value.previous
-                else:
-                    del owner.__dict__[name]
+    remove_replacements(model, lm)
     _remove_hooks(lm)
     for module in {id(model): model, id(lm): lm}.values():
         for key in ("_mmmerge_llava", "_mmmerge", "_mmmerge_undo"):

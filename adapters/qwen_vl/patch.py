@@ -18,9 +18,10 @@ import torch.nn as nn
 
 from mmmerge.constraints import parse_time_mode
 from mmmerge.matchers import MATCHERS, check_options
+from mmmerge.options import check_entry_options
 from mmmerge.reduce import reduce_tokens
 
-from ..replacement import Replacement
+from ..replacement import Replacement, remove_replacements
 from .features import forward, generate_with_prompt, image_features, video_features
 from .kinds import SUPPORTED, QwenContext, check_keep, inner, model_kind
 from .placeholders import check_processor, patch_processor, unpatch_processor
@@ -80,13 +81,8 @@ def unpatch_model(model: nn.Module) -> None:
         for undo in reversed(ctx.processor_undo):
             undo()
         ctx.processor_undo.clear()
+    remove_replacements(model, lm)
     for owner in {id(model): model, id(lm): lm}.values():
-        for name, value in list(owner.__dict__.items()):
-            if isinstance(value, Replacement) and value.owner is owner:
-                if value.previous is not None:
-                    owner.__dict__[name] = value.previous
-                else:
-                    del owner.__dict__[name]
         for key in ("_mmmerge_qwen", "_mmmerge", "_mmmerge_undo"):
             owner.__dict__.pop(key, None)
 
@@ -127,6 +123,7 @@ def reduce_visual_tokens(model: nn.Module, keep: Any = 0.25, method: str = "tome
     if "r" in hyper:
         raise TypeError("Qwen-VL models take keep= (visual tokens kept per image, or a fraction such as "
                         "keep=0.25), not r=")
+    check_entry_options("reduce_visual_tokens", reduce_visual_tokens, method, hyper)
     check_keep(keep)
     lm = inner(model)
     _check_method(method, hyper)
