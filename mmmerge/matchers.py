@@ -186,15 +186,14 @@ def energy_score(m: Tensor, margin: float, alpha: float = 1.0, shift: bool = Fal
         ``[B, M]`` float32 energy.
     """
     # The energy is a mean over all pairs, so one [B, M, M] float32 matrix is written (cos - margin, straight
-    # from one product [m, 1] . [m, -margin]) and the kernel runs on it in place; the paper's kernel adds m back
-    # where cos >= m, counted from a bool mask (a quarter of the bytes) rather than a third float pass.
+    # from one product) and the kernel runs on it in place; the paper's kernel adds m back where cos >= m,
+    # counted from a bool mask (a quarter of the bytes) rather than a third float pass.
     m = m.float()
-    ones = m.new_ones(m.shape[0], m.shape[1], 1)
-    f = torch.bmm(torch.cat([m, ones], dim=-1), torch.cat([m, ones * -margin], dim=-1).transpose(1, 2))
+    f = torch.baddbmm(m.new_full((1, 1, 1), -margin), m, m.transpose(1, 2))  # [B, M, M] cos - margin
     f = _elu_(f, alpha)  # elu(cos - m): the official kernel, >= 0 exactly where cos >= m
     if valid is None:
         energy = f.mean(-1)
-        return energy if shift else energy + margin * (f >= 0).sum(-1) / f.shape[-1]
+        return energy if shift else energy.add_((f >= 0).sum(-1), alpha=margin / f.shape[-1])
     w = valid.unsqueeze(-1).float()  # [B, M, 1]: the mean over real tokens only, as a matrix-vector product
     count = w.sum(1).clamp_min(1.0)
     energy = torch.bmm(f, w).squeeze(-1) / count
