@@ -8,7 +8,7 @@
     audio.py    AST: band/time modes, padding, load_audio, features, column outputs, visualize
     llava/      LLaVA-1.5, NeXT, NeXT-Video, OneVision: reduce_visual_tokens before the language model (a package)
     qwen_vl/    Qwen2-VL / Qwen2.5-VL / Qwen3-VL: reduce_visual_tokens with M-RoPE positions kept
-    replacement.py  methods replaced on one model or processor instance while a VLM is patched (both VLM packages)
+    vlm.py      what the VLM adapters share: the keep spec, methods replaced on an instance, processor patching
 Importing this package registers every adapter with ``mmmerge.patch``.
 """
 from . import audio  # noqa: F401

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from mmmerge.info import MergeInfo
 
-from ..replacement import Replacement  # noqa: F401  (re-exported: the LLaVA parts import it from here)
+from ..vlm import Replacement  # noqa: F401  (re-exported: the LLaVA parts import it from here)
 from .anyres import ImageLayout, RaggedPlan, _pack, _tiles
 from .kinds import KeepSpec, Layout, ModelKind, inner_model
 

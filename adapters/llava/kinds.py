@@ -14,6 +14,7 @@ import torch.nn as nn
 from mmmerge.matchers import MATCHERS, SELF_METRIC_METHODS, matcher_options
 
 from ..encoder import encoder_layers
+from ..vlm import check_keep
 
 KeepSpec = Union[int, float]
 METHODS = tuple(m for m in MATCHERS if m != "none")
@@ -138,19 +139,9 @@ def _ceil_fraction(keep: float, count: int) -> int:
     return max(1, math.ceil(keep * count - 1e-9))
 
 
-def _check_keep(keep: KeepSpec, what: str) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be an int (tokens per {what}) or a float fraction in (0, 1], got "
-                        f"{type(keep).__name__}")
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep={keep}: a fraction must lie in (0, 1]")
-    if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"keep={keep}: at least one visual token per {what} must remain (keep >= 1)")
-
-
 def _resolve_keep(keep: KeepSpec, available: int, what: str = "image") -> int:
     """``keep`` as a token count: an int as is (at most ``available``), a fraction as ``ceil(keep * available)``."""
-    _check_keep(keep, what)
+    check_keep(keep, what)
     if isinstance(keep, float):
         return _ceil_fraction(keep, available)
     if keep > available:

@@ -16,13 +16,13 @@ from mmmerge.reduce import reduce_tokens
 from mmmerge.schedule import TargetTokens, resolve_schedule
 
 from ..qwen_vl.kinds import is_qwen_vl
-from ..replacement import remove_replacements
+from ..vlm import check_keep, remove_replacements
 from ..encoder import TokenGrid, layer_parts, patch_encoder, plan_layout, unpatch_encoder
 from ..video import TIME_MODES
 from .context import LlavaContext, Replacement
 from .features import _anyres_image_features, _image_features, _projector_input_hook, _tower_output_hook, \
     _video_features
-from .kinds import METHODS, SCORED, WHERE, KeepSpec, _check_keep, _resolve_keep, inner_model, model_kind, \
+from .kinds import METHODS, SCORED, WHERE, KeepSpec, _resolve_keep, inner_model, model_kind, \
     tower_layers, tower_layout
 from .placeholders import _check_placeholder_runs, _placeholder_mask
 from .processor import _check_processor, _patch_processor
@@ -175,7 +175,7 @@ def reduce_visual_tokens(model: nn.Module, keep: Optional[KeepSpec] = None, meth
         if keep_tokens < layout.protected + 1:
             raise ValueError(f"keep={keep_tokens} leaves no room next to the [CLS] token the 'full' strategy keeps")
     else:
-        _check_keep(keep, "image" if kind.images else "video")
+        check_keep(keep, "image" if kind.images else "video")
     if where != "post_projector" and kind.name != "llava":
         # The model packs every crop's full rows x cols grid (anyres: unpadding to the aspect ratio, a newline
         # after each row, OneVision's resampling of large grids) and pools every frame's full grid (videos):

@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch.nn as nn
 from torch import Tensor
 
-from ..replacement import replace_processor_methods
+from ..vlm import replace_processor_methods
 from .anyres import _aspect, reduced_length
 from .context import LlavaContext
 from .features import _video_counts

@@ -70,16 +70,6 @@ def ceil_fraction(keep: float, count: int) -> int:
     return max(1, math.ceil(keep * count - 1e-9))
 
 
-def check_keep(keep: Any) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be an int (tokens per image / video) or a float fraction in (0, 1], got "
-                        f"{type(keep).__name__}")
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep={keep}: a fraction must lie in (0, 1]")
-    if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"keep={keep}: at least one visual token per image (video) must remain (keep >= 1)")
-
-
 @dataclass(frozen=True)
 class Item:
     """One image or video of a call: its grid in LM tokens and what the reduction keeps of it.

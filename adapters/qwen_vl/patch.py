@@ -21,9 +21,9 @@ from mmmerge.matchers import MATCHERS, check_options
 from mmmerge.options import check_entry_options
 from mmmerge.reduce import reduce_tokens
 
-from ..replacement import Replacement, remove_replacements
+from ..vlm import Replacement, check_keep, remove_replacements
 from .features import forward, generate_with_prompt, image_features, video_features
-from .kinds import SUPPORTED, QwenContext, check_keep, inner, model_kind
+from .kinds import SUPPORTED, QwenContext, inner, model_kind
 from .placeholders import check_processor, patch_processor, unpatch_processor
 from .positions import reduced_rope_index
 
@@ -124,7 +124,7 @@ def reduce_visual_tokens(model: nn.Module, keep: Any = 0.25, method: str = "tome
         raise TypeError("Qwen-VL models take keep= (visual tokens kept per image, or a fraction such as "
                         "keep=0.25), not r=")
     check_entry_options("reduce_visual_tokens", reduce_visual_tokens, method, hyper)
-    check_keep(keep)
+    check_keep(keep, "image / video")
     lm = inner(model)
     _check_method(method, hyper)
     mode = _time_mode(kind.name, time_mode)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..replacement import replace_processor_methods
+from ..vlm import replace_processor_methods
 from .kinds import QwenContext, host_grid, inner
 
 

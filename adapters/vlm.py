@@ -1,6 +1,7 @@
-"""Methods replaced on one instance while a vision-language model is patched (LLaVA, Qwen-VL): the class is
-untouched, ``restore`` puts the instance back as it was.
+"""What the vision-language adapters (LLaVA, Qwen-VL) share: the ``keep`` spec, and methods replaced on one
+instance while a model is patched (the class is untouched; restoring puts the instance back as it was).
 
+    check_keep                  keep= is an int (tokens per item) or a fraction in (0, 1]
     Replacement                 a model method replaced by a module-level wrapper ``fn(owner, original, ...)``
     remove_replacements         every Replacement of some modules undone (what each replaced comes back)
     replace_processor_methods   a processor's placeholder-expansion methods replaced, with the undo
@@ -13,6 +14,18 @@ import types
 from typing import Any, Callable, Dict
 
 import torch.nn as nn
+
+
+def check_keep(keep: Any, what: str) -> None:
+    """Raise TypeError / ValueError unless ``keep`` is an int >= 1 (visual tokens kept per ``what``) or a float
+    fraction in (0, 1] (of each item's tokens)."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"keep must be an int (tokens per {what}) or a float fraction in (0, 1], got "
+                        f"{type(keep).__name__}")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep={keep}: a fraction must lie in (0, 1]")
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"keep={keep}: at least one visual token per {what} must remain (keep >= 1)")
 
 
 class Replacement:
