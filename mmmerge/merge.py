@@ -151,6 +151,11 @@ def _fuse(x: Tensor, plan: MergePlan, totals: Optional[Tensor] = None) -> Tensor
     slot = plan.assign.gather(1, merged)  # [B, R] the slot each merged token joins
     mixing = (plan.assign.unsqueeze(1) == slot.unsqueeze(2)) * share.unsqueeze(1)  # [B, R, N], x's dtype
     values = torch.bmm(mixing, x)  # [B, R, C]: float32 accumulation for half types
+    if values.requires_grad:  # a slot is written once per member: only its first write carries the gradient
+        R = slot.shape[1]
+        order = torch.arange(R, device=x.device).expand_as(slot)
+        first = torch.full_like(out[..., 0], R, dtype=torch.long).scatter_reduce(1, slot, order, "amin")
+        values = torch.where((first.gather(1, slot) == order).unsqueeze(-1), values, values.detach())
     return out.scatter(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]), values)
 
 

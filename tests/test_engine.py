@@ -223,6 +223,20 @@ def test_gradients_flow_through_merging(method):
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("method", ["tome", "pitome", "tps"])
+def test_the_merge_gradient_is_exact_when_a_slot_receives_several_tokens(method):
+    """The weighted mean's gradient, checked against finite differences (a slot written once per member must
+    still pass its gradient back once)."""
+    metric = torch.randn(2, 20, 6, dtype=torch.double)
+    state = mm.init_state(2, 20)
+    plan = mm.plan_merge(metric.float(), state, r=9, method=method)
+    slots = plan.assign.gather(1, plan.merged)
+    assert (slots.unsqueeze(2) == slots.unsqueeze(1)).sum(-1).max() > 1  # some slot has several members
+    x = torch.randn(2, 20, 5, dtype=torch.double, requires_grad=True)
+    plan.weight = plan.weight.double()
+    assert torch.autograd.gradcheck(lambda x: mm.merge_weighted(x, plan), (x,))
+
+
 def frame_state(T: int, S: int):
     """State of a CLS token plus T frames of S tokens each (t_min = t_max = frame), batch of 2."""
     t = torch.cat([torch.tensor([-1.0]), torch.arange(T * S) // S])

@@ -1,0 +1,102 @@
+"""Check the fused step's Triton kernels against their PyTorch references, on fresh random inputs.
+
+    TRITON_INTERPRET=1 python -m mmmerge.kernel_check          (on the CPU, Triton's interpreter; the tests run it)
+    python -m mmmerge.kernel_check --device cuda               (on a GPU: benchmarks/gpu_check.sh runs it)
+
+Plans must be identical (inputs without ties); the merged rows within one rounding of the tokens' dtype (the
+kernel keeps the weights in float32, the reference rounds them to the dtype); the sizes within float32 rounding.
+On CUDA the allocator's cached memory is poisoned before each launch (the kernels' outputs come from it), so an
+unwritten element fails. Exits non-zero on any mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Tuple
+
+import torch
+
+from .fused import merge_reference, plan_reference
+
+# (batch, tokens, metric width, channels, protected, a0, groups, removed per group, dtype)
+CASES: List[Tuple[int, int, int, int, int, int, int, int, torch.dtype]] = [
+    (2, 64, 16, 32, 0, 0, 1, 20, torch.float32),
+    (2, 65, 20, 48, 1, 0, 1, 32, torch.float32),  # r = every A token
+    (2, 66, 16, 40, 2, 1, 4, 5, torch.bfloat16),  # official parity, 4 groups
+    (1, 130, 64, 96, 0, 0, 2, 30, torch.bfloat16),
+    (3, 37, 8, 24, 1, 0, 3, 1, torch.float16),  # odd sizes: groups of 12
+]
+CUDA_CASES = CASES + [(8, 1568, 64, 768, 0, 0, 1, 120, torch.bfloat16),  # VideoMAE-base's first layer
+                      (4, 1568, 64, 768, 0, 0, 8, 20, torch.bfloat16),  # within_frame: 8 tubelet groups
+                      (2, 1177, 64, 768, 1, 0, 1, 300, torch.float32)]
+
+
+def _tables(M: int, a0: int, groups: int, per_group: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Group ids ``[M]`` (contiguous, nearly equal groups) and the positions of each group's first ``per_group``
+    A tokens in the (group, score) order."""
+    sizes = [M // groups + (1 if g < M % groups else 0) for g in range(groups)]
+    ids = torch.repeat_interleave(torch.arange(groups), torch.tensor(sizes)).to(torch.int32)
+    a_ids = ids[a0::2]
+    counts = [int((a_ids == g).sum()) for g in range(groups)]
+    starts = torch.tensor([0] + counts[:-1]).cumsum(0)
+    sel = torch.cat([torch.arange(per_group) + int(s) for s in starts]).to(torch.int32)
+    return ids, sel
+
+
+def _poison(device: torch.device) -> None:
+    """Fill freed cached device memory with NaN bits (-1 as int32), where the next outputs will be allocated."""
+    if device.type == "cuda":
+        torch.full((1 << 26,), -1, dtype=torch.int32, device=device)  # 256 MiB, freed back to the cache
+
+
+def check_case(case, device: torch.device, seed: int) -> List[str]:
+    """Mismatches of one case (empty when the kernels agree with the references)."""
+    from . import triton_kernels
+
+    B, N, D, C, P, a0, groups, per_group, dtype = case
+    gen = torch.Generator().manual_seed(seed)
+    ids, sel = _tables(N - P, a0, groups, per_group)
+    metric = torch.randn(B, N, D, generator=gen)
+    x = torch.randn(B, N, C, generator=gen).to(dtype)
+    size = torch.randint(1, 5, (B, N), generator=gen).float()
+    want = plan_reference(metric, ids, sel, P, a0)
+    _poison(device)
+    got = triton_kernels.bipartite_plan(metric.to(device), ids.to(device), sel.to(device), P, a0)
+    errors = [f"{case}: plan {name} differs" for name, w, g in zip(("kept", "members", "lo", "hi", "assign"), want, got)
+              if w.shape != g.shape or not torch.equal(w.long(), g.cpu().long())]
+    if errors:
+        return errors
+    kept, members, lo, hi, assign = want
+    out_want, size_want = merge_reference(x, size, kept, members, assign)
+    _poison(device)
+    out_got, size_got = triton_kernels.merge_slots(*(t.to(device) for t in (x, size, kept, members, lo, hi)))
+    out_got, size_got = out_got.cpu(), size_got.cpu()
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    if not torch.isfinite(out_got.float()).all():
+        errors.append(f"{case}: merged rows not finite (unwritten?)")
+    elif not torch.allclose(out_got.float(), out_want.float(), rtol=tolerance, atol=tolerance):
+        errors.append(f"{case}: merged rows differ by {(out_got.float() - out_want.float()).abs().max():.3g}")
+    if not torch.allclose(size_got, size_want, rtol=1e-6):
+        errors.append(f"{case}: sizes differ")
+    lone = (hi == lo).unsqueeze(-1).expand_as(out_got)
+    if not torch.equal(out_got[lone], out_want[lone]):
+        errors.append(f"{case}: a lone survivor's row is not copied exactly")
+    return errors
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seeds", type=int, default=2)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cases = CUDA_CASES if device.type == "cuda" else CASES
+    errors = [e for case in cases for seed in range(args.seeds) for e in check_case(case, device, seed)]
+    for error in errors:
+        print("MISMATCH", error)
+    print(f"kernel_check: {len(cases) * args.seeds} cases on {device}, {len(errors)} mismatches")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

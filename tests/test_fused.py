@@ -1,0 +1,158 @@
+"""The fused ToMe step (``mmmerge.fused``): where it applies, that it equals the engine path, its op registrations,
+its gradients, and its Triton kernels (run by Triton's interpreter on the CPU)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import VideoMAEModel, VivitModel
+
+import mmmerge
+from mmmerge.adapters import audio
+from mmmerge.fused import FUSED_ENV, merge_reference, plan_reference
+from helpers import clip, spectrogram, tiny_ast, tiny_video
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fused_layers(model) -> list:
+    return [layer._mmmerge.fused for layer in model.modules() if hasattr(layer, "_mmmerge")]
+
+
+def _run(model, x, monkeypatch, fused: bool, **patch):
+    monkeypatch.setenv(FUSED_ENV, "1" if fused else "0")
+    mmmerge.patch(model, **patch)
+    assert any(_fused_layers(model)) == fused
+    with torch.no_grad():
+        out = model(x).last_hidden_state if not isinstance(x, dict) else model(**x).logits
+    state = mmmerge.last_info(model).state
+    mmmerge.unpatch(model)
+    return out, state
+
+
+@pytest.mark.parametrize("cls,mode,parity", [(VideoMAEModel, "global", "mergeable"),
+                                             (VideoMAEModel, "within_frame", "mergeable"),
+                                             (VivitModel, "global", "official"),
+                                             (VivitModel, "within_frame", "mergeable")])
+def test_the_fused_step_equals_the_engine_path(cls, mode, parity, monkeypatch):
+    model, x = tiny_video(cls), clip()
+    patch = dict(r=6, method="tome", time_mode=mode, trace_source=True, parity=parity)
+    engine, engine_state = _run(model, x, monkeypatch, False, **patch)
+    fused, fused_state = _run(model, x, monkeypatch, True, **patch)
+    assert fused.shape == engine.shape
+    torch.testing.assert_close(fused, engine, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused_state.source, engine_state.source)
+    assert torch.equal(fused_state.size, engine_state.size)
+
+
+def test_audio_without_padding_takes_the_fused_step_and_padding_the_engine_path(monkeypatch):
+    model = tiny_ast()
+    monkeypatch.setenv(FUSED_ENV, "1")
+    audio.patch(model, r=4, method="tome")
+    assert all(_fused_layers(model)[:1]) and any(_fused_layers(model))
+    audio.patch(model, r=4, method="tome", lengths=[128, 96], drop_padding=False)
+    assert not any(_fused_layers(model))
+
+
+@pytest.mark.parametrize("patch", [dict(method="pitome"), dict(method="tps"), dict(method="tome", time_mode="adjacent")])
+def test_other_methods_and_coordinate_rules_take_the_engine_path(patch, monkeypatch):
+    model = tiny_video(VideoMAEModel)
+    monkeypatch.setenv(FUSED_ENV, "1")
+    mmmerge.patch(model, r=4, **patch)
+    assert not any(_fused_layers(model))
+
+
+def test_a_bad_switch_value_is_refused_at_patch_time(monkeypatch):
+    model = tiny_video(VideoMAEModel)
+    monkeypatch.setenv(FUSED_ENV, "yes")
+    with pytest.raises(ValueError, match="MMMERGE_FUSED must be '0'"):
+        mmmerge.patch(model, r=4)
+    assert not hasattr(model, "_mmmerge_patch")
+
+
+def test_gradients_equal_the_engine_path(monkeypatch):
+    model = tiny_video(VideoMAEModel).double()
+    x = clip().double()
+
+    def grad(fused: bool) -> torch.Tensor:
+        monkeypatch.setenv(FUSED_ENV, "1" if fused else "0")
+        mmmerge.patch(model, r=6)
+        pixels = x.clone().requires_grad_(True)
+        (model(pixels).last_hidden_state ** 2).sum().backward()
+        mmmerge.unpatch(model)
+        return pixels.grad
+
+    torch.testing.assert_close(grad(True), grad(False), rtol=1e-9, atol=1e-9)
+
+
+def _plan_inputs(B=2, N=21, D=8, P=1):
+    gen = torch.Generator().manual_seed(0)
+    metric = torch.randn(B, N, D, generator=gen)
+    ids = torch.zeros(N - P, dtype=torch.int32)
+    sel = torch.arange(6, dtype=torch.int32)
+    return metric, ids, sel, P
+
+
+def test_the_ops_registrations_pass_opcheck():
+    metric, ids, sel, P = _plan_inputs()
+    torch.library.opcheck(torch.ops.mmmerge.bipartite_plan, (metric, ids, sel, P, 0))
+    kept, members, lo, hi, assign = plan_reference(metric, ids, sel, P, 0)
+    x = torch.randn(2, 21, 5, dtype=torch.double, requires_grad=True)
+    size = torch.randint(1, 4, (2, 21)).double()
+    torch.library.opcheck(torch.ops.mmmerge.merge_slots, (x, size, kept, members, lo, hi, assign))
+    out, new_size = merge_reference(x, size, kept, members, assign)
+    assert torch.allclose(new_size.sum(1), size.sum(1))
+    assert out.shape == (2, 15, 5)
+
+
+def test_the_plan_keeps_survivors_in_order_and_lists_each_slots_members():
+    metric, ids, sel, P = _plan_inputs()
+    kept, members, lo, hi, assign = plan_reference(metric, ids, sel, P, 0)
+    assert torch.equal(kept[:, :P], torch.arange(P).expand(2, P))  # protected tokens first, in place
+    assert (kept.diff(dim=1) > 0).all()
+    for b in range(2):
+        for k in range(kept.shape[1]):
+            expected = sorted(set((assign[b] == k).nonzero().flatten().tolist()) - {kept[b, k].item()})
+            assert members[b, lo[b, k]:hi[b, k]].tolist() == expected
+
+
+def _interpreted(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MMMERGE_TRITON_ON_CPU": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _needs_triton() -> None:
+    pytest.importorskip("triton", reason="Triton is not installed (the fused step then runs its PyTorch reference)")
+
+
+def test_the_kernels_match_their_references_in_the_triton_interpreter():
+    _needs_triton()
+    result = _interpreted("import sys; from mmmerge.kernel_check import main; sys.exit(main())")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 mismatches" in result.stdout
+
+
+def test_a_model_through_the_kernels_equals_its_engine_path():
+    _needs_triton()
+    result = _interpreted("""
+        import os, torch, mmmerge
+        from transformers import VideoMAEModel
+        from helpers import clip, tiny_video
+        model, x = tiny_video(VideoMAEModel), clip()
+        outs = []
+        for fused in ("0", "1"):
+            os.environ["MMMERGE_FUSED"] = fused
+            mmmerge.patch(model, r=6, time_mode="within_frame")
+            with torch.no_grad():
+                outs.append(model(x).last_hidden_state)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        print("same")
+    """)
+    assert result.returncode == 0 and "same" in result.stdout, result.stdout + result.stderr
