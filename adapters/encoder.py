@@ -38,7 +38,7 @@ from torch import Tensor
 
 from mmmerge.attention import size_bias
 from mmmerge.constraints import Constraint, Global, Partition, first_positions
-from mmmerge.fused import fused_step_fits, fused_tome_step
+from mmmerge.fused import fused_choice, fused_step, fused_tables
 from mmmerge.info import MergeInfo
 from mmmerge.matchers import a_first, check_options, get_matcher
 from mmmerge.merge import merge_tokens, unmerge
@@ -106,8 +106,7 @@ class LayerSpec:
     base_attention: Optional[Callable] = None
     parts: Optional[LayerParts] = None  # the layer's own norms and attention module
     choose: Optional[Callable[..., Any]] = None  # (metric, state, r[, noise]) -> MergePlan, options bound
-    fused: bool = False  # the step is ``mmmerge.fused.fused_tome_step`` (buffers fused_ids, fused_sel)
-    a0: int = 0  # the first A token of the bipartite split (``mmmerge.matchers.a_first``)
+    fused: Optional[Callable[..., Any]] = None  # the fused plan op (``mmmerge.fused.fused_choice``), or None
 
 
 class MergingCarry(NamedTuple):
@@ -229,10 +228,10 @@ def _layer_body(layer: nn.Module, spec: LayerSpec, state: TokenState, noise: Opt
     call = _AttentionCall(parts.attention, spec.attn_config, spec.base_attention, bias, metric=spec.r > 0)
     attn, metric = _attend(layer, parts, parts.norm1(x), call)
     x = x + attn
-    if spec.fused:  # choose and merge as two fused ops
+    if spec.fused is not None:  # choose and merge as two fused ops
         buffers = layer._buffers
-        x, state = fused_tome_step(x, state, metric, buffers["_mmmerge_fused_ids"], buffers["_mmmerge_fused_sel"],
-                                   spec.a0)
+        x, state = fused_step(x, state, metric, spec.fused, buffers["_mmmerge_fused_ids"],
+                              buffers["_mmmerge_fused_sel"])
     elif spec.r > 0:
         plan = spec.choose(metric, state, spec.r) if noise is None else spec.choose(metric, state, spec.r,
                                                                                    noise=noise)
@@ -356,14 +355,6 @@ def _static_tensors(method: str, part: Partition, a0: int = 0) -> Dict[str, Tens
     return tensors
 
 
-def _fused_tensors(mergeable: int, r: int, static: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-    """The fused step's static tables: every mergeable token's group (int32) and the positions of the removed
-    edges in the (group, score) order; one group without a partition."""
-    if "ids" in static:
-        return {"fused_ids": static["ids"].to(torch.int32), "fused_sel": static["sel_a"].to(torch.int32)}
-    return {"fused_ids": torch.zeros(mergeable, dtype=torch.int32), "fused_sel": torch.arange(r, dtype=torch.int32)}
-
-
 def encoder_flops(config: Any) -> LayerFlops:
     """FLOPs model of a ViT-style layer from a HF config (hidden size, MLP ratio)."""
     return transformer_layer_flops(config.hidden_size, config.intermediate_size / config.hidden_size)
@@ -409,7 +400,6 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
                                 layer_flops=layer_flops)
     partitions = layer_partitions(schedule, N, P, method, layout.grouping)
     merges = [i for i, ri in enumerate(schedule) if ri > 0]
-    fused = fused_step_fits(method, isinstance(layout.constraint, Global), valid is not None, bool(layout.carried))
     a0 = a_first(options.get("parity", "mergeable"), P)
     if not merges and embed_index is None and not trace_source:  # merging off: the model runs exactly as before
         spec = PatchSpec(method, options, layout.constraint, tuple(schedule), P, embed_tokens or N, N, prop_attn,
@@ -460,7 +450,10 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
         lspec = LayerSpec(patch=spec, index=i, r=schedule[i], partition=partition, bias=bias,
                           attn_config=_attention_config(core) if active else None,
                           base_attention=_base_attention(core, bias) if active else None, parts=parts[i],
-                          choose=choose, fused=fused and schedule[i] > 0, a0=a0)
+                          choose=choose, fused=None if schedule[i] == 0 else fused_choice(
+                              method, options, P, tokens_per_layer(schedule, N)[i],
+                              1 if partition is None else partition.num_groups, isinstance(layout.constraint, Global),
+                              valid is not None, bool(layout.carried), i, len(layers)))
         buffers: Dict[str, Tensor] = {}
         if i == first:
             if reordered:
@@ -473,8 +466,9 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
             buffers["exit"] = exit_order
         if lspec.partition is not None:
             buffers.update(_static_tensors(method, lspec.partition, a0))
-        if lspec.fused:
-            buffers.update(_fused_tensors(tokens_per_layer(schedule, N)[i] - P, schedule[i], buffers))
+        if lspec.fused is not None:
+            buffers.update(fused_tables(method, tokens_per_layer(schedule, N)[i] - P, schedule[i],
+                                        buffers.get("ids"), buffers.get("sel_a", buffers.get("sel_pairs"))))
         layer_specs.append(lspec)
         layer_buffers.append(buffers)
 

@@ -27,15 +27,22 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Tuple
+import warnings
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .matchers import PITOME_PRESETS, _rows, a_first, energy_score, pitome_margin
 from .merge import MergePlan, _fuse, plan_from_pairs
 from .state import TokenState
 
 PlanTensors = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+# One plan program sorts a layer's tokens in registers; the packed sort key holds 16 bits of token index and 15 of
+# group id. Larger layers take the engine path.
+MAX_TOKENS = 8192
+MAX_GROUPS = 1 << 15
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 takes the reference
 FUSED_ENV = "MMMERGE_FUSED"  # "0": every layer takes the engine path (for side-by-side measurements)
 
 
@@ -58,57 +65,115 @@ def _triton() -> Optional[object]:
     return triton_kernels
 
 
-def _use_kernels(t: Tensor) -> bool:
-    return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-                                       and os.environ.get("MMMERGE_TRITON_ON_CPU") == "1")
+_FAILED: Dict[str, str] = {}  # kernel -> the error that made it fall back to its reference (once per process)
+
+
+def _launch(name: str, reference: Callable[..., Any], on: Tensor, *args: Any) -> Any:
+    """Run kernel ``name`` of ``mmmerge.triton_kernels`` where tensor ``on`` is a CUDA tensor of a dtype the kernels
+    take (or with ``MMMERGE_TRITON_ON_CPU=1`` and ``TRITON_INTERPRET=1``, a CPU one: Triton's interpreter, for
+    tests), else the PyTorch ``reference``. A kernel that fails to build or launch (an unsupported Triton or GPU)
+    warns once and falls back to the reference, which gives the same plans."""
+    device = on.device.type
+    runs = (device == "cuda" or device == "cpu" and os.environ.get("MMMERGE_TRITON_ON_CPU") == "1") \
+        and on.dtype in KERNEL_DTYPES and name not in _FAILED
+    kernels = _triton() if runs else None
+    if kernels is None:
+        return reference(*args)
+    try:
+        return getattr(kernels, name)(*args)
+    except Exception as err:  # noqa: BLE001 - any build or launch failure: the reference is always correct
+        _FAILED[name] = f"{type(err).__name__}: {err}"
+        warnings.warn(f"mmmerge: the Triton kernel {name} failed ({_FAILED[name][:300]}); using the PyTorch "
+                      "path for it from now on", RuntimeWarning, stacklevel=2)
+        return reference(*args)
 
 
 # ------------------------------------------------------------------------------------------------ choose
 @torch.library.custom_op("mmmerge::bipartite_plan", mutates_args=())
 def bipartite_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0: int) -> PlanTensors:
     """The ToMe plan (see the module docstring). ``metric``: ``[B, N, d]`` (float32 head-averaged keys)."""
-    kernels = _triton() if _use_kernels(metric) else None
-    if kernels is not None:
-        return kernels.bipartite_plan(metric, ids, sel, protected, a0)
-    return plan_reference(metric, ids, sel, protected, a0)
+    return _launch("bipartite_plan", plan_reference, metric, metric, ids, sel, protected, a0)
+
+
+def _normalized(metric: Tensor, protected: int) -> Tensor:
+    m = metric[:, protected:].float()
+    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def _pick_by_group(values: Tensor, ids: Tensor, sel: Tensor) -> Tensor:
+    """``[B, len(sel)]`` indices: entries sorted by (group, value descending, index), at the positions ``sel``."""
+    order = values.argsort(dim=1, descending=True, stable=True)  # ties: lower index first
+    order = order.gather(1, ids.long()[order].argsort(dim=1, stable=True))  # then by group (stable)
+    return order.index_select(1, sel.long())
+
+
+def _plan_tensors(src: Tensor, dst: Tensor, N: int, protected: int) -> PlanTensors:
+    """The plan tensors of "mergeable token ``src[b, i]`` joins ``dst[b, i]``"."""
+    B, r = src.shape
+    plan = plan_from_pairs(src, dst, src.new_ones(B, N, dtype=torch.float32), N - protected, protected)
+    slot = plan.assign.gather(1, plan.merged)  # [B, r]
+    order = (slot * N + plan.merged).argsort(dim=1)
+    members, slot = plan.merged.gather(1, order), slot.gather(1, order)
+    slots = torch.arange(N - r, device=src.device).expand(B, -1).contiguous()
+    lo = torch.searchsorted(slot, slots, out_int32=True)
+    hi = torch.searchsorted(slot, slots, right=True, out_int32=True)
+    received = hi > lo  # a slot without members has lo = hi = 0, as the kernels write it
+    return plan.kept, members, lo * received, hi * received, plan.assign
 
 
 def plan_reference(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0: int) -> PlanTensors:
     """``bipartite_plan`` in PyTorch ops (the CPU implementation, and the kernels' reference)."""
-    B, N, _ = metric.shape
-    P, r = protected, sel.shape[0]
-    M = N - P
     with torch.no_grad():
-        m = metric[:, P:].float()
-        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        m = _normalized(metric, protected)
         ids_a, ids_b = ids[a0::2], ids[1 - a0::2]
         cos = torch.bmm(m[:, a0::2], m[:, 1 - a0::2].transpose(1, 2))  # [B, Na, Nb]
         cos = cos.masked_fill(ids_a.unsqueeze(1) != ids_b.unsqueeze(0), float("-inf"))
         best, partner = cos.max(dim=-1)  # [B, Na]
-        order = best.argsort(dim=1, descending=True, stable=True)  # ties: lower index first
-        order = order.gather(1, ids_a[order].argsort(dim=1, stable=True))  # then by group (stable)
-        src = order.index_select(1, sel.long())  # [B, r] A tokens that merge
+        src = _pick_by_group(best, ids_a, sel)  # [B, r] A tokens that merge
         dst = partner.gather(1, src)
-        plan = plan_from_pairs(src * 2 + a0, dst * 2 + (1 - a0), metric.new_ones(B, N), M, P)
-        slot = plan.assign.gather(1, plan.merged)  # [B, r]
-        order = (slot * N + plan.merged).argsort(dim=1)
-        members, slot = plan.merged.gather(1, order), slot.gather(1, order)
-        slots = torch.arange(N - r, device=metric.device).expand(B, -1).contiguous()
-        lo = torch.searchsorted(slot, slots, out_int32=True)
-        hi = torch.searchsorted(slot, slots, right=True, out_int32=True)
-        received = hi > lo  # a slot without members has lo = hi = 0, as the kernel writes it
-        lo, hi = lo * received, hi * received
-    return plan.kept, members, lo, hi, plan.assign
+        return _plan_tensors(src * 2 + a0, dst * 2 + (1 - a0), metric.shape[1], protected)
+
+
+def _plan_like(metric: Tensor, r: int) -> PlanTensors:
+    B, N, _ = metric.shape
+    K = N - r
+    index = dict(device=metric.device, dtype=torch.long)
+    return (metric.new_empty(B, K, **index), metric.new_empty(B, r, **index),
+            metric.new_empty(B, K, device=metric.device, dtype=torch.int32),
+            metric.new_empty(B, K, device=metric.device, dtype=torch.int32), metric.new_empty(B, N, **index))
 
 
 @bipartite_plan.register_fake
 def _(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0: int) -> PlanTensors:
-    B, N, _ = metric.shape
-    K = N - sel.shape[0]
-    index = dict(device=metric.device, dtype=torch.long)
-    return (metric.new_empty(B, K, **index), metric.new_empty(B, sel.shape[0], **index),
-            metric.new_empty(B, K, device=metric.device, dtype=torch.int32),
-            metric.new_empty(B, K, device=metric.device, dtype=torch.int32), metric.new_empty(B, N, **index))
+    return _plan_like(metric, sel.shape[0])
+
+
+@torch.library.custom_op("mmmerge::pitome_plan", mutates_args=())
+def pitome_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, margin: float, alpha: float,
+                shift: bool) -> PlanTensors:
+    """The PiToMe plan: the ``2r`` highest-energy tokens of each group (``sel``: ``[2r]`` static positions, each
+    group's first ``2 * budget``) alternate into A and B in energy order; each A token joins its most similar B
+    candidate of its group. Energy: ``mmmerge.matchers.energy_score(margin, alpha, shift)``."""
+    return _launch("pitome_plan", pitome_reference, metric, metric, ids, sel, protected, margin, alpha, shift)
+
+
+def pitome_reference(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, margin: float, alpha: float,
+                     shift: bool) -> PlanTensors:
+    """``pitome_plan`` in PyTorch ops (the CPU implementation, and the kernels' reference)."""
+    with torch.no_grad():
+        m = _normalized(metric, protected)
+        cand = _pick_by_group(energy_score(m, margin, alpha, shift), ids, sel)  # [B, 2r]
+        src, cand_b = cand[:, 0::2], cand[:, 1::2]
+        cos = torch.bmm(_rows(m, src), _rows(m, cand_b).transpose(1, 2))  # [B, r, r]
+        cos = cos.masked_fill(ids.long()[src].unsqueeze(2) != ids.long()[cand_b].unsqueeze(1), float("-inf"))
+        dst = cand_b.gather(1, cos.argmax(dim=-1))
+        return _plan_tensors(src, dst, metric.shape[1], protected)
+
+
+@pitome_plan.register_fake
+def _(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, margin: float, alpha: float,
+      shift: bool) -> PlanTensors:
+    return _plan_like(metric, sel.shape[0] // 2)
 
 
 # ------------------------------------------------------------------------------------------------- merge
@@ -117,9 +182,11 @@ def merge_slots(x: Tensor, size: Tensor, kept: Tensor, members: Tensor, lo: Tens
                 assign: Tensor) -> Tuple[Tensor, Tensor]:
     """``([B, K, C], [B, K])``: every slot's size-weighted mean (a lone survivor exactly its row) and total size.
     ``assign`` is read by the backward only."""
-    kernels = _triton() if _use_kernels(x) else None
-    if kernels is not None:
-        return kernels.merge_slots(x, size, kept, members, lo, hi)
+    return _launch("merge_slots", _merge_reference_from_slots, x, x, size, kept, members, lo, hi, assign)
+
+
+def _merge_reference_from_slots(x: Tensor, size: Tensor, kept: Tensor, members: Tensor, lo: Tensor, hi: Tensor,
+                                assign: Tensor) -> Tuple[Tensor, Tensor]:
     return merge_reference(x, size, kept, members, assign)
 
 
@@ -154,15 +221,52 @@ merge_slots.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 
 # ---------------------------------------------------------------------------------------------- the step
-def fused_tome_step(x: Tensor, state: TokenState, metric: Tensor, ids: Tensor, sel: Tensor, a0: int
-                    ) -> Tuple[Tensor, TokenState]:
-    """One ToMe step on tokens ``[B, N, C]``: ``([B, N - r, C], state)``, ``r = len(sel)``."""
-    kept, members, lo, hi, assign = torch.ops.mmmerge.bipartite_plan(metric, ids, sel, state.protected, a0)
+def choose_tome(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, *, a0: int) -> PlanTensors:
+    return torch.ops.mmmerge.bipartite_plan(metric, ids, sel, protected, a0)
+
+
+def choose_pitome(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, *, margin: float, alpha: float,
+                  shift: bool) -> PlanTensors:
+    return torch.ops.mmmerge.pitome_plan(metric, ids, sel, protected, margin, alpha, shift)
+
+
+def fused_step(x: Tensor, state: TokenState, metric: Tensor, choose: Callable[..., PlanTensors], ids: Tensor,
+               sel: Tensor) -> Tuple[Tensor, TokenState]:
+    """One fused step on tokens ``[B, N, C]``: ``([B, K, C], state)``. ``choose``: from ``fused_choice``."""
+    kept, members, lo, hi, assign = choose(metric, ids, sel, state.protected)
     x, size = torch.ops.mmmerge.merge_slots(x, state.size, kept, members, lo, hi, assign)
     source = None if state.source is None else assign.gather(1, state.source)
     return x, TokenState(size=size, source=source, rules=state.rules, protected=state.protected)
 
 
-def fused_step_fits(method: str, global_rule: bool, padded: bool, carried: bool) -> bool:
-    """Whether a layer takes the fused step: ToMe, no coordinate rule, no padding, no carried spans."""
-    return method == "tome" and global_rule and not padded and not carried and fused_enabled()
+def fused_choice(method: str, options: Mapping[str, Any], protected: int, tokens: int, groups: int,
+                 global_rule: bool, padded: bool, carried: bool, layer_idx: int, num_layers: int
+                 ) -> Optional[Callable[..., PlanTensors]]:
+    """The fused plan op of one layer (``tokens`` entering it, ``groups`` static groups) with its options bound
+    (picklable), or None where the engine path is taken: another method, a coordinate rule, padding or carried
+    spans, a layer over ``MAX_TOKENS``, or ``MMMERGE_FUSED=0``. Decided at patch time; the static tables (``ids``,
+    ``sel``) come from ``fused_tables``."""
+    fits = global_rule and not padded and not carried and tokens <= MAX_TOKENS and groups <= MAX_GROUPS
+    if not (fused_enabled() and fits):
+        return None
+    if method == "tome":
+        return functools.partial(choose_tome, a0=a_first(options.get("parity", "mergeable"), protected))
+    if method == "pitome":
+        preset = PITOME_PRESETS[options.get("preset", "paper")]
+        margin = options.get("margin")
+        if margin is None:
+            margin = pitome_margin(layer_idx, num_layers, float(preset["margin_start"]), float(preset["margin_drop"]))
+        return functools.partial(choose_pitome, margin=float(margin), alpha=float(options.get("alpha", 1.0)),
+                                 shift=bool(preset["shift"]))
+    return None
+
+
+def fused_tables(method: str, mergeable: int, r: int, ids: Optional[Tensor] = None,
+                 positions: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """The static tables of a fused step: every mergeable token's group (int32; all 0 without groups) and the
+    positions ``sel`` of what it takes in the (group, score) order: r edges (ToMe), 2r candidates (PiToMe).
+    ``ids`` / ``positions``: a partition's group ids and positions (``sel_a`` / ``sel_pairs``)."""
+    if ids is not None:
+        return {"fused_ids": ids.to(torch.int32), "fused_sel": positions.to(torch.int32)}
+    taken = 2 * r if method == "pitome" else r
+    return {"fused_ids": torch.zeros(mergeable, dtype=torch.int32), "fused_sel": torch.arange(taken, dtype=torch.int32)}

@@ -16,12 +16,12 @@ from typing import List, Tuple
 
 import torch
 
-from .fused import merge_reference, plan_reference
+from .fused import merge_reference, pitome_reference, plan_reference
 
 # (batch, tokens, metric width, channels, protected, a0, groups, removed per group, dtype)
 CASES: List[Tuple[int, int, int, int, int, int, int, int, torch.dtype]] = [
     (2, 64, 16, 32, 0, 0, 1, 20, torch.float32),
-    (2, 65, 20, 48, 1, 0, 1, 32, torch.float32),  # r = every A token
+    (2, 65, 20, 48, 1, 0, 1, 32, torch.float32),  # ToMe: r = every A token; PiToMe: every token a candidate
     (2, 66, 16, 40, 2, 1, 4, 5, torch.bfloat16),  # official parity, 4 groups
     (1, 130, 64, 96, 0, 0, 2, 30, torch.bfloat16),
     (3, 37, 8, 24, 1, 0, 3, 1, torch.float16),  # odd sizes: groups of 12
@@ -31,13 +31,13 @@ CUDA_CASES = CASES + [(8, 1568, 64, 768, 0, 0, 1, 120, torch.bfloat16),  # Video
                       (2, 1177, 64, 768, 1, 0, 1, 300, torch.float32)]
 
 
-def _tables(M: int, a0: int, groups: int, per_group: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _tables(M: int, a0: int, groups: int, per_group: int, pitome: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Group ids ``[M]`` (contiguous, nearly equal groups) and the positions of each group's first ``per_group``
-    A tokens in the (group, score) order."""
+    entries in the (group, score) order: A tokens (ToMe) or all tokens (PiToMe's candidates)."""
     sizes = [M // groups + (1 if g < M % groups else 0) for g in range(groups)]
     ids = torch.repeat_interleave(torch.arange(groups), torch.tensor(sizes)).to(torch.int32)
-    a_ids = ids[a0::2]
-    counts = [int((a_ids == g).sum()) for g in range(groups)]
+    ranked = ids if pitome else ids[a0::2]
+    counts = [int((ranked == g).sum()) for g in range(groups)]
     starts = torch.tensor([0] + counts[:-1]).cumsum(0)
     sel = torch.cat([torch.arange(per_group) + int(s) for s in starts]).to(torch.int32)
     return ids, sel
@@ -49,19 +49,27 @@ def _poison(device: torch.device) -> None:
         torch.full((1 << 26,), -1, dtype=torch.int32, device=device)  # 256 MiB, freed back to the cache
 
 
-def check_case(case, device: torch.device, seed: int) -> List[str]:
+def check_case(case, device: torch.device, seed: int, method: str) -> List[str]:
     """Mismatches of one case (empty when the kernels agree with the references)."""
     from . import triton_kernels
 
     B, N, D, C, P, a0, groups, per_group, dtype = case
+    case = (method,) + case
     gen = torch.Generator().manual_seed(seed)
-    ids, sel = _tables(N - P, a0, groups, per_group)
+    pitome = method == "pitome"
+    ids, sel = _tables(N - P, a0, groups, 2 * per_group if pitome else per_group, pitome)
     metric = torch.randn(B, N, D, generator=gen)
     x = torch.randn(B, N, C, generator=gen).to(dtype)
     size = torch.randint(1, 5, (B, N), generator=gen).float()
-    want = plan_reference(metric, ids, sel, P, a0)
-    _poison(device)
-    got = triton_kernels.bipartite_plan(metric.to(device), ids.to(device), sel.to(device), P, a0)
+    if pitome:  # margins of the paper's schedule: loose (first layer) and strict (late), with and without the shift
+        args = (0.9, 1.0, False) if seed % 2 == 0 else (0.3, 0.5, True)
+        want = pitome_reference(metric, ids, sel, P, *args)
+        _poison(device)
+        got = triton_kernels.pitome_plan(metric.to(device), ids.to(device), sel.to(device), P, *args)
+    else:
+        want = plan_reference(metric, ids, sel, P, a0)
+        _poison(device)
+        got = triton_kernels.bipartite_plan(metric.to(device), ids.to(device), sel.to(device), P, a0)
     errors = [f"{case}: plan {name} differs" for name, w, g in zip(("kept", "members", "lo", "hi", "assign"), want, got)
               if w.shape != g.shape or not torch.equal(w.long(), g.cpu().long())]
     if errors:
@@ -91,10 +99,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cases = CUDA_CASES if device.type == "cuda" else CASES
-    errors = [e for case in cases for seed in range(args.seeds) for e in check_case(case, device, seed)]
+    errors = [e for method in ("tome", "pitome") for case in cases for seed in range(args.seeds)
+              for e in check_case(case, device, seed, method)]
     for error in errors:
         print("MISMATCH", error)
-    print(f"kernel_check: {len(cases) * args.seeds} cases on {device}, {len(errors)} mismatches")
+    print(f"kernel_check: {2 * len(cases) * args.seeds} cases on {device}, {len(errors)} mismatches")
     return 1 if errors else 0
 
 

@@ -1,25 +1,29 @@
-"""Triton kernels of the fused ToMe step (``mmmerge.fused``): three launches per merging layer.
+"""Triton kernels of the fused steps (``mmmerge.fused``): ToMe in three launches per merging layer, PiToMe in five.
 
-    best_partner   [B, Na, Nb] cosine tiles, never written: each A token's most similar allowed B token
-    bipartite_plan one program per batch row: the best edges (per group), the slots, the survivor of each
-                   slot and, per slot, the merged tokens it receives (``members[lo:hi]``)
-    merge_slots    one program per (slot, batch row): the size-weighted mean of the slot's tokens
+    ToMe    best_partner       cosine tiles of A x B tokens, never written: each A token's best allowed B token
+            tome_plan          one program per batch row: the best edges (per group), then ``_slots``
+    PiToMe  energy             cosine tiles of all pairs, never written: each token's energy
+            pitome_select      one program per batch row: the 2r highest-energy candidates (per group)
+            candidate_partner  each A candidate's most similar B candidate
+            pairs_plan         one program per batch row: ``_slots``
+    both    merge_slots        one program per (slot, batch row): the size-weighted mean of the slot's tokens
+
+``_slots`` turns removed tokens and their hosts into the plan: the slot of every token, the survivor of every slot
+and, per slot, the removed tokens it receives (``members[lo:hi]``).
 
 Imported only where a CUDA tensor meets an installed Triton (or under ``TRITON_INTERPRET=1``, which runs these
 kernels on the CPU in the tests). Every choice matches the PyTorch reference in ``mmmerge.fused``: ties go to
-the lower index, and groups pick their best ``budget`` edges at the static positions ``sel``.
+the lower index, and groups pick their best entries at the static positions ``sel``.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_TOKENS = 1 << 15  # mergeable tokens one plan program sorts (index bits of the packed sort key)
-MAX_GROUPS = 1 << 14  # group ids in the packed sort key
 
 
 @triton.jit
@@ -58,60 +62,175 @@ def _best_partner_kernel(metric_ptr, ids_ptr, best_ptr, best_idx_ptr, stride_b, 
 
 
 @triton.jit
-def _plan_kernel(best_ptr, best_idx_ptr, ids_ptr, sel_ptr, kept_ptr, members_ptr, lo_ptr, hi_ptr, assign_ptr,
-                 work_ptr, N, P, a0, Na, r, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One program per batch row. ``work``: ``[B, 3 * BLOCK_N]`` int32 scratch (sorted A tokens, removal flags
-    then slots, sorted member slots); barriers order its writes and reads inside the program."""
-    b = tl.program_id(0)
-    K = N - r
-    work = work_ptr + b * 3 * BLOCK_N
-    # 1. The best edges: sort A tokens by (group, score descending, index), take the static positions ``sel``.
-    i = tl.arange(0, BLOCK_A)
-    in_a = i < Na
-    score = tl.load(best_ptr + b * Na + i, mask=in_a, other=0.0)
+def _sort_key(score, group, index):
+    """int64 keys that sort by (group, score descending, index); NaN scores first, as ``argsort`` puts them."""
     bits = score.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
     ordered = tl.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # unsigned, in float order
-    group = tl.load(ids_ptr + a0 + 2 * i, mask=in_a, other=0).to(tl.int64)
-    key = (group << 48) | ((0xFFFFFFFF - ordered) << 16) | i.to(tl.int64)
-    key = tl.where(in_a, key, 0x7FFFFFFFFFFFFFFF)
-    a_sorted = (tl.sort(key) & 0xFFFF).to(tl.int32)
-    tl.store(work + i, a_sorted, mask=in_a)
+    return (group.to(tl.int64) << 48) | ((0xFFFFFFFF - ordered) << 16) | index.to(tl.int64)
+
+
+@triton.jit
+def _slots(src, dst, in_r, e, b, work, kept_ptr, members_ptr, lo_ptr, hi_ptr, assign_ptr, N, r,
+           BLOCK_N: tl.constexpr):
+    """From the removed tokens ``src`` and their hosts ``dst`` (``[BLOCK_R]`` token positions, valid where
+    ``in_r``): each token's slot, each slot's survivor and, sorted by slot, the removed tokens each slot receives.
+    ``work``: this row's ``2 * BLOCK_N`` int32 scratch."""
+    K = N - r
     n = tl.arange(0, BLOCK_N)
     in_n = n < N
-    tl.store(work + BLOCK_N + n, tl.zeros([BLOCK_N], tl.int32), mask=in_n)
+    tl.store(work + n, tl.zeros([BLOCK_N], tl.int32), mask=in_n)
     tl.debug_barrier()
-    e = tl.arange(0, BLOCK_R)
-    in_r = e < r
-    src_a = tl.load(work + tl.load(sel_ptr + e, mask=in_r, other=0), mask=in_r, other=0)
-    dst_b = tl.load(best_idx_ptr + b * Na + src_a, mask=in_r, other=0)
-    src = P + a0 + 2 * src_a  # token positions
-    dst = P + 1 - a0 + 2 * dst_b
-    tl.store(work + BLOCK_N + src, tl.full([BLOCK_R], 1, tl.int32), mask=in_r)
+    tl.store(work + src, (tl.zeros_like(src) + 1).to(tl.int32), mask=in_r)
     tl.debug_barrier()
-    # 2. Slots: survivors keep their order; each survivor's slot is its rank.
-    removed = tl.load(work + BLOCK_N + n, mask=in_n, other=1)
-    survives = 1 - removed
+    # Survivors keep their order: each survivor's slot is its rank among them.
+    survives = 1 - tl.load(work + n, mask=in_n, other=1)
     rank = tl.cumsum(survives, axis=0) - 1
     tl.debug_barrier()
-    tl.store(work + BLOCK_N + n, rank, mask=in_n)
+    tl.store(work + n, rank, mask=in_n)
     tl.store(kept_ptr + b * K + rank, n.to(tl.int64), mask=in_n & (survives == 1))
     tl.store(lo_ptr + b * K + n, tl.zeros([BLOCK_N], tl.int32), mask=n < K)
     tl.store(hi_ptr + b * K + n, tl.zeros([BLOCK_N], tl.int32), mask=n < K)
     tl.debug_barrier()
-    slot = tl.load(work + BLOCK_N + dst, mask=in_r, other=0)  # a merged token joins its host's slot
+    slot = tl.load(work + dst, mask=in_r, other=0)  # a removed token joins its host's slot
     tl.store(assign_ptr + b * N + n, rank.to(tl.int64), mask=in_n & (survives == 1))
     tl.store(assign_ptr + b * N + src, slot.to(tl.int64), mask=in_r)
-    # 3. Members of each slot: merged tokens sorted by (slot, position); slot k holds members[lo[k]:hi[k]].
-    key2 = tl.where(in_r, (slot.to(tl.int64) << 32) | src.to(tl.int64), 0x7FFFFFFFFFFFFFFF)
-    sorted2 = tl.sort(key2)
-    member_slot = (sorted2 >> 32).to(tl.int32)
-    tl.store(members_ptr + b * r + e, sorted2 & 0xFFFFFFFF, mask=in_r)
-    tl.store(work + 2 * BLOCK_N + e, member_slot, mask=in_r)
+    # Members of each slot: removed tokens sorted by (slot, position); slot k holds members[lo[k]:hi[k]].
+    order = tl.sort(tl.where(in_r, (slot.to(tl.int64) << 32) | src.to(tl.int64), 0x7FFFFFFFFFFFFFFF))
+    member_slot = (order >> 32).to(tl.int32)
+    tl.store(members_ptr + b * r + e, order & 0xFFFFFFFF, mask=in_r)
+    tl.store(work + BLOCK_N + e, member_slot, mask=in_r)
     tl.debug_barrier()
-    before = tl.load(work + 2 * BLOCK_N + e - 1, mask=in_r & (e > 0), other=-1)
-    after = tl.load(work + 2 * BLOCK_N + e + 1, mask=in_r & (e < r - 1), other=-1)
+    before = tl.load(work + BLOCK_N + e - 1, mask=in_r & (e > 0), other=-1)
+    after = tl.load(work + BLOCK_N + e + 1, mask=in_r & (e < r - 1), other=-1)
     tl.store(lo_ptr + b * K + member_slot, e, mask=in_r & (member_slot != before))
     tl.store(hi_ptr + b * K + member_slot, e + 1, mask=in_r & (member_slot != after))
+
+
+@triton.jit
+def _tome_plan_kernel(best_ptr, best_idx_ptr, ids_ptr, sel_ptr, kept_ptr, members_ptr, lo_ptr, hi_ptr, assign_ptr,
+                      work_ptr, N, P, a0, Na, r, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
+                      BLOCK_R: tl.constexpr):
+    """One program per batch row: the best edges (A tokens by (group, score), the static positions ``sel``),
+    then the slots. ``work``: ``[B, 3 * BLOCK_N]`` int32 scratch."""
+    b = tl.program_id(0)
+    work = work_ptr + b * 3 * BLOCK_N
+    i = tl.arange(0, BLOCK_A)
+    in_a = i < Na
+    score = tl.load(best_ptr + b * Na + i, mask=in_a, other=0.0)
+    group = tl.load(ids_ptr + a0 + 2 * i, mask=in_a, other=0)
+    key = tl.where(in_a, _sort_key(score, group, i), 0x7FFFFFFFFFFFFFFF)
+    tl.store(work + 2 * BLOCK_N + i, (tl.sort(key) & 0xFFFF).to(tl.int32), mask=in_a)
+    tl.debug_barrier()
+    e = tl.arange(0, BLOCK_R)
+    in_r = e < r
+    src_a = tl.load(work + 2 * BLOCK_N + tl.load(sel_ptr + e, mask=in_r, other=0), mask=in_r, other=0)
+    dst_b = tl.load(best_idx_ptr + b * Na + src_a, mask=in_r, other=0)
+    _slots(P + a0 + 2 * src_a, P + 1 - a0 + 2 * dst_b, in_r, e, b, work, kept_ptr, members_ptr, lo_ptr, hi_ptr,
+           assign_ptr, N, r, BLOCK_N)
+
+
+@triton.jit
+def _energy_kernel(metric_ptr, energy_ptr, stride_b, stride_n, M, P, margin, alpha, SHIFT: tl.constexpr,
+                   D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Programs (row blocks, batch): PiToMe's energy of every mergeable token, the mean over all j of
+    ``elu(cos(i, j) - margin, alpha)`` (plus ``margin`` where ``cos >= margin`` unless ``SHIFT``); the
+    ``M x M`` cosines live in tiles only."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    rows = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    in_i = rows < M
+    base = metric_ptr + b * stride_b
+    a = tl.load(base + (P + rows)[:, None] * stride_n + d[None, :], mask=in_i[:, None] & (d[None, :] < D),
+                other=0.0).to(tl.float32)
+    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-6)[:, None]
+    total = tl.zeros([BLOCK_I], tl.float32)
+    above = tl.zeros([BLOCK_I], tl.float32)
+    for start in range(0, M, BLOCK_J):
+        cols = start + tl.arange(0, BLOCK_J)
+        in_j = cols < M
+        m = tl.load(base + (P + cols)[:, None] * stride_n + d[None, :], mask=in_j[:, None] & (d[None, :] < D),
+                    other=0.0).to(tl.float32)
+        m = m / tl.maximum(tl.sqrt(tl.sum(m * m, axis=1)), 1e-6)[:, None]
+        f = tl.dot(a, tl.trans(m), input_precision="ieee") - margin  # [BLOCK_I, BLOCK_J]
+        f = tl.where(f > 0, f, alpha * (tl.exp(tl.minimum(f, 0.0)) - 1.0))
+        total += tl.sum(tl.where(in_j[None, :], f, 0.0), axis=1)
+        above += tl.sum(tl.where(in_j[None, :] & (f >= 0), 1.0, 0.0), axis=1)
+    energy = total / M
+    if not SHIFT:
+        energy += above * (margin / M)
+    tl.store(energy_ptr + b * M + rows, energy, mask=in_i)
+
+
+@triton.jit
+def _pitome_select_kernel(energy_ptr, ids_ptr, sel_ptr, cand_ptr, work_ptr, M, r2, BLOCK_M: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """One program per batch row: the ``2r`` candidates, by (group, energy descending, index) at the static
+    positions ``sel`` (each group's first ``2 * budget``), consecutive per group. ``work``: ``[B, >= BLOCK_M]``."""
+    b = tl.program_id(0)
+    i = tl.arange(0, BLOCK_M)
+    in_m = i < M
+    energy = tl.load(energy_ptr + b * M + i, mask=in_m, other=0.0)
+    group = tl.load(ids_ptr + i, mask=in_m, other=0)
+    key = tl.where(in_m, _sort_key(energy, group, i), 0x7FFFFFFFFFFFFFFF)
+    work = work_ptr + b * BLOCK_M
+    tl.store(work + i, (tl.sort(key) & 0xFFFF).to(tl.int32), mask=in_m)
+    tl.debug_barrier()
+    c = tl.arange(0, BLOCK_C)
+    in_c = c < r2
+    picked = tl.load(work + tl.load(sel_ptr + c, mask=in_c, other=0), mask=in_c, other=0)
+    tl.store(cand_ptr + b * r2 + c, picked, mask=in_c)
+
+
+@triton.jit
+def _candidate_partner_kernel(metric_ptr, cand_ptr, ids_ptr, dst_ptr, stride_b, stride_n, P, r,
+                              D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    """Programs (A blocks, batch): A candidate ``cand[2i]`` merges into its most similar B candidate
+    ``cand[2j + 1]`` of its own group (ties: the lower j)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    rows = pid * BLOCK_A + tl.arange(0, BLOCK_A)
+    in_a = rows < r
+    base = metric_ptr + b * stride_b
+    src = tl.load(cand_ptr + b * 2 * r + 2 * rows, mask=in_a, other=0)
+    a = tl.load(base + (P + src)[:, None] * stride_n + d[None, :], mask=in_a[:, None] & (d[None, :] < D),
+                other=0.0).to(tl.float32)
+    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-6)[:, None]
+    group_a = tl.load(ids_ptr + src, mask=in_a, other=-1)
+    best = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    best_dst = tl.zeros([BLOCK_A], tl.int32)
+    for start in range(0, r, BLOCK_B):
+        cols = start + tl.arange(0, BLOCK_B)
+        in_b = cols < r
+        cand_b = tl.load(cand_ptr + b * 2 * r + 2 * cols + 1, mask=in_b, other=0)
+        m = tl.load(base + (P + cand_b)[:, None] * stride_n + d[None, :], mask=in_b[:, None] & (d[None, :] < D),
+                    other=0.0).to(tl.float32)
+        m = m / tl.maximum(tl.sqrt(tl.sum(m * m, axis=1)), 1e-6)[:, None]
+        group_b = tl.load(ids_ptr + cand_b, mask=in_b, other=-2)
+        cos = tl.dot(a, tl.trans(m), input_precision="ieee")
+        cos = tl.where((group_a[:, None] == group_b[None, :]) & in_b[None, :], cos, float("-inf"))
+        block_best = tl.max(cos, axis=1)
+        pick = tl.argmax(cos, axis=1, tie_break_left=True)
+        block_dst = tl.sum(tl.where(tl.arange(0, BLOCK_B)[None, :] == pick[:, None], cand_b[None, :], 0), axis=1)
+        better = block_best > best
+        best_dst = tl.where(better, block_dst, best_dst)
+        best = tl.where(better, block_best, best)
+    tl.store(dst_ptr + b * r + rows, best_dst, mask=in_a)
+
+
+@triton.jit
+def _pairs_plan_kernel(cand_ptr, dst_ptr, kept_ptr, members_ptr, lo_ptr, hi_ptr, assign_ptr, work_ptr, N, P, r,
+                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program per batch row: the slots of "mergeable token ``cand[2i]`` joins ``dst[i]``"."""
+    b = tl.program_id(0)
+    e = tl.arange(0, BLOCK_R)
+    in_r = e < r
+    src = tl.load(cand_ptr + b * 2 * r + 2 * e, mask=in_r, other=0)
+    dst = tl.load(dst_ptr + b * r + e, mask=in_r, other=0)
+    _slots(P + src, P + dst, in_r, e, b, work_ptr + b * 2 * BLOCK_N, kept_ptr, members_ptr, lo_ptr, hi_ptr,
+           assign_ptr, N, r, BLOCK_N)
 
 
 @triton.jit
@@ -143,36 +262,64 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
+def _plan_outputs(B: int, N: int, r: int, device: torch.device) -> Tuple[Tensor, ...]:
+    K = N - r
+    index = dict(device=device, dtype=torch.long)
+    return (torch.empty(B, K, **index), torch.empty(B, r, **index), torch.empty(B, K, device=device, dtype=torch.int32),
+            torch.empty(B, K, device=device, dtype=torch.int32), torch.empty(B, N, **index))
+
+
 def bipartite_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0: int
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Kernel launches of ``torch.ops.mmmerge.bipartite_plan`` (same contract)."""
     metric = metric if metric.stride(-1) == 1 else metric.contiguous()
     B, N, D = metric.shape
     M = N - protected
-    Na, Nb = (M - a0 + 1) // 2, (M - 1 + a0 + 1) // 2
+    Na, Nb = (M - a0 + 1) // 2, (M + a0) // 2
     r = sel.shape[0]
-    K = N - r
     device = metric.device
     best = torch.empty(B, Na, device=device, dtype=torch.float32)
     best_idx = torch.empty(B, Na, device=device, dtype=torch.int32)
-    block_a = 32
-    _best_partner_kernel[(triton.cdiv(Na, block_a), B)](
+    _best_partner_kernel[(triton.cdiv(Na, 32), B)](
         metric, ids, best, best_idx, metric.stride(0), metric.stride(1), Na, Nb, protected, a0,
-        D=D, BLOCK_A=block_a, BLOCK_B=64, BLOCK_D=_pow2(D))
-    kept = torch.empty(B, K, device=device, dtype=torch.long)
-    members = torch.empty(B, r, device=device, dtype=torch.long)
-    lo = torch.empty(B, K, device=device, dtype=torch.int32)
-    hi = torch.empty(B, K, device=device, dtype=torch.int32)
-    assign = torch.empty(B, N, device=device, dtype=torch.long)
+        D=D, BLOCK_A=32, BLOCK_B=64, BLOCK_D=_pow2(D))
+    kept, members, lo, hi, assign = _plan_outputs(B, N, r, device)
     block_n = _pow2(N)
     work = torch.empty(B, 3 * block_n, device=device, dtype=torch.int32)
-    _plan_kernel[(B,)](best, best_idx, ids, sel, kept, members, lo, hi, assign, work, N, protected, a0, Na, r,
-                       BLOCK_N=block_n, BLOCK_A=_pow2(Na), BLOCK_R=_pow2(r), num_warps=8)
+    _tome_plan_kernel[(B,)](best, best_idx, ids, sel, kept, members, lo, hi, assign, work, N, protected, a0, Na, r,
+                            BLOCK_N=block_n, BLOCK_A=_pow2(Na), BLOCK_R=_pow2(r), num_warps=8)
     return kept, members, lo, hi, assign
 
 
-def merge_slots(x: Tensor, size: Tensor, kept: Tensor, members: Tensor, lo: Tensor, hi: Tensor
-                ) -> Tuple[Tensor, Tensor]:
+def pitome_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, margin: float, alpha: float,
+                shift: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Kernel launches of ``torch.ops.mmmerge.pitome_plan`` (same contract)."""
+    metric = metric if metric.stride(-1) == 1 else metric.contiguous()
+    B, N, D = metric.shape
+    M = N - protected
+    r2 = sel.shape[0]
+    r = r2 // 2
+    device = metric.device
+    energy = torch.empty(B, M, device=device, dtype=torch.float32)
+    _energy_kernel[(triton.cdiv(M, 32), B)](metric, energy, metric.stride(0), metric.stride(1), M, protected,
+                                            float(margin), float(alpha), SHIFT=bool(shift), D=D, BLOCK_I=32,
+                                            BLOCK_J=64, BLOCK_D=_pow2(D))
+    block_n, block_m = _pow2(N), _pow2(M)
+    work = torch.empty(B, max(2 * block_n, block_m), device=device, dtype=torch.int32)
+    cand = torch.empty(B, r2, device=device, dtype=torch.int32)
+    _pitome_select_kernel[(B,)](energy, ids, sel, cand, work, M, r2, BLOCK_M=block_m, BLOCK_C=_pow2(r2),
+                                num_warps=8)
+    dst = torch.empty(B, r, device=device, dtype=torch.int32)
+    _candidate_partner_kernel[(triton.cdiv(r, 32), B)](metric, cand, ids, dst, metric.stride(0), metric.stride(1),
+                                                       protected, r, D=D, BLOCK_A=32, BLOCK_B=64, BLOCK_D=_pow2(D))
+    kept, members, lo, hi, assign = _plan_outputs(B, N, r, device)
+    _pairs_plan_kernel[(B,)](cand, dst, kept, members, lo, hi, assign, work, N, protected, r, BLOCK_N=block_n,
+                             BLOCK_R=_pow2(r), num_warps=8)
+    return kept, members, lo, hi, assign
+
+
+def merge_slots(x: Tensor, size: Tensor, kept: Tensor, members: Tensor, lo: Tensor, hi: Tensor,
+                assign: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Kernel launch of ``torch.ops.mmmerge.merge_slots`` (same contract)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     B, N, C = x.shape

@@ -15,13 +15,13 @@ from transformers import VideoMAEModel, VivitModel
 import mmmerge
 from mmmerge.adapters import audio
 from mmmerge.fused import FUSED_ENV, merge_reference, plan_reference
-from helpers import clip, spectrogram, tiny_ast, tiny_video
+from helpers import DEVICE, clip, tiny_ast, tiny_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fused_layers(model) -> list:
-    return [layer._mmmerge.fused for layer in model.modules() if hasattr(layer, "_mmmerge")]
+    return [layer._mmmerge.fused is not None for layer in model.modules() if hasattr(layer, "_mmmerge")]
 
 
 def _run(model, x, monkeypatch, fused: bool, **patch):
@@ -35,13 +35,14 @@ def _run(model, x, monkeypatch, fused: bool, **patch):
     return out, state
 
 
-@pytest.mark.parametrize("cls,mode,parity", [(VideoMAEModel, "global", "mergeable"),
-                                             (VideoMAEModel, "within_frame", "mergeable"),
-                                             (VivitModel, "global", "official"),
-                                             (VivitModel, "within_frame", "mergeable")])
-def test_the_fused_step_equals_the_engine_path(cls, mode, parity, monkeypatch):
+@pytest.mark.parametrize("cls,method,mode,options", [
+    (VideoMAEModel, "tome", "global", {}), (VideoMAEModel, "tome", "within_frame", {}),
+    (VivitModel, "tome", "global", {"parity": "official"}), (VivitModel, "tome", "within_frame", {}),
+    (VideoMAEModel, "pitome", "global", {}), (VideoMAEModel, "pitome", "within_frame", {"preset": "official"}),
+    (VivitModel, "pitome", "global", {"margin": 0.5, "alpha": 0.5}), (VivitModel, "pitome", "within_frame", {})])
+def test_the_fused_step_equals_the_engine_path(cls, method, mode, options, monkeypatch):
     model, x = tiny_video(cls), clip()
-    patch = dict(r=6, method="tome", time_mode=mode, trace_source=True, parity=parity)
+    patch = dict(r=6, method=method, time_mode=mode, trace_source=True, **options)
     engine, engine_state = _run(model, x, monkeypatch, False, **patch)
     fused, fused_state = _run(model, x, monkeypatch, True, **patch)
     assert fused.shape == engine.shape
@@ -59,7 +60,8 @@ def test_audio_without_padding_takes_the_fused_step_and_padding_the_engine_path(
     assert not any(_fused_layers(model))
 
 
-@pytest.mark.parametrize("patch", [dict(method="pitome"), dict(method="tps"), dict(method="tome", time_mode="adjacent")])
+@pytest.mark.parametrize("patch", [dict(method="tps"), dict(method="random"), dict(method="tome", time_mode="adjacent"),
+                                   dict(method="pitome", time_mode="adjacent")])
 def test_other_methods_and_coordinate_rules_take_the_engine_path(patch, monkeypatch):
     model = tiny_video(VideoMAEModel)
     monkeypatch.setenv(FUSED_ENV, "1")
@@ -75,13 +77,14 @@ def test_a_bad_switch_value_is_refused_at_patch_time(monkeypatch):
     assert not hasattr(model, "_mmmerge_patch")
 
 
-def test_gradients_equal_the_engine_path(monkeypatch):
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+def test_gradients_equal_the_engine_path(method, monkeypatch):
     model = tiny_video(VideoMAEModel).double()
     x = clip().double()
 
     def grad(fused: bool) -> torch.Tensor:
         monkeypatch.setenv(FUSED_ENV, "1" if fused else "0")
-        mmmerge.patch(model, r=6)
+        mmmerge.patch(model, r=6, method=method)
         pixels = x.clone().requires_grad_(True)
         (model(pixels).last_hidden_state ** 2).sum().backward()
         mmmerge.unpatch(model)
@@ -101,6 +104,8 @@ def _plan_inputs(B=2, N=21, D=8, P=1):
 def test_the_ops_registrations_pass_opcheck():
     metric, ids, sel, P = _plan_inputs()
     torch.library.opcheck(torch.ops.mmmerge.bipartite_plan, (metric, ids, sel, P, 0))
+    torch.library.opcheck(torch.ops.mmmerge.pitome_plan, (metric, ids, torch.arange(12, dtype=torch.int32), P, 0.6,
+                                                          1.0, False))
     kept, members, lo, hi, assign = plan_reference(metric, ids, sel, P, 0)
     x = torch.randn(2, 21, 5, dtype=torch.double, requires_grad=True)
     size = torch.randint(1, 4, (2, 21)).double()
@@ -129,6 +134,8 @@ def _interpreted(code: str) -> subprocess.CompletedProcess:
 
 
 def _needs_triton() -> None:
+    if DEVICE.type == "cuda":
+        pytest.skip("on CUDA the kernels run for real (the other tests); the interpreter is for the CPU")
     pytest.importorskip("triton", reason="Triton is not installed (the fused step then runs its PyTorch reference)")
 
 
@@ -149,10 +156,41 @@ def test_a_model_through_the_kernels_equals_its_engine_path():
         outs = []
         for fused in ("0", "1"):
             os.environ["MMMERGE_FUSED"] = fused
-            mmmerge.patch(model, r=6, time_mode="within_frame")
+            mmmerge.patch(model, r=6, time_mode="within_frame")  # ToMe
             with torch.no_grad():
                 outs.append(model(x).last_hidden_state)
-        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+            mmmerge.patch(model, r=6, method="pitome")
+            with torch.no_grad():
+                outs.append(model(x).last_hidden_state)
+        torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs[3], outs[1], rtol=1e-5, atol=1e-5)
         print("same")
     """)
     assert result.returncode == 0 and "same" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_failing_kernel_warns_once_and_falls_back_to_the_reference(monkeypatch):
+    import mmmerge.fused as fused
+
+    class Broken:
+        def bipartite_plan(self, *args):
+            raise RuntimeError("no such GPU")
+
+    monkeypatch.setenv("MMMERGE_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(fused, "_triton", lambda: Broken())
+    monkeypatch.setattr(fused, "_FAILED", {})
+    metric, ids, sel, P = _plan_inputs()
+    with pytest.warns(RuntimeWarning, match="bipartite_plan failed .*no such GPU"):
+        got = torch.ops.mmmerge.bipartite_plan(metric, ids, sel, P, 0)
+    for a, b in zip(got, plan_reference(metric, ids, sel, P, 0)):
+        assert torch.equal(a, b)
+    assert "bipartite_plan" in fused._FAILED
+
+
+def test_layers_over_the_kernels_size_take_the_engine_path(monkeypatch):
+    import mmmerge.fused as fused
+
+    model = tiny_video(VideoMAEModel)  # 64 tokens, 6 fewer per layer
+    monkeypatch.setattr(fused, "MAX_TOKENS", 60)
+    mmmerge.patch(model, r=6)
+    assert _fused_layers(model) == [False, True, True, True]
