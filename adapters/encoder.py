@@ -467,8 +467,7 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
         if lspec.partition is not None:
             buffers.update(_static_tensors(method, lspec.partition, a0))
         if lspec.fused is not None:
-            buffers.update(fused_tables(method, tokens_per_layer(schedule, N)[i] - P, schedule[i],
-                                        buffers.get("ids"), buffers.get("sel_a", buffers.get("sel_pairs"))))
+            buffers.update(fused_tables(method, tokens_per_layer(schedule, N)[i] - P, schedule[i], buffers))
         layer_specs.append(lspec)
         layer_buffers.append(buffers)
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .matchers import PITOME_PRESETS, _rows, a_first, energy_score, pitome_margin
+from .matchers import PITOME_PRESETS, TPS_PRESETS, _rows, a_first, energy_score, pitome_margin
 from .merge import MergePlan, _fuse, plan_from_pairs
 from .state import TokenState
 
@@ -176,65 +176,105 @@ def _(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, margin: float, a
     return _plan_like(metric, sel.shape[0] // 2)
 
 
+@torch.library.custom_op("mmmerge::tps_plan", mutates_args=())
+def tps_plan(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, sub: float, temperature: float,
+             after: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The TPS plan: the ``r`` highest-energy tokens of each group (``sel``: ``[r]`` static positions; energy at
+    margin 0) are removed, each into its most similar kept token of its group; the plan tensors and the fusion
+    weights ``[B, N]``: ``size``, a removed token's times ``exp((cos - sub) / temperature - after)``."""
+    return _launch("tps_plan", tps_reference, metric, metric, size, ids, sel, protected, sub, temperature, after)
+
+
+def tps_reference(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, sub: float,
+                  temperature: float, after: float) -> Tuple[Tensor, ...]:
+    """``tps_plan`` in PyTorch ops (the CPU implementation, and the kernels' reference)."""
+    P = protected
+    with torch.no_grad():
+        m = _normalized(metric, P)
+        B, M, _ = m.shape
+        removed = _pick_by_group(energy_score(m, 0.0), ids, sel)  # [B, r]
+        cos = torch.bmm(_rows(m, removed), m.transpose(1, 2))  # [B, r, M]
+        is_removed = torch.zeros(B, M, dtype=torch.bool, device=m.device).scatter_(1, removed, True)
+        forbidden = is_removed.unsqueeze(1) | (ids.long()[removed].unsqueeze(2) != ids.long().view(1, 1, M))
+        host_sim, host = cos.masked_fill(forbidden, float("-inf")).max(dim=-1)
+        slot = removed + P
+        weight = size.scatter(1, slot, size.gather(1, slot) * torch.exp((host_sim - sub) / temperature - after))
+        return (*_plan_tensors(removed, host, metric.shape[1], P), weight)
+
+
+@tps_plan.register_fake
+def _(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, sub: float, temperature: float,
+      after: float) -> Tuple[Tensor, ...]:
+    return (*_plan_like(metric, sel.shape[0]), size.new_empty(size.shape))
+
+
 # ------------------------------------------------------------------------------------------------- merge
 @torch.library.custom_op("mmmerge::merge_slots", mutates_args=())
-def merge_slots(x: Tensor, size: Tensor, kept: Tensor, members: Tensor, lo: Tensor, hi: Tensor,
+def merge_slots(x: Tensor, size: Tensor, weight: Tensor, kept: Tensor, members: Tensor, lo: Tensor, hi: Tensor,
                 assign: Tensor) -> Tuple[Tensor, Tensor]:
-    """``([B, K, C], [B, K])``: every slot's size-weighted mean (a lone survivor exactly its row) and total size.
-    ``assign`` is read by the backward only."""
-    return _launch("merge_slots", _merge_reference_from_slots, x, x, size, kept, members, lo, hi, assign)
+    """``([B, K, C], [B, K])``: every slot's ``weight``-weighted mean (a lone survivor exactly its row) and its total
+    ``size``. ``weight`` is ``size`` for ToMe and PiToMe. ``assign`` is read by the backward only."""
+    return _launch("merge_slots", _merge_reference_from_slots, x, x, size, weight, kept, members, lo, hi, assign)
 
 
-def _merge_reference_from_slots(x: Tensor, size: Tensor, kept: Tensor, members: Tensor, lo: Tensor, hi: Tensor,
-                                assign: Tensor) -> Tuple[Tensor, Tensor]:
-    return merge_reference(x, size, kept, members, assign)
+def _merge_reference_from_slots(x: Tensor, size: Tensor, weight: Tensor, kept: Tensor, members: Tensor, lo: Tensor,
+                                hi: Tensor, assign: Tensor) -> Tuple[Tensor, Tensor]:
+    return merge_reference(x, size, weight, kept, members, assign)
 
 
-def merge_reference(x: Tensor, size: Tensor, kept: Tensor, members: Tensor, assign: Tensor) -> Tuple[Tensor, Tensor]:
+def merge_reference(x: Tensor, size: Tensor, weight: Tensor, kept: Tensor, members: Tensor, assign: Tensor
+                    ) -> Tuple[Tensor, Tensor]:
     """``merge_slots`` through the engine's merge (``mmmerge.merge._fuse``)."""
     K = kept.shape[1]
     new_size = size.new_zeros(size.shape[0], K).scatter_add_(1, assign, size)
-    plan = MergePlan(assign=assign, weight=size, num_out=K, kept=kept, merged=members)
-    return _fuse(x, plan, new_size), new_size
+    plan = MergePlan(assign=assign, weight=weight, num_out=K, kept=kept, merged=members)
+    return _fuse(x, plan, new_size if weight is size else None), new_size
 
 
 @merge_slots.register_fake
-def _(x: Tensor, size: Tensor, kept: Tensor, members: Tensor, lo: Tensor, hi: Tensor,
+def _(x: Tensor, size: Tensor, weight: Tensor, kept: Tensor, members: Tensor, lo: Tensor, hi: Tensor,
       assign: Tensor) -> Tuple[Tensor, Tensor]:
     B, K = kept.shape
     return x.new_empty(B, K, x.shape[-1]), size.new_empty(B, K)
 
 
 def _merge_setup(ctx, inputs, output) -> None:
-    x, size, _, _, _, _, assign = inputs
-    ctx.save_for_backward(size, assign, output[1])
+    ctx.save_for_backward(inputs[2], inputs[7])
+    ctx.mark_non_differentiable(output[1])  # sizes count tokens: no gradient flows through them
 
 
 def _merge_backward(ctx, grad_out: Tensor, grad_size: Optional[Tensor]):
-    size, assign, new_size = ctx.saved_tensors
-    share = size / new_size.gather(1, assign)  # [B, N]: each token's weight in its slot's mean
+    weight, assign = ctx.saved_tensors
+    totals = weight.new_zeros(grad_out.shape[:2]).scatter_add_(1, assign, weight)
+    share = weight / totals.gather(1, assign)  # [B, N]: each token's weight in its slot's mean
     rows = grad_out.gather(1, assign.unsqueeze(-1).expand(-1, -1, grad_out.shape[-1]))
-    return (rows * share.unsqueeze(-1).to(rows.dtype)), None, None, None, None, None, None
+    return rows * share.unsqueeze(-1).to(rows.dtype), None, None, None, None, None, None, None
 
 
 merge_slots.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 
 # ---------------------------------------------------------------------------------------------- the step
-def choose_tome(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, *, a0: int) -> PlanTensors:
-    return torch.ops.mmmerge.bipartite_plan(metric, ids, sel, protected, a0)
+# ``choose(metric, size, ids, sel, protected) -> (kept, members, lo, hi, assign, weight)``, options bound.
+def choose_tome(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, *, a0: int) -> Tuple:
+    return (*torch.ops.mmmerge.bipartite_plan(metric, ids, sel, protected, a0), size)
 
 
-def choose_pitome(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, *, margin: float, alpha: float,
-                  shift: bool) -> PlanTensors:
-    return torch.ops.mmmerge.pitome_plan(metric, ids, sel, protected, margin, alpha, shift)
+def choose_pitome(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, *, margin: float,
+                  alpha: float, shift: bool) -> Tuple:
+    return (*torch.ops.mmmerge.pitome_plan(metric, ids, sel, protected, margin, alpha, shift), size)
 
 
-def fused_step(x: Tensor, state: TokenState, metric: Tensor, choose: Callable[..., PlanTensors], ids: Tensor,
+def choose_tps(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, *, sub: float,
+               temperature: float, after: float) -> Tuple:
+    return torch.ops.mmmerge.tps_plan(metric, size, ids, sel, protected, sub, temperature, after)
+
+
+def fused_step(x: Tensor, state: TokenState, metric: Tensor, choose: Callable[..., Tuple], ids: Tensor,
                sel: Tensor) -> Tuple[Tensor, TokenState]:
     """One fused step on tokens ``[B, N, C]``: ``([B, K, C], state)``. ``choose``: from ``fused_choice``."""
-    kept, members, lo, hi, assign = choose(metric, ids, sel, state.protected)
-    x, size = torch.ops.mmmerge.merge_slots(x, state.size, kept, members, lo, hi, assign)
+    kept, members, lo, hi, assign, weight = choose(metric, state.size, ids, sel, state.protected)
+    x, size = torch.ops.mmmerge.merge_slots(x, state.size, weight, kept, members, lo, hi, assign)
     source = None if state.source is None else assign.gather(1, state.source)
     return x, TokenState(size=size, source=source, rules=state.rules, protected=state.protected)
 
@@ -258,15 +298,21 @@ def fused_choice(method: str, options: Mapping[str, Any], protected: int, tokens
             margin = pitome_margin(layer_idx, num_layers, float(preset["margin_start"]), float(preset["margin_drop"]))
         return functools.partial(choose_pitome, margin=float(margin), alpha=float(options.get("alpha", 1.0)),
                                  shift=bool(preset["shift"]))
+    if method == "tps":  # logit (cos - 1) / T (paper) or cos / T - 1 (official; the same at T = 1)
+        temperature = float(options.get("temperature", 1.0))
+        paper = TPS_PRESETS[options.get("preset", "paper")]["host_temperature"] or temperature == 1.0
+        return functools.partial(choose_tps, sub=1.0 if paper else 0.0, temperature=temperature,
+                                 after=0.0 if paper else 1.0)
     return None
 
 
-def fused_tables(method: str, mergeable: int, r: int, ids: Optional[Tensor] = None,
-                 positions: Optional[Tensor] = None) -> Dict[str, Tensor]:
+def fused_tables(method: str, mergeable: int, r: int, static: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """The static tables of a fused step: every mergeable token's group (int32; all 0 without groups) and the
-    positions ``sel`` of what it takes in the (group, score) order: r edges (ToMe), 2r candidates (PiToMe).
-    ``ids`` / ``positions``: a partition's group ids and positions (``sel_a`` / ``sel_pairs``)."""
-    if ids is not None:
-        return {"fused_ids": ids.to(torch.int32), "fused_sel": positions.to(torch.int32)}
+    positions ``sel`` of what it takes in the (group, score) order: r edges (ToMe), 2r candidates (PiToMe), r
+    removed tokens (TPS). ``static``: a partition's tables (``ids`` and ``sel_a`` / ``sel_pairs`` / ``sel``, made
+    by the encoder patch), or empty without groups."""
+    if "ids" in static:
+        positions = static[{"tome": "sel_a", "pitome": "sel_pairs", "tps": "sel"}[method]]
+        return {"fused_ids": static["ids"].to(torch.int32), "fused_sel": positions.to(torch.int32)}
     taken = 2 * r if method == "pitome" else r
     return {"fused_ids": torch.zeros(mergeable, dtype=torch.int32), "fused_sel": torch.arange(taken, dtype=torch.int32)}

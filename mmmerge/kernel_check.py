@@ -16,8 +16,9 @@ from typing import List, Tuple
 
 import torch
 
-from .fused import merge_reference, pitome_reference, plan_reference
+from .fused import merge_reference, pitome_reference, plan_reference, tps_reference
 
+METHODS = ("tome", "pitome", "tps")
 # (batch, tokens, metric width, channels, protected, a0, groups, removed per group, dtype)
 CASES: List[Tuple[int, int, int, int, int, int, int, int, torch.dtype]] = [
     (2, 64, 16, 32, 0, 0, 1, 20, torch.float32),
@@ -33,7 +34,7 @@ CUDA_CASES = CASES + [(8, 1568, 64, 768, 0, 0, 1, 120, torch.bfloat16),  # Video
 
 def _tables(M: int, a0: int, groups: int, per_group: int, pitome: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Group ids ``[M]`` (contiguous, nearly equal groups) and the positions of each group's first ``per_group``
-    entries in the (group, score) order: A tokens (ToMe) or all tokens (PiToMe's candidates)."""
+    entries in the (group, score) order: A tokens (ToMe) or all tokens (PiToMe's candidates, TPS's removed)."""
     sizes = [M // groups + (1 if g < M % groups else 0) for g in range(groups)]
     ids = torch.repeat_interleave(torch.arange(groups), torch.tensor(sizes)).to(torch.int32)
     ranked = ids if pitome else ids[a0::2]
@@ -57,27 +58,37 @@ def check_case(case, device: torch.device, seed: int, method: str) -> List[str]:
     case = (method,) + case
     gen = torch.Generator().manual_seed(seed)
     pitome = method == "pitome"
-    ids, sel = _tables(N - P, a0, groups, 2 * per_group if pitome else per_group, pitome)
+    ids, sel = _tables(N - P, a0, groups, 2 * per_group if pitome else per_group, method != "tome")
     metric = torch.randn(B, N, D, generator=gen)
     x = torch.randn(B, N, C, generator=gen).to(dtype)
     size = torch.randint(1, 5, (B, N), generator=gen).float()
+    on = [t.to(device) for t in (metric, ids, sel)]
+    weight = size
     if pitome:  # margins of the paper's schedule: loose (first layer) and strict (late), with and without the shift
         args = (0.9, 1.0, False) if seed % 2 == 0 else (0.3, 0.5, True)
         want = pitome_reference(metric, ids, sel, P, *args)
         _poison(device)
-        got = triton_kernels.pitome_plan(metric.to(device), ids.to(device), sel.to(device), P, *args)
+        got = triton_kernels.pitome_plan(*on, P, *args)
+    elif method == "tps":  # the paper's logit at temperature 0.5, the official one at 1
+        args = (1.0, 0.5, 0.0) if seed % 2 == 0 else (0.0, 1.0, 1.0)
+        want = tps_reference(metric, size, ids, sel, P, *args)
+        _poison(device)
+        got = triton_kernels.tps_plan(on[0], size.to(device), *on[1:], P, *args)
+        weight = want[5]
+        if not torch.allclose(got[5].cpu(), weight, rtol=1e-5):
+            return [f"{case}: fusion weights differ"]
     else:
         want = plan_reference(metric, ids, sel, P, a0)
         _poison(device)
-        got = triton_kernels.bipartite_plan(metric.to(device), ids.to(device), sel.to(device), P, a0)
+        got = triton_kernels.bipartite_plan(*on, P, a0)
     errors = [f"{case}: plan {name} differs" for name, w, g in zip(("kept", "members", "lo", "hi", "assign"), want, got)
               if w.shape != g.shape or not torch.equal(w.long(), g.cpu().long())]
     if errors:
         return errors
-    kept, members, lo, hi, assign = want
-    out_want, size_want = merge_reference(x, size, kept, members, assign)
+    kept, members, lo, hi, assign = want[:5]
+    out_want, size_want = merge_reference(x, size, weight, kept, members, assign)
     _poison(device)
-    out_got, size_got = triton_kernels.merge_slots(*(t.to(device) for t in (x, size, kept, members, lo, hi)))
+    out_got, size_got = triton_kernels.merge_slots(*(t.to(device) for t in (x, size, weight, kept, members, lo, hi)))
     out_got, size_got = out_got.cpu(), size_got.cpu()
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     if not torch.isfinite(out_got.float()).all():
@@ -99,11 +110,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cases = CUDA_CASES if device.type == "cuda" else CASES
-    errors = [e for method in ("tome", "pitome") for case in cases for seed in range(args.seeds)
+    errors = [e for method in METHODS for case in cases for seed in range(args.seeds)
               for e in check_case(case, device, seed, method)]
     for error in errors:
         print("MISMATCH", error)
-    print(f"kernel_check: {2 * len(cases) * args.seeds} cases on {device}, {len(errors)} mismatches")
+    print(f"kernel_check: {len(METHODS) * len(cases) * args.seeds} cases on {device}, {len(errors)} mismatches")
     return 1 if errors else 0
 
 

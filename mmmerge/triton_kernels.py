@@ -1,12 +1,16 @@
-"""Triton kernels of the fused steps (``mmmerge.fused``): ToMe in three launches per merging layer, PiToMe in five.
+"""Triton kernels of the fused steps (``mmmerge.fused``): ToMe in three launches per merging layer, PiToMe and TPS
+in five.
 
     ToMe    best_partner       cosine tiles of A x B tokens, never written: each A token's best allowed B token
             tome_plan          one program per batch row: the best edges (per group), then ``_slots``
     PiToMe  energy             cosine tiles of all pairs, never written: each token's energy
-            pitome_select      one program per batch row: the 2r highest-energy candidates (per group)
+            select             one program per batch row: the 2r highest-energy candidates (per group)
             candidate_partner  each A candidate's most similar B candidate
             pairs_plan         one program per batch row: ``_slots``
-    both    merge_slots        one program per (slot, batch row): the size-weighted mean of the slot's tokens
+    TPS     energy, select     the r highest-energy tokens are removed (per group)
+            host               each removed token's most similar kept token
+            pairs_plan         ``_slots``, and the fusion weights (size x exp of the scaled similarity)
+    all     merge_slots        one program per (slot, batch row): the weighted mean of the slot's tokens
 
 ``_slots`` turns removed tokens and their hosts into the plan: the slot of every token, the survivor of every slot
 and, per slot, the removed tokens it receives (``members[lo:hi]``).
@@ -163,10 +167,11 @@ def _energy_kernel(metric_ptr, energy_ptr, stride_b, stride_n, M, P, margin, alp
 
 
 @triton.jit
-def _pitome_select_kernel(energy_ptr, ids_ptr, sel_ptr, cand_ptr, work_ptr, M, r2, BLOCK_M: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-    """One program per batch row: the ``2r`` candidates, by (group, energy descending, index) at the static
-    positions ``sel`` (each group's first ``2 * budget``), consecutive per group. ``work``: ``[B, >= BLOCK_M]``."""
+def _select_kernel(energy_ptr, ids_ptr, sel_ptr, picked_ptr, flags_ptr, work_ptr, M, count, BLOCK_M: tl.constexpr,
+                   BLOCK_C: tl.constexpr, FLAGS: tl.constexpr):
+    """One program per batch row: ``count`` tokens by (group, energy descending, index) at the static positions
+    ``sel`` (PiToMe's 2r candidates, consecutive per group; TPS's r removed tokens). ``FLAGS``: also mark the picked
+    tokens in ``flags`` ``[B, M]`` int32. ``work``: ``[B, >= BLOCK_M]`` int32 scratch."""
     b = tl.program_id(0)
     i = tl.arange(0, BLOCK_M)
     in_m = i < M
@@ -175,11 +180,52 @@ def _pitome_select_kernel(energy_ptr, ids_ptr, sel_ptr, cand_ptr, work_ptr, M, r
     key = tl.where(in_m, _sort_key(energy, group, i), 0x7FFFFFFFFFFFFFFF)
     work = work_ptr + b * BLOCK_M
     tl.store(work + i, (tl.sort(key) & 0xFFFF).to(tl.int32), mask=in_m)
+    if FLAGS:
+        tl.store(flags_ptr + b * M + i, tl.zeros([BLOCK_M], tl.int32), mask=in_m)
     tl.debug_barrier()
     c = tl.arange(0, BLOCK_C)
-    in_c = c < r2
+    in_c = c < count
     picked = tl.load(work + tl.load(sel_ptr + c, mask=in_c, other=0), mask=in_c, other=0)
-    tl.store(cand_ptr + b * r2 + c, picked, mask=in_c)
+    tl.store(picked_ptr + b * count + c, picked, mask=in_c)
+    if FLAGS:
+        tl.store(flags_ptr + b * M + picked, tl.full([BLOCK_C], 1, tl.int32), mask=in_c)
+
+
+@triton.jit
+def _host_kernel(metric_ptr, removed_ptr, flags_ptr, ids_ptr, host_ptr, host_sim_ptr, stride_b, stride_n, P, M, r,
+                 D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Programs (removed blocks, batch): TPS's host of each removed token, its most similar kept token of its
+    group (ties: the lower index), and that similarity."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    rows = pid * BLOCK_A + tl.arange(0, BLOCK_A)
+    in_a = rows < r
+    base = metric_ptr + b * stride_b
+    src = tl.load(removed_ptr + b * r + rows, mask=in_a, other=0)
+    a = tl.load(base + (P + src)[:, None] * stride_n + d[None, :], mask=in_a[:, None] & (d[None, :] < D),
+                other=0.0).to(tl.float32)
+    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-6)[:, None]
+    group_a = tl.load(ids_ptr + src, mask=in_a, other=-1)
+    best = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_A], tl.int32)
+    for start in range(0, M, BLOCK_B):
+        cols = start + tl.arange(0, BLOCK_B)
+        in_b = cols < M
+        m = tl.load(base + (P + cols)[:, None] * stride_n + d[None, :], mask=in_b[:, None] & (d[None, :] < D),
+                    other=0.0).to(tl.float32)
+        m = m / tl.maximum(tl.sqrt(tl.sum(m * m, axis=1)), 1e-6)[:, None]
+        kept = tl.load(flags_ptr + b * M + cols, mask=in_b, other=1) == 0
+        group_b = tl.load(ids_ptr + cols, mask=in_b, other=-2)
+        cos = tl.dot(a, tl.trans(m), input_precision="ieee")
+        cos = tl.where((group_a[:, None] == group_b[None, :]) & (kept & in_b)[None, :], cos, float("-inf"))
+        block_best = tl.max(cos, axis=1)
+        block_idx = tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32) + start
+        better = block_best > best
+        best_idx = tl.where(better, block_idx, best_idx)
+        best = tl.where(better, block_best, best)
+    tl.store(host_ptr + b * r + rows, best_idx, mask=in_a)
+    tl.store(host_sim_ptr + b * r + rows, best, mask=in_a)
 
 
 @triton.jit
@@ -221,23 +267,33 @@ def _candidate_partner_kernel(metric_ptr, cand_ptr, ids_ptr, dst_ptr, stride_b, 
 
 
 @triton.jit
-def _pairs_plan_kernel(cand_ptr, dst_ptr, kept_ptr, members_ptr, lo_ptr, hi_ptr, assign_ptr, work_ptr, N, P, r,
-                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One program per batch row: the slots of "mergeable token ``cand[2i]`` joins ``dst[i]``"."""
+def _pairs_plan_kernel(src_ptr, dst_ptr, kept_ptr, members_ptr, lo_ptr, hi_ptr, assign_ptr, work_ptr, N, P, r,
+                       sim_ptr, size_ptr, weight_ptr, sub, temperature, after, BLOCK_N: tl.constexpr,
+                       BLOCK_R: tl.constexpr, SRC_STRIDE: tl.constexpr, WEIGHTS: tl.constexpr):
+    """One program per batch row: the slots of "mergeable token ``src[SRC_STRIDE * i]`` joins ``dst[i]``".
+    ``WEIGHTS`` (TPS): ``weight`` is ``size`` with each removed token's scaled by
+    ``exp((sim - sub) / temperature - after)`` (``sim``: its similarity to its host)."""
     b = tl.program_id(0)
     e = tl.arange(0, BLOCK_R)
     in_r = e < r
-    src = tl.load(cand_ptr + b * 2 * r + 2 * e, mask=in_r, other=0)
-    dst = tl.load(dst_ptr + b * r + e, mask=in_r, other=0)
-    _slots(P + src, P + dst, in_r, e, b, work_ptr + b * 2 * BLOCK_N, kept_ptr, members_ptr, lo_ptr, hi_ptr,
-           assign_ptr, N, r, BLOCK_N)
+    src = P + tl.load(src_ptr + b * SRC_STRIDE * r + SRC_STRIDE * e, mask=in_r, other=0)
+    dst = P + tl.load(dst_ptr + b * r + e, mask=in_r, other=0)
+    _slots(src, dst, in_r, e, b, work_ptr + b * 2 * BLOCK_N, kept_ptr, members_ptr, lo_ptr, hi_ptr, assign_ptr,
+           N, r, BLOCK_N)
+    if WEIGHTS:
+        n = tl.arange(0, BLOCK_N)
+        tl.store(weight_ptr + b * N + n, tl.load(size_ptr + b * N + n, mask=n < N, other=0.0), mask=n < N)
+        tl.debug_barrier()
+        sim = tl.load(sim_ptr + b * r + e, mask=in_r, other=0.0)
+        scale = tl.exp((sim - sub) / temperature - after)
+        tl.store(weight_ptr + b * N + src, tl.load(size_ptr + b * N + src, mask=in_r, other=0.0) * scale, mask=in_r)
 
 
 @triton.jit
-def _merge_slots_kernel(x_ptr, size_ptr, kept_ptr, members_ptr, lo_ptr, hi_ptr, out_ptr, new_size_ptr,
-                        stride_xb, stride_xn, stride_ob, stride_on, N, K, r, C,
-                        BLOCK_C: tl.constexpr):
-    """Programs (slots, batch): slot k is its survivor's row, or with members the size-weighted mean."""
+def _merge_slots_kernel(x_ptr, size_ptr, weight_ptr, kept_ptr, members_ptr, lo_ptr, hi_ptr, out_ptr, new_size_ptr,
+                        stride_xb, stride_xn, stride_ob, stride_on, N, K, r, C, BLOCK_C: tl.constexpr):
+    """Programs (slots, batch): slot k is its survivor's row or, with members, the ``weight``-weighted mean of its
+    tokens (float32 accumulation); its size is the sum of their sizes."""
     k = tl.program_id(0)
     b = tl.program_id(1)
     c = tl.arange(0, BLOCK_C)
@@ -246,16 +302,18 @@ def _merge_slots_kernel(x_ptr, size_ptr, kept_ptr, members_ptr, lo_ptr, hi_ptr, 
     lo = tl.load(lo_ptr + b * K + k)
     hi = tl.load(hi_ptr + b * K + k)
     row = tl.load(x_ptr + b * stride_xb + kept * stride_xn + c, mask=in_c, other=0.0)
-    total = tl.load(size_ptr + b * N + kept)
-    acc = row.to(tl.float32) * total
+    size = tl.load(size_ptr + b * N + kept)
+    weight = tl.load(weight_ptr + b * N + kept)
+    acc = row.to(tl.float32) * weight
     for p in range(lo, hi):
         t = tl.load(members_ptr + b * r + p)
-        s = tl.load(size_ptr + b * N + t)
-        acc += tl.load(x_ptr + b * stride_xb + t * stride_xn + c, mask=in_c, other=0.0).to(tl.float32) * s
-        total += s
-    value = tl.where(hi > lo, (acc / total).to(row.dtype), row)  # a lone survivor is copied exactly
+        w = tl.load(weight_ptr + b * N + t)
+        acc += tl.load(x_ptr + b * stride_xb + t * stride_xn + c, mask=in_c, other=0.0).to(tl.float32) * w
+        weight += w
+        size += tl.load(size_ptr + b * N + t)
+    value = tl.where(hi > lo, (acc / weight).to(row.dtype), row)  # a lone survivor is copied exactly
     tl.store(out_ptr + b * stride_ob + k * stride_on + c, value, mask=in_c)
-    tl.store(new_size_ptr + b * K + k, total)
+    tl.store(new_size_ptr + b * K + k, size)
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -269,10 +327,13 @@ def _plan_outputs(B: int, N: int, r: int, device: torch.device) -> Tuple[Tensor,
             torch.empty(B, K, device=device, dtype=torch.int32), torch.empty(B, N, **index))
 
 
-def bipartite_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0: int
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _unit_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def bipartite_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0: int) -> Tuple[Tensor, ...]:
     """Kernel launches of ``torch.ops.mmmerge.bipartite_plan`` (same contract)."""
-    metric = metric if metric.stride(-1) == 1 else metric.contiguous()
+    metric = _unit_stride(metric)
     B, N, D = metric.shape
     M = N - protected
     Na, Nb = (M - a0 + 1) // 2, (M + a0) // 2
@@ -291,43 +352,79 @@ def bipartite_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0:
     return kept, members, lo, hi, assign
 
 
+def _energy(metric: Tensor, protected: int, margin: float, alpha: float, shift: bool) -> Tensor:
+    B, N, D = metric.shape
+    M = N - protected
+    energy = torch.empty(B, M, device=metric.device, dtype=torch.float32)
+    _energy_kernel[(triton.cdiv(M, 32), B)](metric, energy, metric.stride(0), metric.stride(1), M, protected,
+                                            float(margin), float(alpha), SHIFT=bool(shift), D=D, BLOCK_I=32,
+                                            BLOCK_J=64, BLOCK_D=_pow2(D))
+    return energy
+
+
 def pitome_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, margin: float, alpha: float,
-                shift: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                shift: bool) -> Tuple[Tensor, ...]:
     """Kernel launches of ``torch.ops.mmmerge.pitome_plan`` (same contract)."""
-    metric = metric if metric.stride(-1) == 1 else metric.contiguous()
+    metric = _unit_stride(metric)
     B, N, D = metric.shape
     M = N - protected
     r2 = sel.shape[0]
     r = r2 // 2
     device = metric.device
-    energy = torch.empty(B, M, device=device, dtype=torch.float32)
-    _energy_kernel[(triton.cdiv(M, 32), B)](metric, energy, metric.stride(0), metric.stride(1), M, protected,
-                                            float(margin), float(alpha), SHIFT=bool(shift), D=D, BLOCK_I=32,
-                                            BLOCK_J=64, BLOCK_D=_pow2(D))
+    energy = _energy(metric, protected, margin, alpha, shift)
     block_n, block_m = _pow2(N), _pow2(M)
     work = torch.empty(B, max(2 * block_n, block_m), device=device, dtype=torch.int32)
     cand = torch.empty(B, r2, device=device, dtype=torch.int32)
-    _pitome_select_kernel[(B,)](energy, ids, sel, cand, work, M, r2, BLOCK_M=block_m, BLOCK_C=_pow2(r2),
-                                num_warps=8)
+    _select_kernel[(B,)](energy, ids, sel, cand, cand, work, M, r2, BLOCK_M=block_m, BLOCK_C=_pow2(r2), FLAGS=False,
+                         num_warps=8)
     dst = torch.empty(B, r, device=device, dtype=torch.int32)
     _candidate_partner_kernel[(triton.cdiv(r, 32), B)](metric, cand, ids, dst, metric.stride(0), metric.stride(1),
                                                        protected, r, D=D, BLOCK_A=32, BLOCK_B=64, BLOCK_D=_pow2(D))
     kept, members, lo, hi, assign = _plan_outputs(B, N, r, device)
-    _pairs_plan_kernel[(B,)](cand, dst, kept, members, lo, hi, assign, work, N, protected, r, BLOCK_N=block_n,
-                             BLOCK_R=_pow2(r), num_warps=8)
+    _pairs_plan_kernel[(B,)](cand, dst, kept, members, lo, hi, assign, work, N, protected, r, energy, energy, energy,
+                             0.0, 1.0, 0.0, BLOCK_N=block_n, BLOCK_R=_pow2(r), SRC_STRIDE=2, WEIGHTS=False,
+                             num_warps=8)
     return kept, members, lo, hi, assign
 
 
-def merge_slots(x: Tensor, size: Tensor, kept: Tensor, members: Tensor, lo: Tensor, hi: Tensor,
+def tps_plan(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, sub: float, temperature: float,
+             after: float) -> Tuple[Tensor, ...]:
+    """Kernel launches of ``torch.ops.mmmerge.tps_plan`` (same contract)."""
+    metric = _unit_stride(metric)
+    size = size.contiguous()
+    B, N, D = metric.shape
+    M = N - protected
+    r = sel.shape[0]
+    device = metric.device
+    energy = _energy(metric, protected, 0.0, 1.0, False)
+    block_n, block_m = _pow2(N), _pow2(M)
+    work = torch.empty(B, max(2 * block_n, block_m), device=device, dtype=torch.int32)
+    removed = torch.empty(B, r, device=device, dtype=torch.int32)
+    flags = torch.empty(B, M, device=device, dtype=torch.int32)
+    _select_kernel[(B,)](energy, ids, sel, removed, flags, work, M, r, BLOCK_M=block_m, BLOCK_C=_pow2(r), FLAGS=True,
+                         num_warps=8)
+    host = torch.empty(B, r, device=device, dtype=torch.int32)
+    host_sim = torch.empty(B, r, device=device, dtype=torch.float32)
+    _host_kernel[(triton.cdiv(r, 32), B)](metric, removed, flags, ids, host, host_sim, metric.stride(0),
+                                          metric.stride(1), protected, M, r, D=D, BLOCK_A=32, BLOCK_B=64,
+                                          BLOCK_D=_pow2(D))
+    kept, members, lo, hi, assign = _plan_outputs(B, N, r, device)
+    weight = torch.empty(B, N, device=device, dtype=torch.float32)
+    _pairs_plan_kernel[(B,)](removed, host, kept, members, lo, hi, assign, work, N, protected, r, host_sim, size,
+                             weight, float(sub), float(temperature), float(after), BLOCK_N=block_n, BLOCK_R=_pow2(r),
+                             SRC_STRIDE=1, WEIGHTS=True, num_warps=8)
+    return kept, members, lo, hi, assign, weight
+
+
+def merge_slots(x: Tensor, size: Tensor, weight: Tensor, kept: Tensor, members: Tensor, lo: Tensor, hi: Tensor,
                 assign: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Kernel launch of ``torch.ops.mmmerge.merge_slots`` (same contract)."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = _unit_stride(x)
     B, N, C = x.shape
     K = kept.shape[1]
     out = torch.empty(B, K, C, device=x.device, dtype=x.dtype)
     new_size = torch.empty(B, K, device=x.device, dtype=torch.float32)
-    size = size.contiguous()
-    _merge_slots_kernel[(K, B)](x, size, kept, members, lo, hi, out, new_size, x.stride(0), x.stride(1),
-                                out.stride(0), out.stride(1), N, K, members.shape[1], C,
+    _merge_slots_kernel[(K, B)](x, size.contiguous(), weight.contiguous(), kept, members, lo, hi, out, new_size,
+                                x.stride(0), x.stride(1), out.stride(0), out.stride(1), N, K, members.shape[1], C,
                                 BLOCK_C=_pow2(C), num_warps=4)
     return out, new_size

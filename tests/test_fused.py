@@ -39,7 +39,9 @@ def _run(model, x, monkeypatch, fused: bool, **patch):
     (VideoMAEModel, "tome", "global", {}), (VideoMAEModel, "tome", "within_frame", {}),
     (VivitModel, "tome", "global", {"parity": "official"}), (VivitModel, "tome", "within_frame", {}),
     (VideoMAEModel, "pitome", "global", {}), (VideoMAEModel, "pitome", "within_frame", {"preset": "official"}),
-    (VivitModel, "pitome", "global", {"margin": 0.5, "alpha": 0.5}), (VivitModel, "pitome", "within_frame", {})])
+    (VivitModel, "pitome", "global", {"margin": 0.5, "alpha": 0.5}), (VivitModel, "pitome", "within_frame", {}),
+    (VideoMAEModel, "tps", "global", {}), (VideoMAEModel, "tps", "within_frame", {"temperature": 0.5}),
+    (VivitModel, "tps", "global", {"preset": "official", "temperature": 0.5}), (VivitModel, "tps", "within_frame", {})])
 def test_the_fused_step_equals_the_engine_path(cls, method, mode, options, monkeypatch):
     model, x = tiny_video(cls), clip()
     patch = dict(r=6, method=method, time_mode=mode, trace_source=True, **options)
@@ -60,8 +62,8 @@ def test_audio_without_padding_takes_the_fused_step_and_padding_the_engine_path(
     assert not any(_fused_layers(model))
 
 
-@pytest.mark.parametrize("patch", [dict(method="tps"), dict(method="random"), dict(method="tome", time_mode="adjacent"),
-                                   dict(method="pitome", time_mode="adjacent")])
+@pytest.mark.parametrize("patch", [dict(method="prune"), dict(method="random"), dict(method="tome", time_mode="adjacent"),
+                                   dict(method="pitome", time_mode="adjacent"), dict(method="tps", time_mode="adjacent")])
 def test_other_methods_and_coordinate_rules_take_the_engine_path(patch, monkeypatch):
     model = tiny_video(VideoMAEModel)
     monkeypatch.setenv(FUSED_ENV, "1")
@@ -77,7 +79,7 @@ def test_a_bad_switch_value_is_refused_at_patch_time(monkeypatch):
     assert not hasattr(model, "_mmmerge_patch")
 
 
-@pytest.mark.parametrize("method", ["tome", "pitome"])
+@pytest.mark.parametrize("method", ["tome", "pitome", "tps"])
 def test_gradients_equal_the_engine_path(method, monkeypatch):
     model = tiny_video(VideoMAEModel).double()
     x = clip().double()
@@ -109,8 +111,11 @@ def test_the_ops_registrations_pass_opcheck():
     kept, members, lo, hi, assign = plan_reference(metric, ids, sel, P, 0)
     x = torch.randn(2, 21, 5, dtype=torch.double, requires_grad=True)
     size = torch.randint(1, 4, (2, 21)).double()
-    torch.library.opcheck(torch.ops.mmmerge.merge_slots, (x, size, kept, members, lo, hi, assign))
-    out, new_size = merge_reference(x, size, kept, members, assign)
+    torch.library.opcheck(torch.ops.mmmerge.tps_plan, (metric, size.float(), ids, sel, P, 1.0, 0.5, 0.0))
+    torch.library.opcheck(torch.ops.mmmerge.merge_slots, (x, size, size, kept, members, lo, hi, assign))
+    weight = size * torch.rand(2, 21, dtype=torch.double)
+    torch.library.opcheck(torch.ops.mmmerge.merge_slots, (x, size, weight, kept, members, lo, hi, assign))
+    out, new_size = merge_reference(x, size, size, kept, members, assign)
     assert torch.allclose(new_size.sum(1), size.sum(1))
     assert out.shape == (2, 15, 5)
 
@@ -162,8 +167,11 @@ def test_a_model_through_the_kernels_equals_its_engine_path():
             mmmerge.patch(model, r=6, method="pitome")
             with torch.no_grad():
                 outs.append(model(x).last_hidden_state)
-        torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(outs[3], outs[1], rtol=1e-5, atol=1e-5)
+            mmmerge.patch(model, r=6, method="tps", temperature=0.5)
+            with torch.no_grad():
+                outs.append(model(x).last_hidden_state)
+        for fused, engine in zip(outs[3:], outs[:3]):
+            torch.testing.assert_close(fused, engine, rtol=1e-5, atol=1e-5)
         print("same")
     """)
     assert result.returncode == 0 and "same" in result.stdout, result.stdout + result.stderr
