@@ -2,17 +2,19 @@
 
     python -m benchmarks.gpu_check --out results/gpu_check.json [--budget 330] [--quick]
 
-Sections (each recorded, and skipped with the reason when the budget runs short):
+Sections, in this order (each recorded, and skipped with the reason when the budget runs short):
+    kernels    the fused steps' Triton kernels against their PyTorch references (``mmmerge.kernel_check``)
     sync       the merged forward under ``torch.cuda.set_sync_debug_mode("error")`` (VideoMAE every time mode and
                method, AST with padding, LLaVA-1.5 and LLaVA-NeXT reductions): any host sync raises
-    videomae   VideoMAE-base (random weights, bf16, sdpa) unmerged vs TargetFlops(0.5) for tome global, tome
-               within_frame and pitome: eager at batch 1, 8, 32, compiled at 32, CUDA graphs
-               (mode="reduce-overhead") at 1, the host's time to return at batch 1, and the ceiling rows (the
-               unmerged model on half the frames); median of interleaved per-pair ratios, CUDA-event times
-    qwen       Qwen2.5-VL-7B size prefill at keep 1.0 / 0.5 / 0.25 / 0.125 and the reduction's share of the tower
+    videomae   VideoMAE-base (random weights, bf16, sdpa) unmerged vs TargetFlops(0.5) for tome global, pitome,
+               tome within_frame and tps, eager at batch 1, 8, 32: the fused step and the engine path
+               (``MMMERGE_FUSED=0``), the host's time to return at batch 1, and the ceiling rows (the unmerged
+               model on half the frames); median of interleaved per-pair ratios, CUDA-event times
     llava      prefill of LLaVA-1.5-7B size (576 / 192 / 128 / 64 visual tokens) and LLaVA-NeXT-7B size
                (2880 / 640 / 320 / 160), random weights in bf16 built on the device; the reduction's share of
                the vision tower's time (benchmarks/llava.py)
+    qwen       Qwen2.5-VL-7B size prefill at keep 1.0 / 0.5 / 0.25 / 0.125 and the reduction's share of the tower
+    videomae_compiled  compiled at 32 and CUDA graphs (mode="reduce-overhead") at 1, as the budget allows
 Goals (issue 19): eager batch 32 >= 1.7x, batch 8 >= 1.1x, batch 1 >= 0.9x; compiled batch 32 >= 1.8x; CUDA
 graphs batch 1 >= 1.3x (``VIDEO_GOALS``). LLaVA (issue 20): see benchmarks/llava.py.
 ``--quick`` runs every section on tiny models (CPU works too), to check the script itself.
@@ -134,7 +136,7 @@ def _under_sync_debug(name: str, fn: Callable[[], Any]) -> Dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- VideoMAE
-VIDEO_SETTINGS = (("tome", "global"), ("tome", "within_frame"), ("pitome", "global"))
+VIDEO_SETTINGS = (("tome", "global"), ("pitome", "global"), ("tome", "within_frame"), ("tps", "global"))
 # Issue 19's goals, unmerged / merged: (batch, mode) -> speedup (the ceiling measured by the half-token rows).
 VIDEO_GOALS = {(32, "eager"): 1.7, (8, "eager"): 1.1, (1, "eager"): 0.9, (32, "compiled (default)"): 1.8,
                (1, "compiled (reduce-overhead)"): 1.3}
@@ -152,88 +154,161 @@ def _host_seconds(fn: Callable[[], Any]) -> float:
     return seconds
 
 
-@torch.no_grad()
-def videomae_section(device: torch.device, budget: Budget, quick: bool, repeats: int,
-                     record: Callable[[Dict[str, Any]], None]) -> List[Dict[str, Any]]:
-    """VideoMAE-base (bf16, sdpa, random weights) unmerged vs merged at TargetFlops(0.5) for each of
-    ``VIDEO_SETTINGS``: eager at batch 1, 8, 32; compiled at 32; CUDA graphs (reduce-overhead) at 1; the host's
-    time to return from a call at batch 1. The ceiling rows run the unmerged model on half the frames (half the
-    tokens in every layer, no merge ops). ``record`` is called after every row (one failing row loses nothing)."""
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+class VideoModels:
+    """VideoMAE-base for kinetics (random weights, bf16, sdpa): the unmerged model, a merged copy (the fused step
+    where it applies), an engine-path copy (``MMMERGE_FUSED=0``: every step in PyTorch ops) and the unmerged model
+    on half the frames (the ceiling: half the tokens in every layer, no merge ops)."""
 
-    cfg = VideoMAEConfig(num_hidden_layers=4, image_size=64) if quick else VideoMAEConfig(num_labels=400)
-    cfg._attn_implementation = "sdpa"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    base = VideoMAEForVideoClassification(cfg).eval().to(device, dtype)
-    merged = VideoMAEForVideoClassification(cfg).eval().to(device, dtype)
-    merged.load_state_dict(base.state_dict())
-    half = VideoMAEForVideoClassification(VideoMAEConfig(**{**cfg.to_dict(), "num_frames": cfg.num_frames // 2}))
-    half.config._attn_implementation = "sdpa"
-    half = half.eval().to(device, dtype)
-    half.load_state_dict(base.state_dict(), strict=False)  # position tables differ in length; speed only
-    batches = (1, 2) if quick else (1, 8, 32)
-    rows: List[Dict[str, Any]] = []
+    def __init__(self, device: torch.device, quick: bool) -> None:
+        from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
+        cfg = VideoMAEConfig(num_hidden_layers=4, image_size=64) if quick else VideoMAEConfig(num_labels=400)
+        cfg._attn_implementation = "sdpa"
+        self.cfg, self.device = cfg, device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        torch.manual_seed(0)
+        self.base = VideoMAEForVideoClassification(cfg).eval().to(device, self.dtype)
+        self.merged = VideoMAEForVideoClassification(cfg).eval().to(device, self.dtype)
+        self.merged.load_state_dict(self.base.state_dict())
+        self.engine = VideoMAEForVideoClassification(cfg).eval().to(device, self.dtype)
+        self.engine.load_state_dict(self.base.state_dict())
+        half = VideoMAEForVideoClassification(VideoMAEConfig(**{**cfg.to_dict(), "num_frames": cfg.num_frames // 2}))
+        half.config._attn_implementation = "sdpa"
+        self.half = half.eval().to(device, self.dtype)
+        self.half.load_state_dict(self.base.state_dict(), strict=False)  # position tables differ; speed only
+        self.batches = (1, 2) if quick else (1, 8, 32)
+
+    def clip(self, batch: int, frames: Optional[int] = None) -> torch.Tensor:
+        size = self.cfg.image_size
+        return torch.randn(batch, frames or self.cfg.num_frames, 3, size, size, device=self.device, dtype=self.dtype)
+
+    def patch(self, method: str, mode: str) -> None:
+        import os
+
+        mmmerge.patch(self.merged, r=mmmerge.TargetFlops(0.5), method=method, time_mode=mode)
+        os.environ["MMMERGE_FUSED"] = "0"  # read at patch time
+        try:
+            mmmerge.patch(self.engine, r=mmmerge.TargetFlops(0.5), method=method, time_mode=mode)
+        finally:
+            os.environ.pop("MMMERGE_FUSED")
+
+
+def _adder(rows: List[Dict[str, Any]], record: Callable[[Dict[str, Any]], None]) -> Callable[[Dict[str, Any]], None]:
     def add(row: Dict[str, Any]) -> None:
         goal = VIDEO_GOALS.get((row.get("batch"), row.get("mode")))
-        if goal is not None and "speedup" in row and row.get("setting") != "ceiling":
+        if goal is not None and "speedup" in row and row.get("setting") != "ceiling" and row.get("path") != "engine":
             row["goal"], row["met"] = goal, row["speedup"] >= goal
         rows.append(row)
         record(row)
+    return add
 
-    def clip(batch: int, frames: int) -> torch.Tensor:
-        return torch.randn(batch, frames, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
 
-    for batch in batches:  # the ceiling: half the tokens, no merging
+def _fused_state(model: torch.nn.Module) -> Dict[str, Any]:
+    """Which merging layers take the fused step, and any kernel that fell back to its PyTorch reference."""
+    from mmmerge import fused
+
+    layers = [m._mmmerge.fused is not None for m in model.modules() if hasattr(m, "_mmmerge")]
+    return {"fused_layers": sum(layers), "patched_layers": len(layers), "kernel_fallbacks": dict(fused._FAILED)}
+
+
+@torch.no_grad()
+def videomae_section(models: VideoModels, repeats: int, record: Callable[[Dict[str, Any]], None]
+                     ) -> List[Dict[str, Any]]:
+    """Eager rows: the ceiling at every batch; then for each of ``VIDEO_SETTINGS`` and batch, unmerged vs merged
+    (the fused step) and unmerged vs the engine path, with the host's time to return at batch 1. ``record`` is
+    called after every row (one failing row loses nothing)."""
+    rows: List[Dict[str, Any]] = []
+    add = _adder(rows, record)
+    m = models
+    for batch in m.batches:
         try:
-            x, xh = clip(batch, cfg.num_frames), clip(batch, cfg.num_frames // 2)
+            x, xh = m.clip(batch), m.clip(batch, m.cfg.num_frames // 2)
             add({"setting": "ceiling", "batch": batch, "mode": "eager",
-                 **paired(lambda: base(pixel_values=x), lambda: half(pixel_values=xh), repeats)})
+                 **paired(lambda: m.base(pixel_values=x), lambda: m.half(pixel_values=xh), repeats)})
         except Exception as err:
             add({"setting": "ceiling", "batch": batch, "error": f"{type(err).__name__}: {err}"[:400]})
-    for method, mode in VIDEO_SETTINGS[:1] if quick else VIDEO_SETTINGS:  # quick: the script itself, one setting
+    for method, mode in VIDEO_SETTINGS:
         setting = f"{method}/{mode}"
         try:
-            mmmerge.patch(merged, r=mmmerge.TargetFlops(0.5), method=method, time_mode=mode)
+            m.patch(method, mode)
         except Exception as err:
             add({"setting": setting, "error": f"patch: {type(err).__name__}: {err}"[:400]})
             continue
-        for batch in batches:
-            try:
-                x = clip(batch, cfg.num_frames)
-                flops = mmmerge.count_flops(merged, pixel_values=x) / mmmerge.count_flops(base, pixel_values=x)
-                add({"setting": setting, "batch": batch, "mode": "eager", "flops_ratio": flops,
-                     **paired(lambda: base(pixel_values=x), lambda: merged(pixel_values=x), repeats)})
-                if batch == 1:
-                    host = [(_host_seconds(lambda: base(pixel_values=x)), _host_seconds(lambda: merged(pixel_values=x)))
-                            for _ in range(repeats)]
-                    add({"setting": setting, "batch": 1, "mode": "host time to return",
-                         "base_ms": statistics.median(b for b, _ in host) * 1e3,
-                         "merged_ms": statistics.median(m for _, m in host) * 1e3,
-                         "ratio_merged_over_unmerged": statistics.median(m / b for b, m in host)})
-            except Exception as err:
-                add({"setting": setting, "batch": batch, "mode": "eager", "error": f"{type(err).__name__}: {err}"[:400]})
-        for batch, compile_mode in ((batches[-1], "default"), (1, "reduce-overhead")):
+        for batch in m.batches:
+            x = m.clip(batch)
+            for path, model in (("fused", m.merged), ("engine", m.engine)):
+                try:
+                    flops = mmmerge.count_flops(model, pixel_values=x) / mmmerge.count_flops(m.base, pixel_values=x)
+                    add({"setting": setting, "path": path, "batch": batch, "mode": "eager", "flops_ratio": flops,
+                         **paired(lambda: m.base(pixel_values=x), lambda: model(pixel_values=x), repeats),
+                         **(_fused_state(model) if path == "fused" else {})})
+                    if batch == 1:
+                        host = [(_host_seconds(lambda: m.base(pixel_values=x)), _host_seconds(lambda: model(pixel_values=x)))
+                                for _ in range(repeats)]
+                        add({"setting": setting, "path": path, "batch": 1, "mode": "host time to return",
+                             "base_ms": statistics.median(b for b, _ in host) * 1e3,
+                             "merged_ms": statistics.median(t for _, t in host) * 1e3,
+                             "ratio_merged_over_unmerged": statistics.median(t / b for b, t in host)})
+                except Exception as err:
+                    add({"setting": setting, "path": path, "batch": batch, "mode": "eager",
+                         "error": f"{type(err).__name__}: {err}"[:400]})
+        try:  # the fused and the engine path give the same model up to bf16 rounding
+            x = m.clip(2)
+            diff = (m.merged(pixel_values=x).logits.float() - m.engine(pixel_values=x).logits.float()).abs().max()
+            add({"setting": setting, "mode": "fused vs engine logits", "max_abs_diff": float(diff)})
+        except Exception as err:
+            add({"setting": setting, "mode": "fused vs engine logits", "error": f"{type(err).__name__}: {err}"[:400]})
+    return rows
+
+
+@torch.no_grad()
+def videomae_compiled_section(models: VideoModels, budget: Budget, repeats: int,
+                              record: Callable[[Dict[str, Any]], None]) -> List[Dict[str, Any]]:
+    """Compiled rows, while the budget lasts (each compile takes tens of seconds): ``torch.compile`` (default) at
+    the largest batch and CUDA graphs (``mode="reduce-overhead"``) at batch 1, unmerged vs merged, for each of
+    ``VIDEO_SETTINGS`` in order; the unmerged model is compiled once per mode."""
+    rows: List[Dict[str, Any]] = []
+    add = _adder(rows, record)
+    m = models
+    compiled_base: Dict[str, Any] = {}
+    for method, mode in VIDEO_SETTINGS:
+        setting = f"{method}/{mode}"
+        m.patch(method, mode)
+        for batch, compile_mode in ((m.batches[-1], "default"), (1, "reduce-overhead")):
             name = f"compiled ({compile_mode})"
-            if budget.left() < 150 and not quick:
+            if budget.left() < 45:
                 add({"setting": setting, "batch": batch, "mode": name, "skipped": "time budget"})
                 continue
             try:
-                torch._dynamo.reset()
-                x = clip(batch, cfg.num_frames)
-                cb = torch.compile(base, mode=compile_mode, fullgraph=True, dynamic=False)
-                cm = torch.compile(merged, mode=compile_mode, fullgraph=True, dynamic=False)
+                x = m.clip(batch)
+                if compile_mode not in compiled_base:
+                    compiled_base[compile_mode] = torch.compile(m.base, mode=compile_mode, fullgraph=True, dynamic=False)
+                cb = compiled_base[compile_mode]
+                cm = torch.compile(m.merged, mode=compile_mode, fullgraph=True, dynamic=False)
                 # Clone the outputs of CUDA-graph replays so a later replay cannot overwrite what is compared.
                 add({"setting": setting, "batch": batch, "mode": name,
                      **paired(lambda: cb(pixel_values=x).logits.clone(), lambda: cm(pixel_values=x).logits.clone(),
                               repeats)})
-                torch.testing.assert_close(cm(pixel_values=x).logits.float(), merged(pixel_values=x).logits.float(),
+                torch.testing.assert_close(cm(pixel_values=x).logits.float(), m.merged(pixel_values=x).logits.float(),
                                            atol=2e-2, rtol=2e-2)  # bf16: compiled equals eager
             except Exception as err:
                 add({"setting": setting, "batch": batch, "mode": name, "error": f"{type(err).__name__}: {err}"[:400]})
-        mmmerge.unpatch(merged)
     return rows
+
+
+def kernels_section(device: torch.device) -> List[Dict[str, Any]]:
+    """The fused steps' Triton kernels against their PyTorch references (``mmmerge.kernel_check``)."""
+    if device.type != "cuda":
+        return [{"check": "kernels", "skipped": "no CUDA (the tests run them in Triton's interpreter)"}]
+    import contextlib
+    import io
+
+    from mmmerge import kernel_check
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = kernel_check.main(["--device", "cuda"])
+    return [{"check": "kernels", "ok": code == 0, "output": out.getvalue()[-3000:]}]
 
 
 # ------------------------------------------------------------------------------------------------ LLaVA
@@ -272,8 +347,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for all sections together")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="tiny models: check the script itself (CPU too)")
-    parser.add_argument("--sections", nargs="+", default=["sync", "videomae", "llava", "qwen"],
-                        choices=["sync", "videomae", "llava", "qwen"])
+    sections = ["kernels", "sync", "videomae", "llava", "qwen", "videomae_compiled"]
+    parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     budget = Budget(args.budget)
@@ -283,6 +358,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     def write() -> None:
         args.out.write_text(json.dumps(result, indent=1, default=str))
 
+    models: Optional[VideoModels] = None
     for name in args.sections:
         start = time.monotonic()
         partial: List[Dict[str, Any]] = []
@@ -293,10 +369,15 @@ def main(argv: Optional[List[str]] = None) -> None:
             write()
 
         try:
-            if name == "sync":
+            if name == "kernels":
+                rows = kernels_section(device)
+            elif name == "sync":
                 rows = sync_section(device, args.quick)
-            elif name == "videomae":
-                rows = videomae_section(device, budget, args.quick, args.repeats, record)
+            elif name in ("videomae", "videomae_compiled"):
+                if models is None:
+                    models = VideoModels(device, args.quick)
+                rows = (videomae_section(models, args.repeats, record) if name == "videomae"
+                        else videomae_compiled_section(models, budget, args.repeats, record))
             elif name == "llava":
                 rows = llava_section(args.quick, min(args.repeats, 5), budget)
             else:
