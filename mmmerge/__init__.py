@@ -37,5 +37,6 @@ __all__ = [
     "layer_partitions", "MATCHERS", "merge_state", "merge_tokens", "merge_weighted", "MergeInfo", "MergePlan",
     "parse_constraint", "parse_time_mode", "Partition", "patch", "pitome", "plan_merge", "plan_rows", "prune",
     "random_merge", "reduce_tokens", "RowBudgets", "resolve_schedule", "SameSpan", "size_bias", "step_limit",
-    "supported_models", "TargetFlops", "TargetTokens", "TokenState", "tome", "tps", "transformer_layer_flops", "unmerge", "unpatch", "Window",
+    "supported_models", "TargetFlops", "TargetTokens", "TokenState", "tome", "tps", "transformer_layer_flops",
+    "unmerge", "unpatch", "Window",
 ]
