@@ -133,3 +133,25 @@ def test_uniform_rows_take_the_plain_path_and_one_image_is_unchanged(monkeypatch
     assert torch.equal(state.source[0], ref_source)
     torch.testing.assert_close(tokens, ref_tokens, **TOL)
     assert mmmerge.last_info(model).size.shape == (1, tokens.shape[0])
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome", "dominant"])
+def test_as_many_torch_calls_for_three_sizes_as_for_one_image(method):
+    """No loop over images or parts: one image (two rows) and three images of three sizes (six rows) cost the
+    reduction the same torch calls (no host read either). (DivPrune and CDPruner take one batched step per kept
+    token of the widest row, whatever the number of rows.)"""
+    from test_llava_audit import traced
+
+    model, proc = tiny_next(), next_processor()
+    llava.reduce_visual_tokens(model, keep=0.25, method=method)
+    one = batch(proc, [picture(WIDE)], ["w1 <image>"])
+    three = batch(proc, [picture(WIDE), picture(TALL, 1), picture(SQUARE, 2)], ["w1 <image> <image> <image>"])
+    get, unpatched = model.model.get_image_features, type(model.model).get_image_features
+    extra = []
+    for inputs in (one, three):
+        get(inputs["pixel_values"], inputs["image_sizes"])  # the host-side plan, once per layout
+        ops = traced(get, inputs["pixel_values"], inputs["image_sizes"])
+        assert set(ops.syncs) <= {"tolist"}  # the image sizes, read once (the model reads them itself too)
+        extra.append(ops.calls - traced(unpatched, model.model, inputs["pixel_values"],
+                                        inputs["image_sizes"].tolist()).calls)
+    assert extra[0] == extra[1]
