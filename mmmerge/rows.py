@@ -27,7 +27,7 @@ from .constraints import Constraint, Global, Partition
 from .state import TokenState
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class RowBudgets:
     """How a padded batch of rows reaches each row's own keep (see the module docstring).
 
