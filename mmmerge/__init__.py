@@ -9,7 +9,8 @@ The engine (this package) knows tensors, never a model class:
     schedule.py     r per layer
     attention.py    proportional attention bias
     flops.py        FLOP counting (torch's counter + CPU fused attention) and op counting
-    reduce.py       plan_merge, merge_tokens, reduce_tokens
+    reduce.py       plan_merge, merge_tokens, reduce_tokens; plan_rows (rows of their own keeps in one batch)
+    rows.py         RowBudgets and the per-row quotas the matchers take (padding absorbs the rest)
     options.py      the one check of an entry point's own options (bools, typos with a suggestion)
 Adapters for Hugging Face models live in ``mmmerge.adapters``.
 """
@@ -22,7 +23,8 @@ from .matchers import (MATCHERS, cdpruner, check_options, divprune, dominant, en
                        random_merge, step_limit, tome, tps)
 from .merge import MergePlan, merge_state, merge_tokens, merge_weighted, unmerge
 from .patching import last_info, patch, supported_models, unpatch
-from .reduce import plan_merge, reduce_tokens
+from .reduce import plan_merge, plan_rows, reduce_tokens
+from .rows import RowBudgets
 from .schedule import (Grouping, KeepRatio, TargetFlops, TargetTokens, layer_partitions, resolve_schedule,
                        transformer_layer_flops)
 from .state import TokenState, init_state
@@ -33,7 +35,8 @@ __all__ = [
     "Adjacent", "AllOf", "cdpruner", "check_options", "Constraint", "count_bytes", "count_flops", "count_ops", "divprune",
     "dominant", "energy_score", "get_matcher", "Global", "Grouping", "init_state", "KeepRatio", "last_info",
     "layer_partitions", "MATCHERS", "merge_state", "merge_tokens", "merge_weighted", "MergeInfo", "MergePlan",
-    "parse_constraint", "parse_time_mode", "Partition", "patch", "pitome", "plan_merge", "prune", "random_merge",
-    "reduce_tokens", "resolve_schedule", "SameSpan", "size_bias", "step_limit", "supported_models", "TargetFlops",
-    "TargetTokens", "TokenState", "tome", "tps", "transformer_layer_flops", "unmerge", "unpatch", "Window",
+    "parse_constraint", "parse_time_mode", "Partition", "patch", "pitome", "plan_merge", "plan_rows", "prune",
+    "random_merge", "reduce_tokens", "RowBudgets", "resolve_schedule", "SameSpan", "size_bias", "step_limit",
+    "supported_models", "TargetFlops", "TargetTokens", "TokenState", "tome", "tps", "transformer_layer_flops",
+    "unmerge", "unpatch", "Window",
 ]

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .constraints import Constraint, Global, Guarantee, Partition, allowed_pairs, clique_cover, padded_guarantee
 from .merge import MergePlan, plan_from_pairs, plan_from_targets
+from .rows import RowTiers, best_with_quota, check_quota, tier_mask
 from .state import TokenState
 
 NEG_INF = float("-inf")
@@ -226,10 +227,12 @@ def _rows(m: Tensor, idx: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- matchers
 def _bipartite(scores_fn: Callable[[Tensor, Tensor, int], Tensor], metric: Tensor, state: TokenState, r: int,
-               constraint: Constraint, partition: Optional[Partition], parity: str = "mergeable") -> MergePlan:
+               constraint: Constraint, partition: Optional[Partition], parity: str = "mergeable",
+               quota: Optional[Tensor] = None) -> MergePlan:
     """Shared body of ToMe and the random baseline: alternating A/B split, best B per A, top-r edges.
 
-    With a partition every group merges its own budget: the best edges of each group (static ranges).
+    With a partition every group merges its own budget: the best edges of each group (static ranges). With a
+    ``quota`` (``[B]``, ``mmmerge.rows``) row b merges its ``quota[b]`` best real edges, its padding the rest.
     """
     P = state.protected
     B, N = metric.shape[:2]
@@ -251,8 +254,11 @@ def _bipartite(scores_fn: Callable[[Tensor, Tensor, int], Tensor], metric: Tenso
             scores = _mask(scores, state, constraint, group_rule, _arange(B, a0, M, 2, device),
                            _arange(B, 1 - a0, M, 2, device))
         node_max, node_idx = scores.max(dim=-1)  # best B for each A
-        src = _best_per_group(node_max, r, partition, counts, partition.budgets if partition else (),
-                              ids_a, "sel_a", descending=True)  # [B, r] A tokens that merge
+        if quota is not None:  # padding A tokens never have a real partner (masked above)
+            src = best_with_quota(node_max, r, ~state.valid[:, a0::2], quota, descending=True)
+        else:
+            src = _best_per_group(node_max, r, partition, counts, partition.budgets if partition else (),
+                                  ids_a, "sel_a", descending=True)  # [B, r] A tokens that merge
         dst = node_idx.gather(1, src)  # [B, r] their B partners
     return plan_from_pairs(src * 2 + a0 if a0 else src * 2, dst * 2 + (1 - a0), state.size, M, P)
 
@@ -263,7 +269,8 @@ def _cosine_scores(metric: Tensor, state: TokenState, a0: int = 0) -> Tensor:
 
 
 def tome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
-         partition: Optional[Partition] = None, *, parity: str = "mergeable") -> MergePlan:
+         partition: Optional[Partition] = None, *, parity: str = "mergeable", quota: Optional[Tensor] = None
+         ) -> MergePlan:
     """ToMe bipartite soft matching.
 
     Mergeable tokens alternate into sets A (even) and B (odd); each A token finds its most similar
@@ -276,10 +283,12 @@ def tome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constra
         parity: ``"mergeable"`` (default: A starts at the first mergeable token) or ``"official"`` (A/B alternate
             over all tokens as in the official ToMe code, so published numbers on [CLS] models reproduce);
             they differ only with an odd number of protected tokens. See ``TOME_PARITIES``.
+        quota: ``[B]`` real tokens each row of a padded batch removes (``mmmerge.rows``); None: any ``r``.
     """
+    check_quota(quota, state, constraint, partition, "tome")
     if r == 0:
         return identity_plan(state)
-    return _bipartite(_cosine_scores, metric, state, r, constraint or Global(), partition, parity)
+    return _bipartite(_cosine_scores, metric, state, r, constraint or Global(), partition, parity, quota)
 
 
 def _hash_scores(u_a: Tensor, u_b: Tensor) -> Tensor:
@@ -290,11 +299,14 @@ def _hash_scores(u_a: Tensor, u_b: Tensor) -> Tensor:
 
 def random_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
                  partition: Optional[Partition] = None, *, generator: Optional[torch.Generator] = None,
-                 noise: Optional[Tensor] = None, parity: str = "mergeable") -> MergePlan:
+                 noise: Optional[Tensor] = None, parity: str = "mergeable", quota: Optional[Tensor] = None
+                 ) -> MergePlan:
     """Baseline: ToMe's bipartite step on random scores (merges random allowed pairs).
 
     ``noise``: ``[B, N]`` uniform draws in [0, 1) that decide the pairs (default: drawn from ``generator``).
+    ``quota``: per-row budgets of a padded batch (``mmmerge.rows``).
     """
+    check_quota(quota, state, constraint, partition, "random")
     if r == 0:
         return identity_plan(state)
     B, N = metric.shape[:2]
@@ -307,7 +319,7 @@ def random_merge(metric: Tensor, state: TokenState, r: int, constraint: Optional
         u = noise[:, state.protected:]
         return _hash_scores(u[:, a0::2], u[:, 1 - a0::2])
 
-    return _bipartite(scores, metric, state, r, constraint or Global(), partition, parity)
+    return _bipartite(scores, metric, state, r, constraint or Global(), partition, parity, quota)
 
 
 # PiToMe presets: energy kernel and per-layer margin ``start - drop * layer_idx / num_layers``.
@@ -334,7 +346,8 @@ def pitome_margin(layer_idx: int, num_layers: int, start: float = 0.9, drop: Opt
 
 def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
            partition: Optional[Partition] = None, *, margin: Optional[float] = None, alpha: float = 1.0,
-           preset: str = "paper", layer_idx: int = 0, num_layers: int = 1) -> MergePlan:
+           preset: str = "paper", layer_idx: int = 0, num_layers: int = 1, quota: Optional[Tensor] = None
+           ) -> MergePlan:
     """PiToMe: merge only among the high-energy (redundant) tokens; low-energy tokens are protected.
 
     The ``2r`` highest-energy tokens (per group with a partition) are the candidates; in energy order they
@@ -348,7 +361,11 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
         margin: energy margin m; default from the preset's schedule at ``layer_idx`` of ``num_layers``.
         alpha: slope of the negative (dissimilar) branch of the energy kernel.
         preset: ``"paper"`` (default), ``"official"`` or ``"official_deit"``; see ``PITOME_PRESETS``.
+        quota: ``[B]`` real tokens each row of a padded batch removes (``mmmerge.rows``): the ``2 quota[b]``
+            highest-energy real tokens and ``2 (r - quota[b])`` padding tokens are the candidates, each merging
+            inside its tier.
     """
+    check_quota(quota, state, constraint, partition, "pitome")
     if r == 0:
         return identity_plan(state)
     cfg = PITOME_PRESETS[preset]
@@ -363,18 +380,23 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
         m = _normalized(metric, P)
         valid = None if state.valid is None else state.valid[:, P:]
         energy = energy_score(m, margin, alpha, bool(cfg["shift"]), valid)  # [B, M]
-        anchored = _needs_anchors(state, constraint)
+        anchored = quota is None and _needs_anchors(state, constraint)
         if anchored:  # each clique's lowest-energy token is never a candidate: a fallback host
             energy = energy.masked_fill(_anchors(-energy.nan_to_num(0.0), state, constraint, partition), NEG_INF)
-        ids = None if partition is None else partition.group_ids(device)
-        pairs = tuple(2 * b for b in partition.budgets) if partition is not None else ()
-        cand = _best_per_group(energy, 2 * r, partition, partition.sizes if partition else (), pairs, ids,
-                               "sel_pairs", descending=True)  # [B, 2r], per group consecutive
+        if quota is not None:  # real candidates first (an even count), then padding ones
+            cand = best_with_quota(energy, 2 * r, ~valid, 2 * quota, descending=True)
+        else:
+            ids = None if partition is None else partition.group_ids(device)
+            pairs = tuple(2 * b for b in partition.budgets) if partition is not None else ()
+            cand = _best_per_group(energy, 2 * r, partition, partition.sizes if partition else (), pairs, ids,
+                                   "sel_pairs", descending=True)  # [B, 2r], per group consecutive
         src, cand_b = cand[:, 0::2], cand[:, 1::2]  # [B, r] each
         if not anchored:  # every candidate B of the same group is allowed: A merges into its best one
             scores = torch.bmm(_rows(m, src), _rows(m, cand_b).transpose(1, 2)).float()  # [B, r, r]
             if partition is not None:
                 scores = scores.masked_fill(_pair_blocks(partition, device), NEG_INF)
+            elif quota is not None:
+                scores = scores.masked_fill(tier_mask(~valid, src, cand_b), NEG_INF)
             dst = cand_b.gather(1, scores.argmax(dim=-1))
         else:
             scores = torch.bmm(_rows(m, src), m.transpose(1, 2)).float()  # [B, r, M]
@@ -397,9 +419,10 @@ def _pair_blocks(partition: Partition, device: torch.device) -> Tensor:
 
 
 def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Constraint,
-                       partition: Optional[Partition], score: Optional[Tensor]):
-    """Pick the r least important mergeable tokens (per group with a partition) and each one's most
-    similar kept, allowed token.
+                       partition: Optional[Partition], score: Optional[Tensor], quota: Optional[Tensor] = None):
+    """Pick the r least important mergeable tokens (per group with a partition; with a ``quota`` row b's
+    ``quota[b]`` least important real tokens and ``r - quota[b]`` padding tokens) and each one's most similar
+    kept, allowed token.
 
     Importance is ``score`` (higher keeps) or, without one, low energy (the most redundant go first).
     Returns ``(removed [B, r], is_removed [B, M], host [B, r], host_sim [B, r])``.
@@ -414,7 +437,7 @@ def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Co
         values, descending = energy_score(m, margin=0.0, valid=valid), True  # remove the highest energy
     else:
         values, descending = score[:, P:].float(), False  # remove the lowest score
-    if _needs_anchors(state, constraint):
+    if quota is None and _needs_anchors(state, constraint):
         importance = (-values if descending else values).nan_to_num(nan=0.0, posinf=1e30, neginf=-1e30)
         if valid is not None:  # padding is the least important of all: it goes first
             importance = importance.masked_fill(~valid, -1e30)
@@ -422,8 +445,11 @@ def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Co
         values = importance.masked_fill(_anchors(importance, state, constraint, partition), POS_INF)
         descending = False
     ids = None if partition is None else partition.group_ids(device)
-    removed = _best_per_group(values, r, partition, partition.sizes if partition else (),
-                              partition.budgets if partition else (), ids, "sel", descending=descending)  # [B, r]
+    if quota is not None:  # the row's padding keeps a host of its own (the plan leaves one)
+        removed = best_with_quota(values, r, ~valid, quota, descending)
+    else:
+        removed = _best_per_group(values, r, partition, partition.sizes if partition else (),
+                                  partition.budgets if partition else (), ids, "sel", descending=descending)  # [B, r]
     sims = torch.bmm(_rows(m, removed), m.transpose(1, 2)).float()  # [B, r, M]
     is_removed = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, removed, True)
     sims = sims.masked_fill(is_removed.unsqueeze(1), NEG_INF)
@@ -449,7 +475,7 @@ TPS_PRESETS: Dict[str, Dict[str, bool]] = {
 
 def tps(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
         partition: Optional[Partition] = None, *, score: Optional[Tensor] = None,
-        temperature: float = 1.0, preset: str = "paper") -> MergePlan:
+        temperature: float = 1.0, preset: str = "paper", quota: Optional[Tensor] = None) -> MergePlan:
     """TPS prune-and-squeeze: remove the r least important tokens, squeeze each into its host.
 
     Importance is ``score`` (``[B, N]``, e.g. CLS attention; higher keeps) or, if None, minus the
@@ -458,14 +484,16 @@ def tps(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constrai
     token of cosine ``cos`` to it, ``exp((cos - 1) / temperature)`` (``preset="paper"``: a similarity softmax in
     which the host's own similarity is 1) or ``exp(cos / temperature - 1)`` (``preset="official"``: the released
     code's host weight e); see ``TPS_PRESETS``. Any r up to M - 1 works in one step (M - cliques under a rule).
+    ``quota``: ``[B]`` real tokens each row of a padded batch removes (``mmmerge.rows``).
     """
+    check_quota(quota, state, constraint, partition, "tps")
     if r == 0:
         return identity_plan(state)
     P = state.protected
     M = metric.shape[1] - P
     with torch.no_grad():
         removed, is_removed, host, host_sim = _select_and_assign(metric, state, r, constraint or Global(),
-                                                                 partition, score)
+                                                                 partition, score, quota)
         if temperature == 1.0:
             logit = host_sim - 1.0
         elif TPS_PRESETS[preset]["host_temperature"]:
@@ -478,18 +506,22 @@ def tps(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constrai
 
 
 def prune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
-          partition: Optional[Partition] = None, *, score: Optional[Tensor] = None) -> MergePlan:
+          partition: Optional[Partition] = None, *, score: Optional[Tensor] = None,
+          quota: Optional[Tensor] = None) -> MergePlan:
     """Baseline: drop the values of the r least important tokens (same choice as ``tps``).
 
     Only bookkeeping moves: the dropped tokens' size and source go to their most similar kept token, so
     sizes still sum to N0 and unmerge still covers every original position (with the host's value).
+    ``quota``: ``[B]`` real tokens each row of a padded batch removes (``mmmerge.rows``).
     """
+    check_quota(quota, state, constraint, partition, "prune")
     if r == 0:
         return identity_plan(state)
     P = state.protected
     M = metric.shape[1] - P
     with torch.no_grad():
-        removed, is_removed, host, _ = _select_and_assign(metric, state, r, constraint or Global(), partition, score)
+        removed, is_removed, host, _ = _select_and_assign(metric, state, r, constraint or Global(), partition, score,
+                                                          quota)
         weight = state.size.scatter(1, removed + P if P else removed, 0.0)
     return plan_from_pairs(removed, host, weight, M, P, is_removed, fuse=False)
 
@@ -580,7 +612,7 @@ METHOD_OPTION_CHECKS: Dict[Tuple[str, str], Callable[[Any], None]] = {
     ("tps", "preset"): _choice("tps preset", tuple(TPS_PRESETS)),
 }
 # Passed by the caller (plan_merge, the encoder patch), never options of their own.
-SUPPLIED = ("metric", "state", "r", "constraint", "partition")
+SUPPLIED = ("metric", "state", "r", "constraint", "partition", "quota")
 
 
 def matcher_options(method: str) -> Tuple[str, ...]:
@@ -614,7 +646,7 @@ def check_options(method: str, options: Mapping[str, Any], supplied: Sequence[st
 # --------------------------------------------------------------------------------- selection: dominant
 def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
              partition: Optional[Partition] = None, *, score: Optional[Tensor] = None,
-             contextual: Optional[int] = None) -> MergePlan:
+             contextual: Optional[int] = None, quota: Optional[Tensor] = None) -> MergePlan:
     """VisionZip-style (Yang et al., CVPR 2025): keep the most important tokens as they are, merge the rest
     into a few contextual tokens.
 
@@ -632,9 +664,12 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
             Default: minus the PiToMe energy (margin 0), as ``tps``.
         contextual: C, the number of contextual tokens (default ``max(1, round(10 / 64 * K))``, VisionZip's
             10 contextual of 64 kept); ``1 <= C <= K``.
+        quota: ``[B]`` real tokens each row of a padded batch removes (``mmmerge.rows``): each row's K, D and C
+            follow from its own kept count, as alone (``contextual`` at most every row's K).
     """
     if partition is not None:
         check_partitionable("dominant")
+    check_quota(quota, state, constraint, partition, "dominant")
     if r == 0:
         return identity_plan(state)
     constraint = constraint or Global()
@@ -654,6 +689,9 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
         else:
             importance = score[:, P:].float()
         importance = importance.nan_to_num(nan=0.0, posinf=1e30, neginf=-1e30)
+        if quota is not None:
+            return plan_from_targets(_dominant_rows(m, importance, state.valid, r, quota, contextual), state.size,
+                                     r, P)
         all_idx = _arange(B, 0, M, 1, device)
         anchor = None
         if _needs_anchors(state, constraint):  # each clique's best token stays: dominant first, else a target
@@ -677,6 +715,44 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
         choice = sim.argmax(dim=-1)
         target = torch.where(is_dom | is_target, all_idx, hosts.gather(1, choice))
     return plan_from_targets(target, state.size, r, P)
+
+
+def _dominant_rows(m: Tensor, importance: Tensor, valid: Tensor, r: int, quota: Tensor,
+                   contextual: Optional[int]) -> Tensor:
+    """``dominant``'s targets ``[B, M]`` in a padded batch with per-row budgets: row b keeps ``K_b`` of its real
+    tokens (``D_b`` dominant, ``C_b`` contextual targets spread over the rest, as alone) and its first
+    ``M - r - K_b`` padding tokens; the rest of its padding joins its first padding token.
+
+    Args:
+        m: ``[B, M, C]`` unit-norm metric. importance: ``[B, M]`` finite. valid: ``[B, M]`` bool, real tokens
+            first. quota: ``[B]`` real tokens each row removes.
+    """
+    B, M = importance.shape
+    device = m.device
+    real = valid.sum(1)
+    kept = real - quota  # [B] K_b
+    if contextual is None:  # round half to even, as Python's round
+        C = (kept.float() * (10 / 64)).round().long().clamp_min(1)
+        width = max(1, round((M - r) * 10 / 64))  # the most targets a row can have (static)
+    else:
+        C, width = kept.clamp_max(contextual), min(contextual, M - r)
+    D = kept - C
+    pad = ~valid
+    order = importance.masked_fill(pad, NEG_INF).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, _arange(B, 0, M, 1, device))  # importance rank of each token
+    is_dom = rank < D.unsqueeze(1)
+    rest = torch.argsort(is_dom.to(torch.int8), dim=1, stable=True)  # the others in position order, real first
+    step, C = ((real - D) // C).unsqueeze(1), C.unsqueeze(1)
+    j = _arange(B, 0, M, 1, device)
+    picked = (j % step == 0) & (j < step * C)  # evenly spread over the row's real non-dominant tokens
+    is_target = torch.zeros_like(is_dom).scatter_(1, rest, picked)
+    hosts = is_target.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]  # targets first
+    sim = torch.bmm(m, _rows(m, hosts).transpose(1, 2)).float()  # [B, M, width]
+    sim = sim.masked_fill((j[:, :width] >= C).unsqueeze(1), NEG_INF)
+    real_target = hosts.gather(1, sim.argmax(dim=-1))
+    stays = is_dom | is_target | (pad & (pad.cumsum(1) <= (M - r - kept).unsqueeze(1)))
+    first_pad = pad.to(torch.int8).argmax(dim=1, keepdim=True).expand(B, M)
+    return torch.where(stays, j, torch.where(pad, first_pad, real_target))
 
 
 MATCHERS["dominant"] = dominant
@@ -705,6 +781,8 @@ def check_partitionable(method: str) -> None:
 #   (similarities across groups are not looked at): the same picks as one greedy per group.
 # - Padding (``state.valid``) is taken only to host other padding (one kept token per clique of padding) or
 #   when no real token is left.
+# - With a ``quota`` (per-row budgets, ``mmmerge.rows``) a row's real tokens and its padding are two groups of
+#   their own sizes, each keeping its own count: the real tokens make the picks they make alone.
 _TIER = 4.0  # larger than any gain (cosine distance <= 2, DPP gain <= 1): one tier of priority
 
 
@@ -712,15 +790,20 @@ class _Greedy:
     """Bookkeeping of one greedy selection: taken tokens, coverage under the rule, per-group quotas."""
 
     def __init__(self, state: TokenState, constraint: Constraint, partition: Optional[Partition], M: int,
-                 device: torch.device) -> None:
+                 device: torch.device, tiers: Optional[RowTiers] = None) -> None:
         B, P = state.size.shape[0], state.protected
+        self.taken = torch.zeros(B, M, dtype=torch.bool, device=device)
+        self.group = None  # [M] group of each token, and per-group counts / quotas
+        self.tiers = tiers
+        if tiers is not None:  # per-row budgets: a row's real tokens and its padding keep their own counts
+            self.allowed, self.valid, self.covered = tiers.same, None, None
+            self.counts = torch.zeros(B, 2, dtype=torch.long, device=device)
+            return
         idx = _arange(B, P, P + M, 1, device)
         needs = partition is not None or state.valid is not None or not isinstance(constraint, Global)
         self.allowed = allowed_pairs(state, constraint, idx, idx, partition) if needs else None  # [B, M, M]
         self.valid = None if state.valid is None else state.valid[:, P:]
-        self.taken = torch.zeros(B, M, dtype=torch.bool, device=device)
         self.covered = None if self.allowed is None else torch.zeros_like(self.taken)
-        self.group = None  # [M] group of each token, and per-group counts / quotas
         if partition is not None:
             self.group = partition.group_ids(device)
             quota = partition.cache.get("quota")  # static: made at patch time by the encoders
@@ -729,8 +812,14 @@ class _Greedy:
             self.counts = torch.zeros(B, partition.num_groups, dtype=torch.long, device=device)
 
     def same_group(self) -> Optional[Tensor]:
-        """``[M, M]`` bool (static), or None without a partition."""
+        """``[M, M]`` bool (static; ``[B, M, M]`` with per-row tiers), or None without a partition."""
+        if self.tiers is not None:
+            return self.tiers.same
         return None if self.group is None else self.group.unsqueeze(0) == self.group.unsqueeze(1)
+
+    def same_as(self, same: Tensor, j: Tensor) -> Tensor:
+        """``[B, M]``: the tokens in the group of token ``j[b]`` (``same`` from ``same_group``)."""
+        return self.tiers.same_as(j) if self.tiers is not None else same[j]
 
     def pick(self, score: Tensor) -> Tensor:
         """``[B]`` the best token not taken (and whose group has room), by tiers: real tokens without an allowed
@@ -743,6 +832,9 @@ class _Greedy:
         if self.group is not None:
             B = self.taken.shape[0]
             blocked = blocked | (self.counts.gather(1, self.group.expand(B, -1)) >= self.quota)
+        if self.tiers is not None:  # a row's padding waits until its real tokens are all picked, as alone
+            tier, full = self.tiers.tier, self.counts >= self.tiers.keep  # [B, M], [B, 2]
+            blocked = blocked | full.gather(1, tier) | (tier.bool() & ~full[:, :1])
         return score.masked_fill(blocked, NEG_INF).argmax(dim=-1)
 
     def take(self, j: Tensor) -> None:
@@ -753,6 +845,8 @@ class _Greedy:
             self.covered |= self.allowed.gather(2, j.view(B, 1, 1).expand(B, M, 1)).squeeze(2)
         if self.group is not None:
             self.counts.scatter_add_(1, self.group[j].unsqueeze(1), torch.ones_like(j).unsqueeze(1))
+        if self.tiers is not None:
+            self.counts.scatter_add_(1, self.tiers.tier.gather(1, j.unsqueeze(1)), torch.ones_like(j).unsqueeze(1))
 
 
 def _row(sim: Tensor, j: Tensor) -> Tensor:
@@ -786,7 +880,7 @@ def max_min_select(sim: Tensor, keep: int, greedy: Optional[_Greedy] = None) -> 
         greedy.take(j)
         dist = 1.0 - _row(sim, j)
         if same is not None:
-            dist = dist.masked_fill(~same[j], POS_INF)
+            dist = dist.masked_fill(~greedy.same_as(same, j), POS_INF)
         min_dist = torch.minimum(min_dist, dist)
     return torch.stack(picks, dim=1)
 
@@ -811,7 +905,9 @@ def dpp_select(sim: Tensor, keep: int, quality: Optional[Tensor] = None, greedy:
     q = torch.ones(B, M, device=sim.device) if quality is None else quality.float()
     unit = (sim.diagonal(dim1=1, dim2=2) > 0.5).float()  # S_jj: exactly 1 (0 for zero vectors), ties stay ties
     gain = q * q * unit  # [B, M] d_j^2 = L_jj
-    rows = sim.new_zeros(B, keep, M)  # Cholesky rows of the picked tokens
+    # Cholesky rows of the picked tokens, token-major ([B, M, keep]): each token's sum over the picks so far is a
+    # contiguous inner reduction, whose rounding does not depend on M (a padded row sums as the row alone does).
+    columns = sim.new_zeros(B, M, keep)
     picks = []
     for step in range(keep):
         j = greedy.pick(gain)
@@ -819,11 +915,11 @@ def dpp_select(sim: Tensor, keep: int, quality: Optional[Tensor] = None, greedy:
         greedy.take(j)
         kernel_j = q.gather(1, j.unsqueeze(1)) * _row(sim, j) * q  # [B, M] row L_j
         if step:
-            c_j = rows[:, :step].gather(2, j.view(B, 1, 1).expand(B, step, 1))  # [B, step, 1]
-            kernel_j = kernel_j - (c_j * rows[:, :step]).sum(1)
+            c_j = columns[:, :, :step].gather(1, j.view(B, 1, 1).expand(B, 1, step))  # [B, 1, step]
+            kernel_j = kernel_j - (c_j * columns[:, :, :step]).sum(-1)
         d_j = gain.gather(1, j.unsqueeze(1))  # [B, 1]
         e = torch.where(d_j > eps, kernel_j / d_j.clamp_min(eps).sqrt(), torch.zeros_like(kernel_j))
-        rows[:, step] = e
+        columns[:, :, step] = e
         gain = gain - e * e
     return torch.stack(picks, dim=1)
 
@@ -863,8 +959,9 @@ def query_relevance(metric: Tensor, query: Tensor, query_mask: Optional[Tensor] 
 
 def _select_plan(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint],
                  partition: Optional[Partition], select: Callable[[Tensor, int, _Greedy], Tensor],
-                 drop_unselected: bool) -> MergePlan:
-    """Shared body: select ``M - r`` tokens, every other one joins its most similar allowed selected token."""
+                 drop_unselected: bool, quota: Optional[Tensor] = None) -> MergePlan:
+    """Shared body: select ``M - r`` tokens, every other one joins its most similar allowed selected token.
+    ``quota``: ``[B]`` real tokens each row of a padded batch removes (``mmmerge.rows``)."""
     if r == 0:
         return identity_plan(state)
     P = state.protected
@@ -875,7 +972,8 @@ def _select_plan(metric: Tensor, state: TokenState, r: int, constraint: Optional
     with torch.no_grad():
         m = _normalized(metric, P).float()
         sim = torch.bmm(m, m.transpose(1, 2))  # [B, M, M]
-        greedy = _Greedy(state, constraint or Global(), partition, M, device)
+        tiers = None if quota is None else RowTiers(state.valid, state.valid.sum(1) - quota, keep)
+        greedy = _Greedy(state, constraint or Global(), partition, M, device, tiers)
         selected = select(sim, keep, greedy)  # [B, keep]
         host_sim = sim.gather(2, selected.unsqueeze(1).expand(B, M, keep))  # [B, M, keep]
         if greedy.allowed is not None:
@@ -891,7 +989,8 @@ def _select_plan(metric: Tensor, state: TokenState, r: int, constraint: Optional
 
 
 def divprune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
-             partition: Optional[Partition] = None, *, drop_unselected: bool = False) -> MergePlan:
+             partition: Optional[Partition] = None, *, drop_unselected: bool = False,
+             quota: Optional[Tensor] = None) -> MergePlan:
     """DivPrune: keep the ``M - r`` most diverse tokens (greedy max-min cosine distance, ``max_min_select``).
 
     Every other token merges into its most similar kept token (size-weighted mean), or with
@@ -900,14 +999,16 @@ def divprune(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
 
     Args:
         metric: ``[B, N, C]`` similarity features (all tokens, protected included). state: TokenState of the
-            N tokens. r: tokens to remove. constraint / partition: see the block comment.
+            N tokens. r: tokens to remove. constraint / partition / quota: see the block comment.
     """
-    return _select_plan(metric, state, r, constraint, partition, max_min_select, drop_unselected)
+    check_quota(quota, state, constraint, partition, "divprune")
+    return _select_plan(metric, state, r, constraint, partition, max_min_select, drop_unselected, quota)
 
 
 def cdpruner(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
              partition: Optional[Partition] = None, *, query: Optional[Tensor] = None,
-             query_mask: Optional[Tensor] = None, drop_unselected: bool = False) -> MergePlan:
+             query_mask: Optional[Tensor] = None, drop_unselected: bool = False,
+             quota: Optional[Tensor] = None) -> MergePlan:
     """CDPruner: keep the ``M - r`` tokens of the greedy MAP of a conditional DPP (``dpp_select``).
 
     Kernel ``L = diag(q) S diag(q)``: S the cosine similarity of ``metric``, q each token's relevance to
@@ -920,7 +1021,9 @@ def cdpruner(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
         metric: ``[B, N, C]`` similarity features. state: TokenState of the N tokens. r: tokens to remove.
         query: ``[B, Q, C]`` query tokens of the metric's width (e.g. a prompt's text embeddings against
             projected visual tokens). query_mask: ``[B, Q]`` bool, False for query tokens to ignore.
+        quota: ``[B]`` real tokens each row of a padded batch removes (``mmmerge.rows``).
     """
+    check_quota(quota, state, constraint, partition, "cdpruner")
     if query is None and query_mask is not None:
         raise ValueError("cdpruner: query_mask given without a query")
     quality = None
@@ -933,7 +1036,7 @@ def cdpruner(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
     def select(sim: Tensor, keep: int, greedy: _Greedy) -> Tensor:
         return dpp_select(sim, keep, quality, greedy)
 
-    return _select_plan(metric, state, r, constraint, partition, select, drop_unselected)
+    return _select_plan(metric, state, r, constraint, partition, select, drop_unselected, quota)
 
 
 def _flag(name: str) -> Callable[[Any], None]:

@@ -1,11 +1,12 @@
 """One merge step (choose + apply) and ``reduce_tokens``, the one-shot reduction to exactly K tokens.
 
 ``plan_merge`` is the checked entry point of the engine: it validates shapes, options, the constraint
-and the step's feasibility (all static: no host sync) and then runs the matcher.
+and the step's feasibility (all static: no host sync) and then runs the matcher. ``plan_rows`` plans a padded
+batch of rows with a keep each (``RowBudgets``, ``mmmerge.rows``), which ``reduce_tokens`` reduces in one call.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from .constraints import (ConstraintSpec, Guarantee, Partition, padded_guarantee
 from .constraints import check_layout as _check_layout
 from .matchers import check_options, check_step, get_matcher, group_limits, step_limit
 from .merge import MergePlan, merge_tokens, merge_weighted
+from .rows import RowBudgets
 from .state import TokenState, init_state
 
 
@@ -102,9 +104,65 @@ def reduction_steps(method: str, num_tokens: int, keep: int, protected: int,
     return steps
 
 
+def _least_padding(method: str, removed: int) -> int:
+    """Fewest padding tokens from which one step of ``method`` can remove ``removed`` (``step_limit`` grows with
+    the token count: at most ``2 * removed + 1`` tokens are ever needed)."""
+    if removed == 0:
+        return 0
+    return next(n for n in range(removed, 2 * removed + 2) if step_limit(method, n) >= removed)
+
+
+def plan_rows(method: str, lengths: Sequence[int], keeps: Sequence[int]) -> RowBudgets:
+    """Plan one padded batch of rows that each reduce as if alone: row b, ``lengths[b]`` real tokens, keeps
+    ``keeps[b]`` (host arithmetic on the counts only; callers cache it per layout, tensors on the CPU).
+
+    Every row takes its own rounds (``reduction_steps``); a round removes the most any row removes in it, the
+    padding of the other rows the difference, and the rows are padded to the width where every such padding
+    budget fits one step (``step_limit`` of the padding alone). Returns a ``RowBudgets`` for ``reduce_tokens``;
+    move its tensors with ``RowBudgets.moved``.
+    """
+    lengths, keeps = tuple(int(n) for n in lengths), tuple(int(k) for k in keeps)
+    if not lengths or len(lengths) != len(keeps):
+        raise ValueError(f"plan_rows needs one keep per row, got {len(lengths)} lengths and {len(keeps)} keeps")
+    for n, k in zip(lengths, keeps):
+        if not 1 <= k <= n:
+            raise ValueError(f"a row of {n} tokens must keep between 1 and {n}, got keep={k}")
+    own = [reduction_steps(method, n, k, 0) for n, k in zip(lengths, keeps)]
+    rounds = max(len(s) for s in own)
+    removed = tuple(tuple(s[t] if t < len(s) else 0 for s in own) for t in range(rounds))  # [round][row]
+    steps = tuple(max(r) for r in removed)
+    width = max(lengths)
+    for b, n in enumerate(lengths):
+        used = 0  # padding the row has given up before this round
+        for t in range(rounds):
+            d = steps[t] - removed[t][b]
+            width = max(width, n + used + _least_padding(method, d))
+            used += d
+    valid = torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    quotas = tuple(torch.tensor(r) for r in removed)
+    return RowBudgets(method, lengths, keeps, width, steps, removed, valid, quotas)
+
+
+def _check_rows(rows: RowBudgets, x: Tensor, keep: int, method: str, protected: int, state: Optional[TokenState],
+                constraint, options) -> None:
+    if not isinstance(rows, RowBudgets):
+        raise TypeError(f"rows must be a RowBudgets (mmmerge.reduce.plan_rows), got {type(rows).__name__}")
+    if rows.method != method:
+        raise ValueError(f"these row budgets were planned for '{rows.method}', not '{method}'")
+    if tuple(x.shape[:2]) != (rows.rows, rows.width) or keep != rows.out:
+        raise ValueError(f"row budgets: x must be [{rows.rows}, {rows.width}, C] and keep={rows.out}, got "
+                         f"{tuple(x.shape)} and keep={keep}")
+    if protected or state is not None or constraint is not None:
+        raise ValueError("row budgets take no protected tokens, state or constraint")
+    contextual = options.get("contextual")
+    if contextual is not None and contextual > min(rows.keeps):
+        raise ValueError(f"{method}: contextual={contextual} is more than the {min(rows.keeps)} tokens a row keeps")
+
+
 def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[Tensor] = None,
                   protected: int = 0, constraint: ConstraintSpec = None, state: Optional[TokenState] = None,
-                  *, check_layout: bool = True, **options) -> Tuple[Tensor, TokenState]:
+                  *, check_layout: bool = True, rows: Optional[RowBudgets] = None,
+                  **options) -> Tuple[Tensor, TokenState]:
     """Reduce a token set to exactly ``keep`` tokens in one call.
 
     Bipartite methods (tome, pitome, random) run rounds of at most what one step can remove; tps and
@@ -116,6 +174,10 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
         protected: leading tokens that never merge (with ``state``: leave 0 or match ``state.protected``).
         state: optional TokenState with coordinates (needed by time/band constraints).
         check_layout: verify the token order the constraint assumes (one host read; see ``plan_merge``).
+        rows: per-row budgets (``plan_rows``): ``x`` is a padded batch ``[rows, width, C]``, row b's real tokens
+            first, and row b keeps ``rows.keeps[b]`` of them in ``rows.steps`` rounds, as alone; ``keep`` is
+            ``rows.out`` (row b's output: its real tokens, then padding). No protected tokens, state or
+            constraint. The returned state's ``valid`` marks the real output tokens.
         **options: the matcher's options (checked once, before anything runs).
     Returns:
         ``(tokens [B, keep, C], state)`` with ``state.size`` ``[B, keep]`` and ``state.source`` ``[B, N]``
@@ -124,6 +186,9 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
     if not isinstance(x, Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [B, N, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
     B, N, _ = x.shape
+    if rows is not None:
+        _check_rows(rows, x, keep, method, protected, state, constraint, options)
+        state = init_state(B, N, device=x.device, valid=rows.valid)
     if state is None:
         if isinstance(protected, bool) or not isinstance(protected, int) or protected < 0 or protected >= N:
             raise ValueError(f"protected must be an int in [0, N-1]={N - 1}, got {protected}")
@@ -149,16 +214,20 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
     constraint.check(state)
     if check_layout:
         _check_layout(state, constraint)
-    steps = reduction_steps(method, N, keep, P,
-                            padded_guarantee(constraint, None if state.valid is None else state.valid[:, P:]))
+    if rows is not None:
+        steps, quotas = rows.steps, [{"quota": q} for q in rows.quotas]
+    else:
+        steps = reduction_steps(method, N, keep, P,
+                                padded_guarantee(constraint, None if state.valid is None else state.valid[:, P:]))
+        quotas = [{}] * len(steps)
     for name in ("score", "noise"):
         _check_token_tensor(name, options.get(name), B, N, method)
     if len(steps) > 1 and any(options.get(name) is not None for name in ("score", "noise")):
         raise ValueError(f"{method}: a per-token score or noise applies to one step; this reduction takes "
                          f"{len(steps)} rounds")
     matcher = get_matcher(method)
-    for r in steps:
-        plan = matcher(x if metric is None else metric, state, r, constraint, None, **options)
+    for r, quota in zip(steps, quotas):
+        plan = matcher(x if metric is None else metric, state, r, constraint, None, **options, **quota)
         if metric is not None:
             metric = merge_weighted(metric, plan)  # the state is merged once, with x
         x, state = merge_tokens(x, state, plan)

@@ -328,7 +328,7 @@ def test_reductions_run_under_sync_debug_mode_error(method):
     model, proc = tiny_next(), next_processor()
     inputs = batch(proc, [picture(WIDE), picture(TALL, 1)], ["w5 <image> <image>"])
     llava.reduce_visual_tokens(model, keep=0.25, method=method)
-    ctx, lm = model._mmmerge_llava, model.model
+    ctx, lm = model.model._mmmerge_llava, model.model
     images = [ctx.image_layout(lm, s, True, None) for s in inputs["image_sizes"].tolist()]
     plan = llava.anyres.ragged_plan(ctx, images, DEVICE)
     L = sum(i.length for i in images)
@@ -343,7 +343,7 @@ def test_reductions_run_under_sync_debug_mode_error(method):
     torch.cuda.set_sync_debug_mode("error")
     try:
         y, _ = llava.reduction.reduce_ragged(ctx, x, metric, score, plan)
-        z, _ = llava.reduction.reduce_rows(small._mmmerge_llava, images, images[..., :8], score[:192].view(3, 64), 16, 0)
+        z, _ = llava.reduction.reduce_rows(small.model._mmmerge_llava, images, images[..., :8], score[:192].view(3, 64), 16, 0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert y.shape[0] == sum(plan.lengths_out) and z.shape == (3, 16, 32)

@@ -112,6 +112,9 @@ CASES = {  # name: (model kind, processor, keep, options)
     "next-tome": ("next", next_processor, 0.25, {}),
     "next-tps": ("next", next_processor, 0.25, dict(method="tps")),
     "next-cdpruner": ("next", next_processor, 0.25, dict(method="cdpruner")),
+    # the other methods' per-row budgets (one padded batch of image parts with their own keeps)
+    **{f"next-{m}": ("next", next_processor, 0.25, dict(method=m))
+       for m in ("pitome", "prune", "random", "dominant", "divprune")},
     "next_video-adjacent": ("next_video", None, 16, dict(time_mode="adjacent")),
     "next_video-within_frame-dominant": ("next_video", None, 16, dict(method="dominant", time_mode="within_frame")),
     "onevision_images-tome": ("onevision_images", onevision_processor, 0.25, {}),
@@ -142,6 +145,8 @@ def test_feature_reductions_make_no_host_read_and_stay_on_the_device(case):
                 extra = {k: inputs[k] for k in ("image_sizes", "batch_num_images") if k in inputs}
                 out = lm.get_image_features(inputs["pixel_values"], **extra).pooler_output
                 assert all(t.device.type == "cuda" for t in out)
+                if kind in ("next", "onevision_images"):  # image parts of several sizes: one padded batch
+                    assert all(p.budgets is not None for p in lm._mmmerge_llava.plans.values())
             if "pixel_values_videos" in inputs:
                 out = lm.get_video_features(inputs["pixel_values_videos"]).pooler_output
                 assert all(t.device.type == "cuda" for t in (out if isinstance(out, (list, tuple)) else [out]))

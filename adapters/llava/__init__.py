@@ -59,12 +59,13 @@ a hidden state the tower returns anyway (bit for bit what the layer computed; th
 layer for the keys, two with a score: about 0.3% / 0.6% of the FLOPs of a 24-layer ViT-L/336 tower): no hook in
 the tower, which keeps its attention backend (sdpa, flash), nothing is forced eager.
 
-On device, batched, no host sync: every reduction is one batched engine call per distinct row shape. For
-LLaVA-1.5 and videos that is one call for the whole batch. For anyres images the rows are the base views (all
-images together: n tokens each) and the crop parts; images of the same size share one call, images of different
-sizes (different crop counts) get one call each, so a batch of k distinct sizes makes 1 + k calls (the engine
-has no per-row budget yet). The per-image bookkeeping (counts, index maps) is host arithmetic on the image sizes,
-cached per size; its index maps reach the device from pinned memory without a sync, once per batch layout. Keep
+On device, batched, no host sync: every reduction is one batched engine call for the whole batch. For anyres
+images the rows are every image's base view and its crop part, rows of different lengths and keeps: they form one
+padded batch with a budget per row (``mmmerge.reduce.plan_rows``: each row reduces exactly as it would alone, its
+padding absorbing what its real tokens do not give up), so any mix of image sizes is one engine call and a fixed
+set of ops (no loop over images or parts). The per-image bookkeeping (counts, index maps, the rows' budgets) is
+host arithmetic on the image sizes, cached per size and per batch layout; its index maps reach the device from
+pinned memory without a sync, once per batch layout. Keep
 ``image_sizes`` (and OneVision's ``batch_num_images``) on the host, as the processor makes them: the model loops
 over them in Python, so on a device it reads each one (the reduction then reads them once and hands the model
 host values).

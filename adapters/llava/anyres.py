@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from mmmerge.reduce import plan_rows
+from mmmerge.rows import RowBudgets
+
 from .kinds import KeepSpec, _ceil_fraction
 
 if TYPE_CHECKING:  # the context holds the memos; it imports this module
@@ -91,15 +94,31 @@ def _aspect(lm: nn.Module, given: Optional[str] = None) -> Optional[str]:
 
 @dataclass
 class RaggedPlan:
-    """Index maps that reduce a batch of anyres images: one row group per distinct (length, keep)."""
+    """Index maps that reduce a batch of anyres images in one engine call: every part of every image (its base view,
+    its crops) is one row of a padded batch ``[G, W]`` with a keep of its own (``mmmerge.reduce.plan_rows``).
 
-    groups: List[Tuple[Tensor, int]]  # (global packed positions [G, length], keep)
+    Output slots: the ``G * K`` engine outputs (row g's ``keeps[g]`` real tokens first, then padding) followed by
+    the ``NL`` newline tokens; the output is their real slots sorted by earliest packed position.
+    """
+
+    rows: Tensor  # [G, W] packed position of each row's tokens (its real tokens first; padding repeats position 0)
+    budgets: Optional[RowBudgets]  # every row's keep; None when all rows have one length and one keep (no padding)
+    keep: int  # K: tokens per row after the reduction
+    first: Tensor  # [G, W] packed position of each row entry, L for padding (padding slots sort last)
+    offsets: Tensor  # [G, 1] first output slot of each row (g * K)
+    entry_of: Tensor  # [L] entry of each packed position: g * W + column in its row, or G * W + i for newline i
+    row_image: Tensor  # [G] image of each row (cdpruner's prompt)
     newlines: Tensor  # [NL] global packed positions of the newline tokens
+    newline_slots: Tensor  # [NL] output slots of the newlines (G * K + i)
+    newline_sizes: Tensor  # [NL] float ones
     origin: Optional[Tensor]  # [L] tower token (over all tiles) behind each packed position, None if resampled
     lengths_out: List[int]  # tokens per image after the reduction
     items: List[Tuple[int, int]]  # (tokens in, tokens out) per image
     counts_out: Tensor  # [images] lengths_out on the device (cdpruner's prompt rows)
-    ends_in: Tensor  # [images] cumulative packed tokens in, on the device (cdpruner's query per row group)
+
+    @property
+    def total_out(self) -> int:
+        return sum(self.lengths_out)
 
 
 def _cropped(sizes: Sequence, batch_num_images: Any) -> List[bool]:
@@ -125,17 +144,26 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
+def _row_index(parts: Sequence[Tensor], width: int, fill: int) -> Tensor:
+    """``[G, width]`` long: row g holds ``parts[g]`` first, then ``fill``."""
+    rows = torch.full((len(parts), width), fill, dtype=torch.long)
+    for g, part in enumerate(parts):
+        rows[g, : part.shape[0]] = part
+    return rows
+
+
 def ragged_plan(ctx: LlavaContext, images: Sequence[ImageLayout], device: torch.device) -> RaggedPlan:
-    """Row groups of a batch of anyres images: every image gives a base row and (if cropped) a crop row; rows
-    with the same (length, keep) form one group. Host arithmetic only, cached per batch layout and device."""
+    """The rows of a batch of anyres images: every image gives a base row and (if cropped) a crop row, each with its
+    own keep (``anyres_budget``); together one padded batch (``plan_rows``). Host arithmetic only, cached per batch
+    layout and device."""
     key = (ctx.keep, tuple(images), str(device))
     plan = ctx.plans.get(key)
     if plan is not None:
         return plan
-    rows: Dict[Tuple[int, int], List[Tensor]] = {}
-    newlines, lengths_out, items, origins = [], [], [], []
+    parts: List[Tensor] = []  # packed positions of each row's tokens
+    keeps, row_image, newlines, lengths_out, items, origins = [], [], [], [], [], []
     offset = tile_offset = 0
-    for image in images:
+    for i, image in enumerate(images):
         if image.origin is not None:
             origins.append(image.origin + tile_offset * image.base)
         tile_offset += image.tiles
@@ -144,21 +172,37 @@ def ragged_plan(ctx: LlavaContext, images: Sequence[ImageLayout], device: torch.
         is_crop = torch.ones(image.length, dtype=torch.bool)
         is_crop[: image.base] = False
         is_crop[list(image.newlines)] = False
-        rows.setdefault((image.base, k_base), []).append(positions[: image.base])
+        parts.append(positions[: image.base])
+        keeps.append(k_base)
         if image.crops:
-            rows.setdefault((image.crops, k_crops), []).append(positions[is_crop])
+            parts.append(positions[is_crop])
+            keeps.append(k_crops)
+        row_image += [i] * (1 + bool(image.crops))
         newlines.append(positions[list(image.newlines)])
         lengths_out.append(k_base + k_crops + len(image.newlines))
         items.append((image.length, lengths_out[-1]))
         offset += image.length
-    groups = [(_to_device(torch.stack(r), device), keep) for (_, keep), r in rows.items()]
-    origin = _to_device(torch.cat(origins), device) if len(origins) == len(images) else None
-    plan = RaggedPlan(groups, _to_device(torch.cat(newlines), device), origin, lengths_out, items,
-                      _to_device(torch.tensor(lengths_out), device),
-                      _to_device(torch.tensor([i.length for i in images]).cumsum(0), device))
+    lengths = [p.shape[0] for p in parts]
+    uniform = len(set(zip(lengths, keeps))) == 1
+    budgets = None if uniform else plan_rows(ctx.method, lengths, keeps)
+    width, keep = (lengths[0], keeps[0]) if budgets is None else (budgets.width, budgets.out)
+    G, newline = len(parts), torch.cat(newlines)
+    entry_of = torch.empty(offset, dtype=torch.long)
+    for g, part in enumerate(parts):
+        entry_of[part] = g * width + torch.arange(part.shape[0])
+    entry_of[newline] = G * width + torch.arange(newline.shape[0])
+
+    def move(t: Tensor) -> Tensor:
+        return _to_device(t, device)
+
+    plan = RaggedPlan(
+        rows=move(_row_index(parts, width, 0)), budgets=None if budgets is None else budgets.moved(move), keep=keep,
+        first=move(_row_index(parts, width, offset)), offsets=move(torch.arange(G).unsqueeze(1) * keep),
+        entry_of=move(entry_of), row_image=move(torch.tensor(row_image)), newlines=move(newline),
+        newline_slots=move(G * keep + torch.arange(newline.shape[0])), newline_sizes=move(torch.ones(newline.shape[0])),
+        origin=move(torch.cat(origins)) if len(origins) == len(images) else None, lengths_out=lengths_out,
+        items=items, counts_out=move(torch.tensor(lengths_out)))
     if len(ctx.plans) > 64:
         ctx.plans.clear()
     ctx.plans[key] = plan
     return plan
-
-

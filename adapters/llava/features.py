@@ -158,8 +158,6 @@ def _anyres_image_features(lm: nn.Module, original: Callable, pixel_values: Tens
         width = keys.shape[-1]
         metric, score = packed[:, :width].to(keys.dtype), None if score is None else packed[:, width]
     query = item_queries(ctx, lm, lm.config.image_token_id, plan.counts_out)
-    if query is not None:
-        query = (*query, plan.ends_in)
     y, state = reduce_ragged(ctx, tokens, metric, score, plan, query)
     total_in = sum(i.length for i in images)
     _record(ctx, MergeInfo(schedule=[total_in - y.shape[0]], tokens_per_layer=[total_in, y.shape[0]], state=state,

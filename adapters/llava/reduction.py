@@ -1,5 +1,5 @@
 """Features and the reduction: keys and scores from what the tower computed, and the engine call on the
-projected tokens (batched rows, and a batch of packed anyres images)."""
+projected tokens (batched rows, and a batch of packed anyres images as one padded batch)."""
 from __future__ import annotations
 
 import inspect
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmmerge.reduce import reduce_tokens
+from mmmerge.rows import RowBudgets
 from mmmerge.state import TokenState
 
 from ..encoder import layer_parts
@@ -97,11 +98,11 @@ def _raster_order(x: Tensor, state: TokenState) -> Tuple[Tensor, TokenState]:
     return x, state
 
 
-def reduce_rows(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor], keep: int, protected: int,
-            state: Optional[TokenState] = None, constraint=None,
-            query: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, TokenState]:
-    """Reduce ``x`` ``[B, N, C]`` to ``[B, keep, C]`` with ``ctx.method``, in raster order (batched, no host sync).
-    ``query``: cdpruner's ``(text embeddings [B, L, C], mask [B, L])`` of each row's prompt (``item_queries``)."""
+def _engine_call(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor], keep: int, protected: int,
+                 state: Optional[TokenState] = None, constraint=None, query: Optional[Tuple[Tensor, Tensor]] = None,
+                 rows: Optional[RowBudgets] = None) -> Tuple[Tensor, TokenState]:
+    """One ``reduce_tokens`` call of ``ctx.method`` on ``x`` ``[B, N, C]`` (``rows``: per-row budgets of a padded
+    batch), with the method's metric, score and query."""
     hyper = dict(ctx.hyper)
     if ctx.method in SCORED and score is not None:
         hyper["score"] = score
@@ -109,48 +110,42 @@ def reduce_rows(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Te
         metric = x
         if query is not None:
             hyper["query"], hyper["query_mask"] = query
-    y, state = reduce_tokens(x, keep, ctx.method, metric=metric, protected=protected if state is None else 0,
-                             state=state, constraint=constraint, check_layout=False,  # time-major by construction
-                             **hyper)
-    return _raster_order(y, state)
+    return reduce_tokens(x, keep, ctx.method, metric=metric, protected=protected if state is None else 0,
+                         state=state, constraint=constraint, check_layout=False,  # time-major by construction
+                         rows=rows, **hyper)
+
+
+def reduce_rows(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor], keep: int, protected: int,
+                state: Optional[TokenState] = None, constraint=None,
+                query: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, TokenState]:
+    """Reduce ``x`` ``[B, N, C]`` to ``[B, keep, C]`` with ``ctx.method``, in raster order (batched, no host sync).
+    ``query``: cdpruner's ``(text embeddings [B, L, C], mask [B, L])`` of each row's prompt (``item_queries``)."""
+    return _raster_order(*_engine_call(ctx, x, metric, score, keep, protected, state, constraint, query))
 
 
 def reduce_ragged(ctx: LlavaContext, x: Tensor, metric: Tensor, score: Optional[Tensor], plan: RaggedPlan,
-                   query: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tuple[Tensor, TokenState]:
-    """Reduce the packed tokens of a batch of anyres images ``[L, C]`` (all images concatenated).
+                  query: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, TokenState]:
+    """Reduce the packed tokens of a batch of anyres images ``[L, C]`` (all images concatenated) in one engine call.
 
-    One batched engine call per row group (a handful: base views, and one per distinct crop layout). The kept
-    tokens and the untouched newline tokens are then ordered by the position of their earliest original token,
-    which keeps images, parts and rows in order. Returns ``([L', C], state)`` with one state row over the whole
+    Every image part (base view, crops) is a row of one padded batch ``[G, W, C]`` with its own keep (``plan``); the
+    engine reduces each row as if alone. The real outputs and the untouched newline tokens are then ordered by the
+    position of their earliest original token, which keeps images, parts and rows in order. A fixed set of batched
+    ops whatever the images: no loop, no host read. Returns ``([L', C], state)`` with one state row over the whole
     batch: ``size`` ``[1, L']``, ``source`` ``[1, L]`` (packed position -> output token). ``query``: cdpruner's
-    per-image ``(embeddings, mask, packed end of each image)``; each row gets its image's prompt.
+    per-image ``(embeddings [images, Q, C], mask [images, Q])``; each row gets its image's prompt.
     """
     L = x.shape[0]
-    device = x.device
-    outs, firsts, sizes, sources = [], [], [], []
-    for idx, keep in plan.groups:  # a few static row shapes; each step is one batched reduction
-        rows = None if query is None else torch.searchsorted(query[2], idx[:, 0].contiguous(), right=True)  # image
-        y, state = reduce_rows(ctx, x[idx], metric[idx], None if score is None else score[idx], keep, 0,
-                           query=None if rows is None else (query[0][rows], query[1][rows]))
-        first = torch.full_like(state.size, L, dtype=torch.long).scatter_reduce(1, state.source, idx, reduce="amin")
-        outs.append(y.flatten(0, 1))
-        firsts.append(first.flatten())
-        sizes.append(state.size.flatten())
-        sources.append(state.source)
-    outs.append(x[plan.newlines])
-    firsts.append(plan.newlines)
-    sizes.append(torch.ones(plan.newlines.shape[0], device=device))
-    order = torch.cat(firsts).argsort()
-    total = order.shape[0]
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(total, device=device))
-    source = torch.empty(L, dtype=torch.long, device=device)
-    start = 0
-    for (idx, keep), src in zip(plan.groups, sources):
-        slots = start + src + torch.arange(idx.shape[0], device=device).unsqueeze(1) * keep  # [G, length]
-        source.scatter_(0, idx.flatten(), inverse[slots.flatten()])
-        start += idx.shape[0] * keep
-    source.scatter_(0, plan.newlines, inverse[start + torch.arange(plan.newlines.shape[0], device=device)])
-    state = TokenState(size=torch.cat(sizes)[order].unsqueeze(0), source=source.unsqueeze(0))
-    return torch.cat(outs)[order], state
-
-
+    G, K = plan.rows.shape[0], plan.keep
+    y, state = _engine_call(ctx, x[plan.rows], metric[plan.rows], None if score is None else score[plan.rows], K, 0,
+                            query=None if query is None else (query[0][plan.row_image], query[1][plan.row_image]),
+                            rows=plan.budgets)  # [G, K, C]: row g's real outputs first, then padding
+    first = torch.full((G, K), L, device=x.device, dtype=torch.long).scatter_reduce(1, state.source, plan.first,
+                                                                                      reduce="amin")
+    order = torch.cat([first.flatten(), plan.newlines]).argsort(stable=True)[: plan.total_out]  # padding sorts last
+    inverse = torch.empty(G * K + plan.newlines.shape[0], device=x.device, dtype=torch.long).scatter_(
+        0, order, torch.arange(plan.total_out, device=x.device))  # output slot -> output token (padding: unused)
+    slots = torch.cat([(state.source + plan.offsets).flatten(), plan.newline_slots])  # [G * W + NL] entry -> slot
+    source = inverse[slots[plan.entry_of]]  # [L] packed position -> output token
+    tokens = torch.cat([y.flatten(0, 1), x[plan.newlines]])[order]
+    size = torch.cat([state.size.flatten(), plan.newline_sizes])[order]
+    return tokens, TokenState(size=size.unsqueeze(0), source=source.unsqueeze(0))
