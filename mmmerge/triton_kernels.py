@@ -31,36 +31,46 @@ from torch import Tensor
 
 
 @triton.jit
+def _unit_rows(base, positions, valid, stride_n, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``positions`` of one clip's metric as unit float32 vectors ``[len(positions), BLOCK_D]`` (zero rows stay
+    zero, as ``v / max(|v|, 1e-6)`` in the references)."""
+    d = tl.arange(0, BLOCK_D)
+    v = tl.load(base + positions[:, None] * stride_n + d[None, :], mask=valid[:, None] & (d[None, :] < D),
+                other=0.0).to(tl.float32)
+    return v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=1)), 1e-6)[:, None]
+
+
+@triton.jit
+def _running_best(cos, start, best, best_idx):
+    """Fold a tile of similarities ``[A, B]`` (columns ``start ..``) into the running best per row; ties keep the
+    lower column."""
+    block_best = tl.max(cos, axis=1)
+    block_idx = tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32) + start
+    better = block_best > best  # strict: an equal later column never replaces an earlier one
+    return tl.where(better, block_best, best), tl.where(better, block_idx, best_idx)
+
+
+@triton.jit
 def _best_partner_kernel(metric_ptr, ids_ptr, best_ptr, best_idx_ptr, stride_b, stride_n, Na, Nb, P, a0,
                          D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """Programs (A blocks, batch). A token i is mergeable token ``a0 + 2i``, B token j is ``1 - a0 + 2j``."""
     pid_a = tl.program_id(0)
     b = tl.program_id(1)
-    d = tl.arange(0, BLOCK_D)
     rows_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     in_a = rows_a < Na
     base = metric_ptr + b * stride_b
-    a = tl.load(base + (P + a0 + 2 * rows_a)[:, None] * stride_n + d[None, :],
-                mask=in_a[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
-    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-6)[:, None]  # unit rows; zero rows stay zero
+    a = _unit_rows(base, P + a0 + 2 * rows_a, in_a, stride_n, D, BLOCK_D)
     group_a = tl.load(ids_ptr + a0 + 2 * rows_a, mask=in_a, other=-1)
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_A], tl.int32)
     for start in range(0, Nb, BLOCK_B):
         rows_b = start + tl.arange(0, BLOCK_B)
         in_b = rows_b < Nb
-        m = tl.load(base + (P + 1 - a0 + 2 * rows_b)[:, None] * stride_n + d[None, :],
-                    mask=in_b[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
-        m = m / tl.maximum(tl.sqrt(tl.sum(m * m, axis=1)), 1e-6)[:, None]
+        m = _unit_rows(base, P + 1 - a0 + 2 * rows_b, in_b, stride_n, D, BLOCK_D)
         group_b = tl.load(ids_ptr + 1 - a0 + 2 * rows_b, mask=in_b, other=-2)
         cos = tl.dot(a, tl.trans(m), input_precision="ieee")  # [BLOCK_A, BLOCK_B]
-        allowed = (group_a[:, None] == group_b[None, :]) & in_b[None, :]
-        cos = tl.where(allowed, cos, float("-inf"))
-        block_best = tl.max(cos, axis=1)
-        block_idx = tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32) + start
-        better = block_best > best  # strict: ties keep the earlier (lower) index
-        best_idx = tl.where(better, block_idx, best_idx)
-        best = tl.where(better, block_best, best)
+        cos = tl.where((group_a[:, None] == group_b[None, :]) & in_b[None, :], cos, float("-inf"))
+        best, best_idx = _running_best(cos, start, best, best_idx)
     tl.store(best_ptr + b * Na + rows_a, best, mask=in_a)
     tl.store(best_idx_ptr + b * Na + rows_a, best_idx, mask=in_a)
 
@@ -141,21 +151,16 @@ def _energy_kernel(metric_ptr, energy_ptr, stride_b, stride_n, M, P, margin, alp
     ``M x M`` cosines live in tiles only."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    d = tl.arange(0, BLOCK_D)
     rows = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     in_i = rows < M
     base = metric_ptr + b * stride_b
-    a = tl.load(base + (P + rows)[:, None] * stride_n + d[None, :], mask=in_i[:, None] & (d[None, :] < D),
-                other=0.0).to(tl.float32)
-    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-6)[:, None]
+    a = _unit_rows(base, P + rows, in_i, stride_n, D, BLOCK_D)
     total = tl.zeros([BLOCK_I], tl.float32)
     above = tl.zeros([BLOCK_I], tl.float32)
     for start in range(0, M, BLOCK_J):
         cols = start + tl.arange(0, BLOCK_J)
         in_j = cols < M
-        m = tl.load(base + (P + cols)[:, None] * stride_n + d[None, :], mask=in_j[:, None] & (d[None, :] < D),
-                    other=0.0).to(tl.float32)
-        m = m / tl.maximum(tl.sqrt(tl.sum(m * m, axis=1)), 1e-6)[:, None]
+        m = _unit_rows(base, P + cols, in_j, stride_n, D, BLOCK_D)
         f = tl.dot(a, tl.trans(m), input_precision="ieee") - margin  # [BLOCK_I, BLOCK_J]
         f = tl.where(f > 0, f, alpha * (tl.exp(tl.minimum(f, 0.0)) - 1.0))
         total += tl.sum(tl.where(in_j[None, :], f, 0.0), axis=1)
@@ -198,32 +203,23 @@ def _host_kernel(metric_ptr, removed_ptr, flags_ptr, ids_ptr, host_ptr, host_sim
     group (ties: the lower index), and that similarity."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    d = tl.arange(0, BLOCK_D)
     rows = pid * BLOCK_A + tl.arange(0, BLOCK_A)
     in_a = rows < r
     base = metric_ptr + b * stride_b
     src = tl.load(removed_ptr + b * r + rows, mask=in_a, other=0)
-    a = tl.load(base + (P + src)[:, None] * stride_n + d[None, :], mask=in_a[:, None] & (d[None, :] < D),
-                other=0.0).to(tl.float32)
-    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-6)[:, None]
+    a = _unit_rows(base, P + src, in_a, stride_n, D, BLOCK_D)
     group_a = tl.load(ids_ptr + src, mask=in_a, other=-1)
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_A], tl.int32)
     for start in range(0, M, BLOCK_B):
         cols = start + tl.arange(0, BLOCK_B)
         in_b = cols < M
-        m = tl.load(base + (P + cols)[:, None] * stride_n + d[None, :], mask=in_b[:, None] & (d[None, :] < D),
-                    other=0.0).to(tl.float32)
-        m = m / tl.maximum(tl.sqrt(tl.sum(m * m, axis=1)), 1e-6)[:, None]
+        m = _unit_rows(base, P + cols, in_b, stride_n, D, BLOCK_D)
         kept = tl.load(flags_ptr + b * M + cols, mask=in_b, other=1) == 0
         group_b = tl.load(ids_ptr + cols, mask=in_b, other=-2)
         cos = tl.dot(a, tl.trans(m), input_precision="ieee")
         cos = tl.where((group_a[:, None] == group_b[None, :]) & (kept & in_b)[None, :], cos, float("-inf"))
-        block_best = tl.max(cos, axis=1)
-        block_idx = tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32) + start
-        better = block_best > best
-        best_idx = tl.where(better, block_idx, best_idx)
-        best = tl.where(better, block_best, best)
+        best, best_idx = _running_best(cos, start, best, best_idx)
     tl.store(host_ptr + b * r + rows, best_idx, mask=in_a)
     tl.store(host_sim_ptr + b * r + rows, best, mask=in_a)
 
@@ -236,34 +232,24 @@ def _candidate_partner_kernel(metric_ptr, cand_ptr, ids_ptr, dst_ptr, stride_b, 
     ``cand[2j + 1]`` of its own group (ties: the lower j)."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    d = tl.arange(0, BLOCK_D)
     rows = pid * BLOCK_A + tl.arange(0, BLOCK_A)
     in_a = rows < r
     base = metric_ptr + b * stride_b
     src = tl.load(cand_ptr + b * 2 * r + 2 * rows, mask=in_a, other=0)
-    a = tl.load(base + (P + src)[:, None] * stride_n + d[None, :], mask=in_a[:, None] & (d[None, :] < D),
-                other=0.0).to(tl.float32)
-    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-6)[:, None]
+    a = _unit_rows(base, P + src, in_a, stride_n, D, BLOCK_D)
     group_a = tl.load(ids_ptr + src, mask=in_a, other=-1)
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
-    best_dst = tl.zeros([BLOCK_A], tl.int32)
+    best_j = tl.zeros([BLOCK_A], tl.int32)
     for start in range(0, r, BLOCK_B):
         cols = start + tl.arange(0, BLOCK_B)
         in_b = cols < r
         cand_b = tl.load(cand_ptr + b * 2 * r + 2 * cols + 1, mask=in_b, other=0)
-        m = tl.load(base + (P + cand_b)[:, None] * stride_n + d[None, :], mask=in_b[:, None] & (d[None, :] < D),
-                    other=0.0).to(tl.float32)
-        m = m / tl.maximum(tl.sqrt(tl.sum(m * m, axis=1)), 1e-6)[:, None]
+        m = _unit_rows(base, P + cand_b, in_b, stride_n, D, BLOCK_D)
         group_b = tl.load(ids_ptr + cand_b, mask=in_b, other=-2)
         cos = tl.dot(a, tl.trans(m), input_precision="ieee")
         cos = tl.where((group_a[:, None] == group_b[None, :]) & in_b[None, :], cos, float("-inf"))
-        block_best = tl.max(cos, axis=1)
-        pick = tl.argmax(cos, axis=1, tie_break_left=True)
-        block_dst = tl.sum(tl.where(tl.arange(0, BLOCK_B)[None, :] == pick[:, None], cand_b[None, :], 0), axis=1)
-        better = block_best > best
-        best_dst = tl.where(better, block_dst, best_dst)
-        best = tl.where(better, block_best, best)
-    tl.store(dst_ptr + b * r + rows, best_dst, mask=in_a)
+        best, best_j = _running_best(cos, start, best, best_j)
+    tl.store(dst_ptr + b * r + rows, tl.load(cand_ptr + b * 2 * r + 2 * best_j + 1, mask=in_a, other=0), mask=in_a)
 
 
 @triton.jit

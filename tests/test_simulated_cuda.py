@@ -68,13 +68,13 @@ def test_the_tier_catches_kernel_gaps_host_reads_and_host_built_tensors():
 
 
 def test_a_host_built_tensor_in_the_merge_fails_the_tier(monkeypatch):
-    """The tier fails a forward that builds a tensor on the host (here: the engine plan's slot list; ToMe's fused
-    step is traced through its fake implementation)."""
+    """The tier fails a forward that builds a tensor on the host (here: the engine plan's slot list, which a
+    coordinate rule takes; the fused steps are traced through their fake implementations)."""
     import mmmerge.merge as merge
 
     monkeypatch.setattr(merge, "_slots", lambda batch, count, device: torch.arange(count).repeat(batch, 1))
     with pytest.raises(Exception, match="same device"):
-        _video_forward(VideoMAEModel, r=4, method="pitome")
+        _video_forward(VideoMAEModel, r=4, method="tome", time_mode="adjacent")
 
 
 # ------------------------------------------------------------------------------- accelerate's device hooks
