@@ -37,10 +37,10 @@ from einops import rearrange
 from torch import Tensor
 
 from mmmerge.attention import size_bias
-from mmmerge.constraints import Constraint, Global, Partition, first_positions
+from mmmerge.constraints import Constraint, Global, GroupTables, Partition
 from mmmerge.fused import fused_choice, fused_step, fused_tables
 from mmmerge.info import MergeInfo
-from mmmerge.matchers import a_first, check_options, get_matcher
+from mmmerge.matchers import a_first, check_options, get_matcher, group_tables
 from mmmerge.merge import merge_tokens, unmerge
 from mmmerge.patching import register_info, register_unpatch
 from mmmerge.schedule import (LayerFlops, ScheduleSpec, layer_partitions, resolve_schedule,
@@ -158,7 +158,8 @@ def _buffer(layer: nn.Module, name: str) -> Optional[Tensor]:
 
 
 class _LayerBuffers:
-    """A partition's static tensors, read from the layer's buffers on each call (so they follow ``.to()``)."""
+    """The source of a partition's ``GroupTables``: the layer's buffers, read on each call (so they follow
+    ``.to()``)."""
 
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
@@ -333,28 +334,6 @@ def _report_state(layer: nn.Module, patch: PatchSpec, state: TokenState) -> Toke
 
 
 # ------------------------------------------------------------------------------------ patch / unpatch
-def _static_tensors(method: str, part: Partition, a0: int = 0) -> Dict[str, Tensor]:
-    """The index tensors a matcher needs for a partition, made once at patch time (``a0``: the first A token
-    of a bipartite split, ``mmmerge.matchers.a_first``)."""
-    from mmmerge.matchers import METHOD_KINDS, _a_counts
-
-    ids = torch.repeat_interleave(torch.arange(part.num_groups), torch.tensor(part.sizes))
-    tensors = {"ids": ids}
-    kind = METHOD_KINDS.get(method, "select")
-    if kind == "bipartite":
-        tensors["ids_a"] = ids[a0::2].clone()
-        tensors["block_ab"] = tensors["ids_a"].unsqueeze(1) != ids[1 - a0::2].unsqueeze(0)  # [Na, Nb] forbidden
-        tensors["sel_a"] = first_positions(_a_counts(part, a0)[0], part.budgets)
-    elif kind == "pitome":
-        tensors["sel_pairs"] = first_positions(part.sizes, [2 * b for b in part.budgets])
-        pair_ids = torch.repeat_interleave(torch.arange(part.num_groups), torch.tensor(part.budgets))
-        tensors["block_pairs"] = pair_ids.unsqueeze(1) != pair_ids.unsqueeze(0)
-    else:
-        tensors["sel"] = first_positions(part.sizes, part.budgets)
-        tensors["quota"] = torch.tensor(part.after())[ids]  # greedy selections: tokens each group keeps
-    return tensors
-
-
 def encoder_flops(config: Any) -> LayerFlops:
     """FLOPs model of a ViT-style layer from a HF config (hidden size, MLP ratio)."""
     return transformer_layer_flops(config.hidden_size, config.intermediate_size / config.hidden_size)
@@ -441,7 +420,7 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
         core = parts[i].attention
         partition = None
         if schedule[i] > 0 and partitions[i] is not None:
-            partition = replace(partitions[i], cache=_LayerBuffers(layers[i]))
+            partition = replace(partitions[i], tables=GroupTables(_LayerBuffers(layers[i])))
         choose = None
         if schedule[i] > 0:
             per_layer = {"layer_idx": i, "num_layers": len(layers)} if method == "pitome" else {}
@@ -465,9 +444,10 @@ def patch_encoder(model: nn.Module, layers: Sequence[nn.Module], *, grid: TokenG
         if i == last and exit_order is not None:
             buffers["exit"] = exit_order
         if lspec.partition is not None:
-            buffers.update(_static_tensors(method, lspec.partition, a0))
+            buffers.update(group_tables(method, lspec.partition, a0))
         if lspec.fused is not None:
-            buffers.update(fused_tables(method, tokens_per_layer(schedule, N)[i] - P, schedule[i], buffers))
+            buffers.update(fused_tables(method, tokens_per_layer(schedule, N)[i] - P, schedule[i],
+                                        GroupTables(buffers)))
         layer_specs.append(lspec)
         layer_buffers.append(buffers)
 

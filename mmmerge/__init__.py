@@ -4,6 +4,8 @@ The engine (this package) knows tensors, never a model class:
     state.py        TokenState: size, source, coordinates, protected, valid
     matchers.py     where tokens are chosen (tome, pitome, tps, random, prune; dominant, divprune, cdpruner)
     merge.py        MergePlan and the one merge operation; unmerge
+    fused.py        the same choose-and-merge as two custom ops (tome, pitome, tps without a coordinate rule)
+    triton_kernels.py  their CUDA kernels; kernel_check.py checks them against the PyTorch references
     info.py         MergeInfo: what a merged forward did (one type for every adapter)
     constraints.py  which pairs may merge: static partitions and coordinate rules; the time-mode parser
     schedule.py     r per layer
@@ -15,12 +17,12 @@ The engine (this package) knows tensors, never a model class:
 Adapters for Hugging Face models live in ``mmmerge.adapters``.
 """
 from .attention import size_bias
-from .constraints import (Adjacent, AllOf, Constraint, Global, Partition, SameSpan, Window, parse_constraint,
-                          parse_time_mode)
+from .constraints import (Adjacent, AllOf, Constraint, Global, GroupTables, Partition, SameSpan, Window,
+                          parse_constraint, parse_time_mode)
 from .flops import count_bytes, count_flops, count_ops
 from .info import MergeInfo
-from .matchers import (MATCHERS, cdpruner, check_options, divprune, dominant, energy_score, get_matcher, pitome, prune,
-                       random_merge, step_limit, tome, tps)
+from .matchers import (MATCHERS, cdpruner, check_options, divprune, dominant, energy_score, get_matcher, group_tables,
+                       pitome, prune, random_merge, step_limit, tome, tps)
 from .merge import MergePlan, merge_state, merge_tokens, merge_weighted, unmerge
 from .patching import last_info, patch, supported_models, unpatch
 from .reduce import plan_merge, plan_rows, reduce_tokens
@@ -33,7 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adjacent", "AllOf", "cdpruner", "check_options", "Constraint", "count_bytes", "count_flops", "count_ops", "divprune",
-    "dominant", "energy_score", "get_matcher", "Global", "Grouping", "init_state", "KeepRatio", "last_info",
+    "dominant", "energy_score", "get_matcher", "Global", "Grouping", "group_tables", "GroupTables", "init_state", "KeepRatio", "last_info",
     "layer_partitions", "MATCHERS", "merge_state", "merge_tokens", "merge_weighted", "MergeInfo", "MergePlan",
     "parse_constraint", "parse_time_mode", "Partition", "patch", "pitome", "plan_merge", "plan_rows", "prune",
     "random_merge", "reduce_tokens", "RowBudgets", "resolve_schedule", "SameSpan", "size_bias", "step_limit",

@@ -50,6 +50,59 @@ class Guarantee:
 
 
 # ---------------------------------------------------------------------------------------------- partition
+class GroupTables:
+    """A partition's static index tensors (``mmmerge.matchers.group_tables`` makes them once, at patch time), so a
+    forward builds nothing from Python lists. Read through ``source`` on every access: a mapping of these names
+    to tensors, e.g. an encoder layer's buffers, so the tables follow ``.to()`` and copies. A table that is not
+    there reads None (the matchers then derive it from the partition's sizes).
+    """
+
+    NAMES = ("ids", "ids_a", "block_ab", "sel_a", "sel_pairs", "block_pairs", "sel", "quota")
+
+    def __init__(self, source: Optional[Mapping[str, Tensor]] = None) -> None:
+        self._source = {} if source is None else source
+
+    @property
+    def ids(self) -> Optional[Tensor]:
+        """``[M]`` long: the group of each mergeable token."""
+        return self._source.get("ids")
+
+    @property
+    def ids_a(self) -> Optional[Tensor]:
+        """``[Na]`` long: the group of each A token of a bipartite split."""
+        return self._source.get("ids_a")
+
+    @property
+    def block_ab(self) -> Optional[Tensor]:
+        """``[Na, Nb]`` bool: True where an A and a B token lie in different groups (the static group rule)."""
+        return self._source.get("block_ab")
+
+    @property
+    def sel_a(self) -> Optional[Tensor]:
+        """``[r]`` long: each group's first ``budget`` A tokens in a group-sorted list (the removed edges)."""
+        return self._source.get("sel_a")
+
+    @property
+    def sel_pairs(self) -> Optional[Tensor]:
+        """``[2r]`` long: each group's first ``2 * budget`` tokens in a group-sorted list (PiToMe's candidates)."""
+        return self._source.get("sel_pairs")
+
+    @property
+    def block_pairs(self) -> Optional[Tensor]:
+        """``[r, r]`` bool: True where PiToMe's i-th A and j-th B candidate lie in different groups."""
+        return self._source.get("block_pairs")
+
+    @property
+    def sel(self) -> Optional[Tensor]:
+        """``[r]`` long: each group's first ``budget`` tokens in a group-sorted list (select-style removals)."""
+        return self._source.get("sel")
+
+    @property
+    def quota(self) -> Optional[Tensor]:
+        """``[M]`` long: how many tokens each token's group keeps (greedy selections)."""
+        return self._source.get("quota")
+
+
 @dataclass(frozen=True)
 class Partition:
     """Static contiguous groups of the mergeable tokens, each with its own removal budget.
@@ -60,14 +113,13 @@ class Partition:
         guarantees: what each group's tokens guarantee (default: any two may merge). More runs or
             cliques when a coordinate rule applies inside the groups too (``adjacent`` within one band), or
             when a group can hold padding and real tokens, which never merge with each other.
-        cache: precomputed device tensors (see ``group_ids``), filled by adapters at patch time so a
-            forward builds nothing from Python lists.
+        tables: its static index tensors (``GroupTables``), made at patch time by the adapters.
     """
 
     sizes: Tuple[int, ...]
     budgets: Tuple[int, ...]
     guarantees: Tuple[Guarantee, ...] = ()
-    cache: Mapping[str, Tensor] = field(default_factory=dict, compare=False, hash=False)
+    tables: GroupTables = field(default_factory=GroupTables, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if len(self.sizes) != len(self.budgets) or (self.guarantees and len(self.guarantees) != len(self.sizes)):
@@ -93,18 +145,17 @@ class Partition:
 
     def group_ids(self, device: torch.device) -> Tensor:
         """``[M]`` long: the group of each mergeable token."""
-        ids = self.cache.get("ids")
+        ids = self.tables.ids
         if ids is None:
             ids = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
         return ids.to(device)
 
     def first_positions(self, counts: Sequence[int], take: Sequence[int], device: torch.device,
-                        key: str) -> Tensor:
+                        table: Optional[Tensor] = None) -> Tensor:
         """Static positions ``[sum(take)]`` selecting the first ``take[g]`` of each group's ``counts[g]``
-        entries, in a list sorted by group (group 0's entries first). ``key`` names the cached copy."""
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached.to(device)
+        entries, in a list sorted by group (group 0's entries first). ``table``: the same, made at patch time."""
+        if table is not None:
+            return table.to(device)
         return first_positions(counts, take).to(device)
 
 

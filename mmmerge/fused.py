@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .matchers import PITOME_PRESETS, TPS_PRESETS, _rows, a_first, energy_score, pitome_margin
+from .constraints import GroupTables
 from .merge import MergePlan, _fuse, plan_from_pairs
 from .state import TokenState
 
@@ -306,13 +307,13 @@ def fused_choice(method: str, options: Mapping[str, Any], protected: int, tokens
     return None
 
 
-def fused_tables(method: str, mergeable: int, r: int, static: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+def fused_tables(method: str, mergeable: int, r: int, tables: GroupTables) -> Dict[str, Tensor]:
     """The static tables of a fused step: every mergeable token's group (int32; all 0 without groups) and the
     positions ``sel`` of what it takes in the (group, score) order: r edges (ToMe), 2r candidates (PiToMe), r
-    removed tokens (TPS). ``static``: a partition's tables (``ids`` and ``sel_a`` / ``sel_pairs`` / ``sel``, made
-    by the encoder patch), or empty without groups."""
-    if "ids" in static:
-        positions = static[{"tome": "sel_a", "pitome": "sel_pairs", "tps": "sel"}[method]]
-        return {"fused_ids": static["ids"].to(torch.int32), "fused_sel": positions.to(torch.int32)}
-    taken = 2 * r if method == "pitome" else r
+    removed tokens (TPS). ``tables``: the partition's (``mmmerge.matchers.group_tables``), or empty without
+    groups."""
+    if tables.ids is not None:
+        positions = {"tome": tables.sel_a, "pitome": tables.sel_pairs, "tps": tables.sel}[method]
+        return {"fused_ids": tables.ids.to(torch.int32), "fused_sel": positions.to(torch.int32)}
+    taken = 2 * r if method == "pitome" else r  # PiToMe's candidates; ToMe's edges, TPS's removed tokens
     return {"fused_ids": torch.zeros(mergeable, dtype=torch.int32), "fused_sel": torch.arange(taken, dtype=torch.int32)}

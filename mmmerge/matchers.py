@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .constraints import Constraint, Global, Guarantee, Partition, allowed_pairs, clique_cover, padded_guarantee
+from .constraints import (Constraint, Global, Guarantee, Partition, allowed_pairs, clique_cover, first_positions,
+                          padded_guarantee)
 from .merge import MergePlan, plan_from_pairs, plan_from_targets
 from .rows import RowTiers, best_with_quota, check_quota, tier_mask
 from .state import TokenState
@@ -125,19 +126,20 @@ def _mask(scores: Tensor, state: TokenState, constraint: Constraint, partition: 
 
 
 def _best_per_group(values: Tensor, take: int, partition: Optional[Partition], counts: Sequence[int],
-                    budgets: Sequence[int], ids: Optional[Tensor], key: str, descending: bool) -> Tensor:
+                    budgets: Sequence[int], ids: Optional[Tensor], table: Optional[Tensor], descending: bool) -> Tensor:
     """Indices ``[B, take]`` of the best ``values`` (``[B, K]``): overall, or ``budgets[g]`` from each group.
 
     Per group: one stable sort by value, one stable sort by group id; group g's entries then sit in a
     static range of the list, so its first ``budgets[g]`` are picked with a static index (no data-dependent
-    shape). ``ids``: ``[K]`` group of each entry; ``counts``: entries per group.
+    shape). ``ids``: ``[K]`` group of each entry; ``counts``: entries per group; ``table``: the static
+    positions if made at patch time (``GroupTables``).
     """
     if partition is None:  # no sort: the best ``take`` (which of exactly tied values is taken may differ)
         return values.topk(take, dim=1, largest=descending).indices
     order = values.argsort(dim=1, descending=descending, stable=True)
     by_group = ids.expand_as(order).gather(1, order).argsort(dim=1, stable=True)
     order = order.gather(1, by_group)
-    return order.index_select(1, partition.first_positions(counts, budgets, values.device, key))
+    return order.index_select(1, partition.first_positions(counts, budgets, values.device, table))
 
 
 def _a_counts(partition: Partition, a_first: int = 0) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
@@ -243,11 +245,10 @@ def _bipartite(scores_fn: Callable[[Tensor, Tensor, int], Tensor], metric: Tenso
         scores = scores_fn(metric, state, a0)  # [B, Na, Nb]
         ids_a, counts, group_rule = None, (), partition
         if partition is not None:
-            ids_a = partition.cache.get("ids_a")
-            ids_a = partition.group_ids(device)[a0::2] if ids_a is None else ids_a
-            # The selection positions are static: the encoders cache them at patch time ("sel_a").
-            counts = () if partition.cache.get("sel_a") is not None else _a_counts(partition, a0)[0]
-            block = partition.cache.get("block_ab")  # [Na, Nb] True across groups: the static group rule
+            tables = partition.tables
+            ids_a = partition.group_ids(device)[a0::2] if tables.ids_a is None else tables.ids_a
+            counts = () if tables.sel_a is not None else _a_counts(partition, a0)[0]
+            block = tables.block_ab  # [Na, Nb] True across groups: the static group rule
             if block is not None:
                 scores, group_rule = scores.masked_fill(block, NEG_INF), None
         if group_rule is not None or state.valid is not None or not isinstance(constraint, Global):
@@ -257,8 +258,9 @@ def _bipartite(scores_fn: Callable[[Tensor, Tensor, int], Tensor], metric: Tenso
         if quota is not None:  # padding A tokens never have a real partner (masked above)
             src = best_with_quota(node_max, r, ~state.valid[:, a0::2], quota, descending=True)
         else:
-            src = _best_per_group(node_max, r, partition, counts, partition.budgets if partition else (),
-                                  ids_a, "sel_a", descending=True)  # [B, r] A tokens that merge
+            src = _best_per_group(node_max, r, partition, counts, partition.budgets if partition else (), ids_a,
+                                  None if partition is None else partition.tables.sel_a,
+                                  descending=True)  # [B, r] A tokens that merge
         dst = node_idx.gather(1, src)  # [B, r] their B partners
     return plan_from_pairs(src * 2 + a0 if a0 else src * 2, dst * 2 + (1 - a0), state.size, M, P)
 
@@ -389,7 +391,8 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
             ids = None if partition is None else partition.group_ids(device)
             pairs = tuple(2 * b for b in partition.budgets) if partition is not None else ()
             cand = _best_per_group(energy, 2 * r, partition, partition.sizes if partition else (), pairs, ids,
-                                   "sel_pairs", descending=True)  # [B, 2r], per group consecutive
+                                   partition.tables.sel_pairs if partition else None,
+                                   descending=True)  # [B, 2r], per group consecutive
         src, cand_b = cand[:, 0::2], cand[:, 1::2]  # [B, r] each
         if not anchored:  # every candidate B of the same group is allowed: A merges into its best one
             scores = torch.bmm(_rows(m, src), _rows(m, cand_b).transpose(1, 2)).float()  # [B, r, r]
@@ -411,7 +414,7 @@ def pitome(metric: Tensor, state: TokenState, r: int, constraint: Optional[Const
 
 def _pair_blocks(partition: Partition, device: torch.device) -> Tensor:
     """``[r, r]`` bool, True where PiToMe's i-th A and j-th B candidate lie in different groups (static)."""
-    block = partition.cache.get("block_pairs")
+    block = partition.tables.block_pairs
     if block is None:
         ids = torch.repeat_interleave(torch.arange(partition.num_groups), torch.tensor(partition.budgets))
         block = ids.unsqueeze(1) != ids.unsqueeze(0)
@@ -449,7 +452,8 @@ def _select_and_assign(metric: Tensor, state: TokenState, r: int, constraint: Co
         removed = best_with_quota(values, r, ~valid, quota, descending)
     else:
         removed = _best_per_group(values, r, partition, partition.sizes if partition else (),
-                                  partition.budgets if partition else (), ids, "sel", descending=descending)  # [B, r]
+                                  partition.budgets if partition else (), ids,
+                                  partition.tables.sel if partition else None, descending=descending)  # [B, r]
     sims = torch.bmm(_rows(m, removed), m.transpose(1, 2)).float()  # [B, r, M]
     is_removed = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, removed, True)
     sims = sims.masked_fill(is_removed.unsqueeze(1), NEG_INF)
@@ -546,6 +550,26 @@ MATCHERS: Dict[str, Callable[..., MergePlan]] = {
 # How a method removes tokens, for step_limit: bipartite pairs, PiToMe's candidates, or select-and-assign.
 METHOD_KINDS: Dict[str, str] = {"tome": "bipartite", "random": "bipartite", "pitome": "pitome", "tps": "select",
                                 "prune": "select", "none": "none"}
+
+
+def group_tables(method: str, partition: Partition, a0: int = 0) -> Dict[str, Tensor]:
+    """The static index tensors ``method`` reads for ``partition`` (``GroupTables`` names), made once at patch
+    time (``a0``: the first A token of a bipartite split, ``a_first``)."""
+    ids = torch.repeat_interleave(torch.arange(partition.num_groups), torch.tensor(partition.sizes))
+    tables = {"ids": ids}
+    kind = METHOD_KINDS.get(method, "select")
+    if kind == "bipartite":
+        tables["ids_a"] = ids[a0::2].clone()
+        tables["block_ab"] = tables["ids_a"].unsqueeze(1) != ids[1 - a0::2].unsqueeze(0)  # [Na, Nb] forbidden
+        tables["sel_a"] = first_positions(_a_counts(partition, a0)[0], partition.budgets)
+    elif kind == "pitome":
+        tables["sel_pairs"] = first_positions(partition.sizes, [2 * b for b in partition.budgets])
+        pair_ids = torch.repeat_interleave(torch.arange(partition.num_groups), torch.tensor(partition.budgets))
+        tables["block_pairs"] = pair_ids.unsqueeze(1) != pair_ids.unsqueeze(0)
+    else:
+        tables["sel"] = first_positions(partition.sizes, partition.budgets)
+        tables["quota"] = torch.tensor(partition.after())[ids]  # greedy selections: tokens each group keeps
+    return tables
 
 
 def get_matcher(method: str) -> Callable[..., MergePlan]:
@@ -806,7 +830,7 @@ class _Greedy:
         self.covered = None if self.allowed is None else torch.zeros_like(self.taken)
         if partition is not None:
             self.group = partition.group_ids(device)
-            quota = partition.cache.get("quota")  # static: made at patch time by the encoders
+            quota = partition.tables.quota  # static: made at patch time by the encoders
             self.quota = (torch.tensor(partition.after(), device=device)[self.group] if quota is None
                           else quota.to(device))  # [M] tokens the own group keeps
             self.counts = torch.zeros(B, partition.num_groups, dtype=torch.long, device=device)
