@@ -1,27 +1,26 @@
-"""The fused ToMe step: choose and merge as two custom ops (``torch.ops.mmmerge``), for the GPU's host.
+"""The fused steps: choose and merge as two custom ops (``torch.ops.mmmerge``), for the GPU's host.
 
-A merging layer of the engine path dispatches some 40 small ops (normalise, score, max, top-r, ranks, gathers,
-the weighted mean); at small batch on a GPU each costs microseconds of launch, more than its kernel. Here the
-same ToMe step is two ops:
+A merging layer of the engine path dispatches 45-60 small ops (normalise, score, max, top-r, ranks, gathers, the
+weighted mean); at small batch on a GPU each costs microseconds of launch, more than its kernel. Here a ToMe,
+PiToMe or TPS step is two ops:
 
-    kept, members, lo, hi, assign = bipartite_plan(metric, ids, sel, protected, a0)   (choose)
-    x, size = merge_slots(x, size, kept, members, lo, hi, assign)                      (merge)
+    kept, members, lo, hi, assign[, weight] = *_plan(metric, ..., ids, sel, protected, ...)   (choose)
+    x, size = merge_slots(x, size, weight, kept, members, lo, hi, assign)                     (merge)
 
-Each op has a PyTorch reference (CPU, and any device without Triton), fused Triton kernels on CUDA
+Each op has a PyTorch reference (the CPU, float64, any device without Triton), Triton kernels on CUDA
 (``mmmerge.triton_kernels``) and a fake implementation (``torch.compile`` and the simulated-CUDA tier trace through
 it). ``merge_slots`` is differentiable in ``x``.
 
-The plan, over ``N`` tokens of which the first ``protected`` never merge and the ``M`` others alternate into A
-(mergeable position ``a0``, ``a0 + 2``, ...) and B: each A token's most similar B token of its own group
-(``ids``: ``[M]`` int32 group of every mergeable token, all 0 without groups) is its partner; A tokens sorted by
-(group, best similarity descending, index) give the ``r`` removed ones at the static positions ``sel`` (``[r]``:
-each group's first ``budget`` entries). Outputs: ``kept`` ``[B, K]`` the survivor of each slot (ascending),
-``members`` ``[B, r]`` the removed tokens sorted by slot, slot ``k`` receiving ``members[lo[k]:hi[k]]``
-(``lo``/``hi`` ``[B, K]`` int32), ``assign`` ``[B, N]`` the slot of every token. ``K = N - r``.
+The plan, over ``N`` tokens of which the first ``protected`` never merge: ``ids`` (``[M]`` int32, the group of each
+of the ``M`` mergeable tokens, all 0 without groups) and ``sel`` (static positions, each group's first entries in a
+list sorted by (group, score descending, index)) are the static tables (``fused_tables``). Outputs: ``kept``
+``[B, K]`` the survivor of each slot (ascending), ``members`` ``[B, r]`` the removed tokens sorted by slot, slot
+``k`` receiving ``members[lo[k]:hi[k]]`` (``lo``/``hi`` ``[B, K]`` int32, 0/0 for none), ``assign`` ``[B, N]`` the
+slot of every token, and for TPS the fusion weights. ``K = N - r``.
 
-Where it applies (``fused_step_fits``): ToMe without a coordinate rule (global, or static groups such as
-``within_frame``), without padding; everything else takes the engine path (``mmmerge.matchers`` +
-``mmmerge.merge``), which this path equals up to ties and float rounding of the weighted mean.
+Where it applies (``fused_choice``, decided at patch time): ToMe, PiToMe and TPS without a coordinate rule (global,
+or static groups such as ``within_frame``) and without padding; everything else takes the engine path
+(``mmmerge.matchers`` + ``mmmerge.merge``), which this path equals up to ties and float rounding of the mean.
 """
 from __future__ import annotations
 
