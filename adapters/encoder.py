@@ -40,7 +40,8 @@ from mmmerge.attention import size_bias
 from mmmerge.constraints import Constraint, Global, GroupTables, Partition
 from mmmerge.fused import fused_choice, fused_step, fused_tables
 from mmmerge.info import MergeInfo
-from mmmerge.matchers import a_first, check_options, get_matcher, group_tables
+from mmmerge.matchers import a_first
+from mmmerge.methods import check_options, get_matcher, group_tables
 from mmmerge.merge import merge_tokens, unmerge
 from mmmerge.patching import register_info, register_unpatch
 from mmmerge.schedule import (LayerFlops, ScheduleSpec, layer_partitions, resolve_schedule,

@@ -2,7 +2,9 @@
 
 The engine (this package) knows tensors, never a model class:
     state.py        TokenState: size, source, coordinates, protected, valid
-    matchers.py     where tokens are chosen (tome, pitome, tps, random, prune; dominant, divprune, cdpruner)
+    matchers.py     where tokens are chosen (tome, pitome, tps, random, prune)
+    selection.py    ... or kept as they are (dominant, divprune, cdpruner)
+    methods.py      the table of method facts: names, step limits, static tables, the one check of options
     merge.py        MergePlan and the one merge operation; unmerge
     fused.py        the same choose-and-merge as two custom ops (tome, pitome, tps without a coordinate rule)
     triton_kernels.py  their CUDA kernels; kernel_check.py checks them against the PyTorch references
@@ -21,14 +23,15 @@ from .constraints import (Adjacent, AllOf, Constraint, Global, GroupTables, Part
                           parse_constraint, parse_time_mode)
 from .flops import count_bytes, count_flops, count_ops
 from .info import MergeInfo
-from .matchers import (MATCHERS, cdpruner, check_options, divprune, dominant, energy_score, get_matcher, group_tables,
-                       pitome, prune, random_merge, step_limit, tome, tps)
+from .matchers import energy_score, pitome, prune, random_merge, tome, tps
+from .methods import MATCHERS, check_options, get_matcher, group_tables, step_limit
 from .merge import MergePlan, merge_state, merge_tokens, merge_weighted, unmerge
 from .patching import last_info, patch, supported_models, unpatch
 from .reduce import plan_merge, plan_rows, reduce_tokens
 from .rows import RowBudgets
 from .schedule import (Grouping, KeepRatio, TargetFlops, TargetTokens, layer_partitions, resolve_schedule,
                        transformer_layer_flops)
+from .selection import cdpruner, divprune, dominant
 from .state import TokenState, init_state
 
 __version__ = "0.1.0"

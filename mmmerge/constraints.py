@@ -18,7 +18,7 @@ Feasibility. Tokens are kept in the order of their representatives (``merge.py``
 a rule guarantees two static counts (``Guarantee``): at most ``runs`` maximal runs of consecutive tokens in
 which neighbours may merge, and at most ``cliques`` cliques (tokens that may all merge with each other,
 every token in at least one, e.g. the tokens covering frame t under ``adjacent``). From those the matchers
-derive per-step limits that hold for every input (``mmmerge.matchers.step_limit``): bipartite steps pair
+derive per-step limits that hold for every input (``mmmerge.methods.step_limit``): bipartite steps pair
 neighbours inside runs, select-style steps keep one anchor per clique so every removed token has an
 allowed host. Nothing is checked on device at run time.
 """
@@ -51,7 +51,7 @@ class Guarantee:
 
 # ---------------------------------------------------------------------------------------------- partition
 class GroupTables:
-    """A partition's static index tensors (``mmmerge.matchers.group_tables`` makes them once, at patch time), so a
+    """A partition's static index tensors (``mmmerge.methods.group_tables`` makes them once, at patch time), so a
     forward builds nothing from Python lists. Read through ``source`` on every access: a mapping of these names
     to tensors, e.g. an encoder layer's buffers, so the tables follow ``.to()`` and copies. A table that is not
     there reads None (the matchers then derive it from the partition's sizes).

@@ -309,7 +309,7 @@ def fused_choice(method: str, options: Mapping[str, Any], protected: int, tokens
 def fused_tables(method: str, mergeable: int, r: int, tables: GroupTables) -> Dict[str, Tensor]:
     """The static tables of a fused step: every mergeable token's group (int32; all 0 without groups) and the
     positions ``sel`` of what it takes in the (group, score) order: r edges (ToMe), 2r candidates (PiToMe), r
-    removed tokens (TPS). ``tables``: the partition's (``mmmerge.matchers.group_tables``), or empty without
+    removed tokens (TPS). ``tables``: the partition's (``mmmerge.methods.group_tables``), or empty without
     groups."""
     if tables.ids is not None:
         positions = {"tome": tables.sel_a, "pitome": tables.sel_pairs, "tps": tables.sel}[method]

@@ -1,6 +1,6 @@
 """The one validation path of an entry point's own options (``patch``'s ``prop_attn``, ``group_budget`` ...).
 
-Matcher options (``margin``, ``temperature`` ...) are checked by ``mmmerge.matchers.check_options``; this module
+Matcher options (``margin``, ``temperature`` ...) are checked by ``mmmerge.methods.check_options``; this module
 checks what the entry point itself takes, before anything is built or touched:
     flags        every on/off option is a bool (``prop_attn="no"`` is a TypeError naming the option; ``None`` only
                  where it means "the default")
@@ -51,7 +51,7 @@ def check_entry_options(where: str, fn: Callable[..., Any], method: str, options
     Raises:
         TypeError for a flag that is not a bool, ValueError for a renamed or misspelled option.
     """
-    from .matchers import MATCHERS, matcher_options
+    from .methods import MATCHERS, matcher_options
 
     for old, new in (renamed or {}).items():
         if old in options:

@@ -15,7 +15,7 @@ from torch import Tensor
 from .constraints import (ConstraintSpec, Guarantee, Partition, padded_guarantee, parse_constraint,
                           split_budget)
 from .constraints import check_layout as _check_layout
-from .matchers import check_options, check_step, get_matcher, group_limits, step_limit
+from .methods import check_options, check_step, get_matcher, group_limits, step_limit
 from .merge import MergePlan, merge_tokens, merge_weighted
 from .rows import RowBudgets
 from .state import TokenState, init_state

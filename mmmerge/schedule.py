@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from .constraints import Guarantee, Partition, split_budget
-from .matchers import check_partitionable, get_matcher, group_limits, step_limit
+from .methods import check_partitionable, get_matcher, group_limits, step_limit
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mmmerge as mm
-from mmmerge.matchers import cdpruner, divprune, dpp_select, max_min_select, query_relevance
+from mmmerge.selection import cdpruner, divprune, dpp_select, max_min_select, query_relevance
 
 METHODS = ["divprune", "cdpruner"]
 

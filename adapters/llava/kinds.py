@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 
 import torch.nn as nn
 
-from mmmerge.matchers import MATCHERS, SELF_METRIC_METHODS, matcher_options
+from mmmerge.methods import MATCHERS, SELF_METRIC_METHODS, matcher_options
 
 from ..encoder import encoder_layers
 from ..vlm import check_keep

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from mmmerge.constraints import parse_time_mode
-from mmmerge.matchers import check_options
+from mmmerge.methods import check_options
 from mmmerge.options import check_entry_options
 from mmmerge.reduce import reduce_tokens
 from mmmerge.schedule import TargetTokens, resolve_schedule

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from mmmerge.constraints import parse_time_mode
-from mmmerge.matchers import MATCHERS, check_options
+from mmmerge.methods import MATCHERS, check_options
 from mmmerge.options import check_entry_options
 from mmmerge.reduce import reduce_tokens
 
