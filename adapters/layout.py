@@ -9,7 +9,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from mmmerge.constraints import AllOf, Constraint, Global
+from mmmerge.constraints import (AllOf, Adjacent, Constraint, Global, SameSpan, Window, group_guarantee,
+                                 static_guarantee)
 from mmmerge.schedule import Grouping
 
 # --------------------------------------------------------------------------------- token layout planner
@@ -75,12 +76,10 @@ def plan_layout(grid: TokenGrid, mode: str, k: int = 1, budget: bool = True, *, 
     (blocks of ``k`` steps), ``same_band`` (one per band), and with ``within_band`` the bands (``adjacent``
     inside each) or band x block groups (``window``). Otherwise one budget under a coordinate rule.
     Tokens are reordered (once, before the first patched layer) so that groups and cliques are runs of
-    consecutive tokens and padding (``padded``: trailing time steps) ends every run. The guarantee counts
-    what every input keeps: padding and real tokens never merge, so where a group or block holds both,
-    it adds one run and one clique.
+    consecutive tokens and padding (``padded``: trailing time steps) ends every row of steps. What each step
+    can always remove comes from the engine: ``static_guarantee`` for a coordinate rule, ``group_guarantee``
+    for a static group (both count the padding); this function only says which rule or group applies.
     """
-    from mmmerge.constraints import Adjacent, Guarantee, SameSpan, Window
-
     if mode == "global" and not padded and not within_band:  # any pair, in the model's own order
         return MergeLayout(None, Grouping(), Global(), ())
     T = grid.steps(time_axis)
@@ -92,42 +91,42 @@ def plan_layout(grid: TokenGrid, mode: str, k: int = 1, budget: bool = True, *, 
     leading = (band_axis, time_axis) if band_rule else (time_axis,)
     needs_order = band_rule or mode in ("adjacent", "window", "within_frame") or padded
     order = grid.order(leading) if needs_order else None
-    pad = int(padded)  # the one boundary between real and padded steps in a row of steps
-    mixed = Guarantee(1 + pad, 1 + pad)  # a group (or all tokens) spanning several steps
-    blocks = -(-T // k)
+
+    def rule_layout(rule: Constraint, carried: Tuple[str, ...]) -> MergeLayout:  # one budget under ``rule``
+        return MergeLayout(order, Grouping((), static_guarantee(rule, padded, axis=time_axis)), rule, carried)
+
+    def groups_layout(sizes: Tuple[int, ...], rule: Constraint = Global(), carried: Tuple[str, ...] = (),
+                      **group) -> MergeLayout:  # static groups, each with its own budget
+        return MergeLayout(order, Grouping(sizes, group_guarantee(padded, axis=time_axis, **group)), rule, carried)
+
     if mode == "global" and not band_rule:
-        return MergeLayout(order, Grouping((), mixed), Global(), ())
+        return rule_layout(Global(), ())
+    bands = SameSpan(band_axis, "same_band", F) if band_axis else None
     if mode == "within_frame":
         if budget:  # a frame is one step: all padding or all real
-            return MergeLayout(order, Grouping((per_step,) * T), Global(), ())
-        return MergeLayout(order, Grouping((), Guarantee(T, T)), SameSpan(time_axis, "within_frame", T), (time_axis,))
+            return groups_layout((per_step,) * T, spans_steps=False)
+        return rule_layout(SameSpan(time_axis, "within_frame", T), (time_axis,))
     if mode == "same_band" or (mode == "global" and band_rule):
         if budget:
-            return MergeLayout(order, Grouping((T,) * F, mixed), Global(), ())
-        return MergeLayout(order, Grouping((), Guarantee(F * (1 + pad), F * (1 + pad))),
-                           SameSpan(band_axis, "same_band", F), (band_axis,))
+            return groups_layout((T,) * F)
+        return rule_layout(bands, (band_axis,))
     if mode == "adjacent":
         adjacent = Adjacent(time_axis, steps=T)
         if not band_rule:
-            return MergeLayout(order, Grouping((), Guarantee(-(-T // 2) + pad, T)), adjacent, (time_axis,))
-        # Inside one band with one token per step, the tokens tile the band's steps in order: neighbours
-        # always touch, so each band is one run (two with padding).
-        runs = 1 + pad if per_step == F else -(-T // 2) + pad
+            return rule_layout(adjacent, (time_axis,))
+        # Inside one band, with one token per band and step the tokens tile the band's steps (Adjacent.tiled).
+        in_band = Adjacent(time_axis, steps=T, tiled=per_step == F)
         if budget:
-            return MergeLayout(order, Grouping((T * (per_step // F),) * F, Guarantee(runs, T)), adjacent,
-                               (time_axis,))
-        rule = AllOf(SameSpan(band_axis, "same_band", F), adjacent)
-        return MergeLayout(order, Grouping((), Guarantee(F * runs, F * T)), rule, (band_axis, time_axis))
+            return groups_layout((T * (per_step // F),) * F, adjacent, (time_axis,), inside=in_band)
+        return rule_layout(AllOf(bands, in_band), (band_axis, time_axis))
     if mode == "window":
         window = Window(k, time_axis, steps=T)
-        block_steps = tuple(min(k, T - b * k) for b in range(blocks))
-        if budget:
+        if budget:  # blocks of k steps (per band with within_band); a block may hold real and padding steps
+            blocks = -(-T // k)
+            block_steps = tuple(min(k, T - b * k) for b in range(blocks))
             cells_per_step = per_step // F if band_rule else per_step
-            sizes = tuple(b * cells_per_step for b in block_steps) * (F if band_rule else 1)
-            return MergeLayout(order, Grouping(sizes, mixed), Global(), ())
+            return groups_layout(tuple(b * cells_per_step for b in block_steps) * (F if band_rule else 1))
         if not band_rule:
-            return MergeLayout(order, Grouping((), Guarantee(blocks + pad, blocks + pad)), window, (time_axis,))
-        rule = AllOf(SameSpan(band_axis, "same_band", F), window)
-        return MergeLayout(order, Grouping((), Guarantee(F * (blocks + pad), F * (blocks + pad))), rule,
-                           (band_axis, time_axis))
+            return rule_layout(window, (time_axis,))
+        return rule_layout(AllOf(bands, window), (band_axis, time_axis))
     raise ValueError(f"unknown time mode '{mode}'")

@@ -284,11 +284,16 @@ class Adjacent(Constraint):
     The union of intervals that each touch a common interval is an interval, so every merged token
     covers one contiguous stretch, also when several tokens join one destination in the same step.
     Clique t: the tokens whose span covers step t (they all overlap).
+
+    ``tiled``: the tokens start as one per step in step order in every row of the rule's order (all the tokens,
+    or one band when combined with ``same_band`` / inside one band's group), e.g. AST's one patch per band and
+    column. Merged tokens then tile the row's steps in order, neighbours always touch, and each row is one run.
     """
 
     axis: str = "t"
     step: float = 1.0
     steps: Optional[int] = None
+    tiled: bool = False
     name = "adjacent"
 
     @property
@@ -303,9 +308,10 @@ class Adjacent(Constraint):
     def guarantee(self) -> Guarantee:
         # Sorted by representative, tokens are sorted by the step their representative sits in; two tokens
         # whose representatives sit in the same or in neighbouring steps touch, so a run only breaks where
-        # that step jumps by 2 or more: at most ceil(T / 2) runs. Cliques: one per step.
+        # that step jumps by 2 or more: at most ceil(T / 2) runs (one when the tokens tile the steps, see
+        # ``tiled``). Cliques: one per step.
         steps = _steps(self.steps, self.name)
-        return Guarantee(-(-steps // 2), steps)
+        return Guarantee(1 if self.tiled else -(-steps // 2), steps)
 
     def cover(self, state: TokenState, idx: Tensor) -> Tensor:
         T = self.cliques()
@@ -474,14 +480,6 @@ def allowed_pairs(state: TokenState, constraint: Constraint, idx_a: Tensor, idx_
     return mask
 
 
-PADDING_AXIS = "t"  # padding is whole trailing time steps (audio columns)
-
-
-def _per_step(constraint: Constraint) -> bool:
-    """Every clique lies inside one step of the padding axis (a step is all padding or all real)."""
-    if isinstance(constraint, AllOf):
-        return any(_per_step(p) for p in constraint.parts)
-    return isinstance(constraint, (Adjacent, SameSpan)) and constraint.axis == PADDING_AXIS
 
 
 def check_layout(state: TokenState, constraint: Constraint) -> None:
@@ -506,19 +504,116 @@ def check_layout(state: TokenState, constraint: Constraint) -> None:
                          "(time-major for time rules, band-major for same_band) before merging")
 
 
+# ------------------------------------------------------------------------------------------------ padding
+# Padding never merges with real tokens (``allowed_pairs``). It is whole time steps (audio columns), trailing in
+# the adapters: a step is all padding or all real. What that does to a rule's guarantee is decided here, once,
+# for the engine (which reads a mask, ``padded_guarantee``) and for the adapters (which know their padding at
+# patch time, ``static_guarantee`` / ``group_guarantee``).
+PADDING_AXIS = "t"  # padding is whole trailing time steps (audio columns)
+
+
+def _per_step(constraint: Constraint, axis: str = PADDING_AXIS) -> bool:
+    """Every clique lies inside one step of the padding axis (a step is all padding or all real)."""
+    if isinstance(constraint, AllOf):
+        return any(_per_step(p, axis) for p in constraint.parts)
+    return isinstance(constraint, (Adjacent, SameSpan)) and constraint.axis == axis
+
+
+def _runs_end_at_steps(constraint: Constraint, axis: str = PADDING_AXIS) -> bool:
+    """Neighbours in different steps of the padding axis never merge (``within_frame``, alone or combined), so
+    every run already ends where the step changes, and with it every change between padding and real."""
+    if isinstance(constraint, AllOf):
+        return any(_runs_end_at_steps(p, axis) for p in constraint.parts)
+    return isinstance(constraint, SameSpan) and constraint.axis == axis
+
+
+def _classes(constraint: Constraint) -> bool:
+    """The rule is an equivalence (any pair, same span, same block, and combinations of these): its cliques are
+    disjoint classes, one per run in the rule's order (``runs == cliques``)."""
+    if isinstance(constraint, AllOf):
+        return all(_classes(p) for p in constraint.parts)
+    return isinstance(constraint, (Global, SameSpan, Window))
+
+
+def guarantee_with_padding(constraint: Constraint, breaks: int, *, axis: str = PADDING_AXIS) -> Guarantee:
+    """The constraint's guarantee on tokens in its order whose rows change between padding and real at most
+    ``breaks`` times (padding: whole steps of ``axis``). The one rule behind ``padded_guarantee`` (breaks read
+    from a mask) and ``static_guarantee`` (breaks known at patch time).
+
+    Runs: padding and real never merge, so a change between them ends a run: one run more per change, except
+    under a rule that never merges across steps (``within_frame``), where every change between steps, and so
+    every change between padding and real, already ends a run.
+    Cliques: a clique that holds both splits in two (real part, padding part). Never under a rule whose cliques
+    lie inside one step (``adjacent``, ``within_frame``): a step is all padding or all real. Under an
+    equivalence rule (``global``, ``same_band``, ``window(k)``) each clique is one run of the tokens, so a
+    change splits only the clique it falls in: at most one clique more per change, and never more than double.
+    Otherwise every clique may hold both: double.
+    """
+    g = constraint.guarantee()
+    if breaks < 0:
+        raise ValueError(f"breaks between padding and real tokens must be >= 0, got {breaks}")
+    if breaks == 0:
+        return g
+    runs = g.runs if _runs_end_at_steps(constraint, axis) else g.runs + breaks
+    if _per_step(constraint, axis):
+        cliques = g.cliques
+    elif _classes(constraint):
+        cliques = g.cliques + min(breaks, g.cliques)
+    else:
+        cliques = 2 * g.cliques
+    return Guarantee(runs, cliques)
+
+
+def _padding_rows(constraint: Constraint, axis: str) -> int:
+    """Rows of steps of the padding axis in the rule's order: one per step of the ``same_band`` parts (tokens
+    band-major, each band a row), else one."""
+    rows = 1
+    for part in constraint.parts if isinstance(constraint, AllOf) else (constraint,):
+        if isinstance(part, Global) or getattr(part, "axis", axis) == axis:
+            continue
+        if not isinstance(part, SameSpan):
+            raise ValueError(f"constraint '{constraint}': padding is whole steps of '{axis}', and the rows of "
+                             f"those steps under '{part}' (a rule on axis '{part.axis}') are not known; combine "
+                             f"rules on other axes only as same-span rules (same_band)")
+        rows *= _steps(part.steps, part.name)
+    return rows
+
+
+def static_guarantee(constraint: Constraint, padded: bool = False, *, axis: str = PADDING_AXIS) -> Guarantee:
+    """What the constraint guarantees for every input, with ``padded``: trailing padding steps of ``axis``
+    (the same steps in every row), known at patch time, so no mask is read.
+
+    In the rule's order each row of steps (all the tokens; one band under ``same_band``) changes once from real
+    to padding; the change from one band's padding to the next band's real tokens lies between two bands,
+    where the rule already ends a run and a clique, so it counts for nothing. Hence one break per row, and
+    ``guarantee_with_padding`` says what those do (e.g. none for ``within_frame``: the break lies between two
+    frames; one run for ``adjacent``; one run and one clique for ``global`` and ``window(k)``).
+    """
+    return guarantee_with_padding(constraint, _padding_rows(constraint, axis) if padded else 0, axis=axis)
+
+
+def group_guarantee(padded: bool = False, *, spans_steps: bool = True, inside: Optional[Constraint] = None,
+                    axis: str = PADDING_AXIS) -> Guarantee:
+    """What one static group (a ``Partition`` group: a frame, a band, a block) guarantees: the guarantee of the
+    rule ``inside`` it (default: any pair) on the group's tokens, a row of steps with trailing padding when
+    ``padded``. A group inside one step (``spans_steps=False``, e.g. a frame) is all padding or all real: the
+    padding changes nothing there."""
+    return static_guarantee(Global() if inside is None else inside, padded and spans_steps, axis=axis)
+
+
 def padded_guarantee(constraint: Constraint, valid: Optional[Tensor]) -> Guarantee:
     """The constraint's guarantee on tokens with a padding mask ``valid`` ``[B, M]`` (None: no padding).
 
-    Padding never merges with real tokens: every change between padding and real along a row breaks a run,
-    and every clique that can hold both splits in two (cliques inside one time step cannot: a step is all
-    padding or all real). Reads the mask on the host (one sync): for engine calls; the adapters know their
-    padding at patch time and count without it.
+    Counts the changes between padding and real along each row (the most of any row) and applies
+    ``guarantee_with_padding``. Reads the mask on the host (one sync): for engine calls; the adapters know
+    their padding at patch time and call ``static_guarantee``. On time-major tokens with trailing padding
+    (one change) both agree; band-major rows also change from one band's padding to the next band's real
+    tokens, which this count includes (a looser, still safe, run count).
     """
-    g = constraint.guarantee()
-    if valid is None:
-        return g
-    breaks = int((valid[:, 1:] != valid[:, :-1]).sum(1).max()) if valid.shape[1] > 1 else 0
-    return Guarantee(g.runs + breaks, g.cliques * (1 if _per_step(constraint) else 2))
+    if valid is None or valid.shape[1] < 2:
+        return constraint.guarantee()
+    breaks = int((valid[:, 1:] != valid[:, :-1]).sum(1).max())
+    return guarantee_with_padding(constraint, breaks)
 
 
 def clique_cover(state: TokenState, constraint: Constraint, idx: Tensor,

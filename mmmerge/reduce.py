@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .constraints import (ConstraintSpec, Guarantee, Partition, padded_guarantee, parse_constraint,
-                          split_budget)
+from .constraints import (ConstraintSpec, Global, Guarantee, Partition, guarantee_with_padding, padded_guarantee,
+                          parse_constraint, split_budget)
 from .constraints import check_layout as _check_layout
 from .methods import check_options, check_step, get_matcher, group_limits, step_limit
 from .merge import MergePlan, merge_tokens, merge_weighted
@@ -40,7 +40,8 @@ def equal_groups(state: TokenState, groups: int, r: int, method: str) -> Partiti
         changes = F.pad((valid[:, 1:] != valid[:, :-1]).long().cumsum(1), (1, 0))  # [B, M] changes before i
         ends = torch.tensor(sizes, device=valid.device).cumsum(0)
         inside = changes[:, ends - 1] - changes[:, ends - torch.tensor(sizes, device=valid.device)]  # [B, groups]
-        guarantees = tuple(Guarantee(1 + n, 2) for n in inside.amax(0).tolist())  # one host read, setup time
+        # a group is one clique of any pair; the padding rule says what its changes do (one host read, setup time)
+        guarantees = tuple(guarantee_with_padding(Global(), n) for n in inside.amax(0).tolist())
     try:
         budgets = split_budget(r, sizes, group_limits(method, sizes, guarantees))
     except ValueError as err:
