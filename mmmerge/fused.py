@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -273,10 +273,32 @@ def choose_tps(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected
 def fused_step(x: Tensor, state: TokenState, metric: Tensor, choose: Callable[..., Tuple], ids: Tensor,
                sel: Tensor) -> Tuple[Tensor, TokenState]:
     """One fused step on tokens ``[B, N, C]``: ``([B, K, C], state)``. ``choose``: from ``fused_choice``."""
-    kept, members, lo, hi, assign, weight = choose(metric, state.size, ids, sel, state.protected)
+    return _apply(x, state, choose(metric, state.size, ids, sel, state.protected))
+
+
+def _apply(x: Tensor, state: TokenState, plan: Tuple) -> Tuple[Tensor, TokenState]:
+    """Merge ``x`` and its state by a fused plan ``(kept, members, lo, hi, assign, weight)``."""
+    kept, members, lo, hi, assign, weight = plan
     x, size = torch.ops.mmmerge.merge_slots(x, state.size, weight, kept, members, lo, hi, assign)
     source = None if state.source is None else assign.gather(1, state.source)
     return x, TokenState(size=size, source=source, rules=state.rules, protected=state.protected)
+
+
+def fused_reduce(x: Tensor, metric: Optional[Tensor], state: TokenState, steps: Sequence[int],
+                 choose: Callable[..., Tuple], method: str) -> Tuple[Tensor, TokenState]:
+    """``mmmerge.reduce_tokens`` in fused steps: rounds removing ``steps`` tokens each, without groups; ``metric``
+    (if given, else ``x`` itself) is merged along with ``x``. Returns ``(tokens, state)``."""
+    P = state.protected
+    for r in steps:
+        M = x.shape[1] - P
+        ids = torch.zeros(M, dtype=torch.int32, device=x.device)
+        sel = torch.arange(2 * r if method == "pitome" else r, dtype=torch.int32, device=x.device)
+        scored = x if metric is None else metric
+        plan = choose(scored.detach() if scored.requires_grad else scored, state.size, ids, sel, P)  # no gradient
+        if metric is not None:
+            metric = torch.ops.mmmerge.merge_slots(metric, state.size, plan[5], *plan[:5])[0]
+        x, state = _apply(x, state, plan)
+    return x, state
 
 
 def fused_choice(method: str, options: Mapping[str, Any], protected: int, tokens: int, groups: int,

@@ -16,6 +16,7 @@ from .constraints import (ConstraintSpec, Global, Guarantee, Partition, guarante
                           parse_constraint, split_budget)
 from .constraints import check_layout as _check_layout
 from .methods import check_options, check_step, get_matcher, group_limits, step_limit
+from .fused import fused_choice, fused_reduce
 from .merge import MergePlan, merge_tokens, merge_weighted
 from .rows import RowBudgets
 from .state import TokenState, init_state
@@ -167,7 +168,9 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
     """Reduce a token set to exactly ``keep`` tokens in one call.
 
     Bipartite methods (tome, pitome, random) run rounds of at most what one step can remove; tps and
-    prune select-and-assign in one step. The number of rounds depends only on shapes (no host sync).
+    prune select-and-assign in one step. The number of rounds depends only on shapes (no host sync). ToMe,
+    PiToMe and TPS without a rule, padding, row budgets or a given score take the fused steps (``mmmerge.fused``:
+    two custom ops per round, the same plans).
 
     Args:
         x: ``[B, N, C]`` tokens. keep: tokens to return, ``protected + 1 <= keep <= N``.
@@ -226,6 +229,12 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
     if len(steps) > 1 and any(options.get(name) is not None for name in ("score", "noise")):
         raise ValueError(f"{method}: a per-token score or noise applies to one step; this reduction takes "
                          f"{len(steps)} rounds")
+    choose = None
+    if rows is None and options.get("score") is None and options.get("noise") is None:  # the fused steps?
+        choose = fused_choice(method, options, P, N, 1, isinstance(constraint, Global), state.valid is not None,
+                              bool(state.coords), options.get("layer_idx", 0), options.get("num_layers", 1))
+    if choose is not None:
+        return fused_reduce(x, metric, state, steps, choose, method)
     matcher = get_matcher(method)
     for r, quota in zip(steps, quotas):
         plan = matcher(x if metric is None else metric, state, r, constraint, None, **options, **quota)
