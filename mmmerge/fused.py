@@ -178,21 +178,28 @@ def _(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, margin: float, a
 
 @torch.library.custom_op("mmmerge::tps_plan", mutates_args=())
 def tps_plan(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, sub: float, temperature: float,
-             after: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The TPS plan: the ``r`` highest-energy tokens of each group (``sel``: ``[r]`` static positions; energy at
-    margin 0) are removed, each into its most similar kept token of its group; the plan tensors and the fusion
-    weights ``[B, N]``: ``size``, a removed token's times ``exp((cos - sub) / temperature - after)``."""
-    return _launch("tps_plan", tps_reference, metric, metric, size, ids, sel, protected, sub, temperature, after)
+             after: float, score: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The TPS plan: the ``r`` least important tokens of each group (``sel``: ``[r]`` static positions) are removed,
+    each into its most similar kept token of its group; the plan tensors and the fusion weights ``[B, N]``:
+    ``size``, a removed token's times ``exp((cos - sub) / temperature - after)``. Importance: ``score`` ``[B, N]``
+    (higher keeps), or without one minus the energy at margin 0 (the most redundant go first)."""
+    return _launch("tps_plan", tps_reference, metric, metric, size, ids, sel, protected, sub, temperature, after,
+                   score)
+
+
+def _removal_order(m: Tensor, protected: int, score: Optional[Tensor]) -> Tensor:
+    """``[B, M]`` float32, higher goes first: the energy at margin 0, or minus a given importance score."""
+    return energy_score(m, 0.0) if score is None else -score[:, protected:].float()
 
 
 def tps_reference(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, sub: float,
-                  temperature: float, after: float) -> Tuple[Tensor, ...]:
+                  temperature: float, after: float, score: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
     """``tps_plan`` in PyTorch ops (the CPU implementation, and the kernels' reference)."""
     P = protected
     with torch.no_grad():
         m = _normalized(metric, P)
         B, M, _ = m.shape
-        removed = _pick_by_group(energy_score(m, 0.0), ids, sel)  # [B, r]
+        removed = _pick_by_group(_removal_order(m, P, score), ids, sel)  # [B, r]
         cos = torch.bmm(_rows(m, removed), m.transpose(1, 2))  # [B, r, M]
         is_removed = torch.zeros(B, M, dtype=torch.bool, device=m.device).scatter_(1, removed, True)
         forbidden = is_removed.unsqueeze(1) | (ids.long()[removed].unsqueeze(2) != ids.long().view(1, 1, M))
@@ -204,7 +211,7 @@ def tps_reference(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protec
 
 @tps_plan.register_fake
 def _(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, sub: float, temperature: float,
-      after: float) -> Tuple[Tensor, ...]:
+      after: float, score: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
     return (*_plan_like(metric, sel.shape[0]), size.new_empty(size.shape))
 
 
@@ -266,8 +273,8 @@ def choose_pitome(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protec
 
 
 def choose_tps(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, *, sub: float,
-               temperature: float, after: float) -> Tuple:
-    return torch.ops.mmmerge.tps_plan(metric, size, ids, sel, protected, sub, temperature, after)
+               temperature: float, after: float, score: Optional[Tensor] = None) -> Tuple:
+    return torch.ops.mmmerge.tps_plan(metric, size, ids, sel, protected, sub, temperature, after, score)
 
 
 def fused_step(x: Tensor, state: TokenState, metric: Tensor, choose: Callable[..., Tuple], ids: Tensor,

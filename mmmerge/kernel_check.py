@@ -69,11 +69,13 @@ def check_case(case, device: torch.device, seed: int, method: str) -> List[str]:
         want = pitome_reference(metric, ids, sel, P, *args)
         _poison(device)
         got = triton_kernels.pitome_plan(*on, P, *args)
-    elif method == "tps":  # the paper's logit at temperature 0.5, the official one at 1
+    elif method == "tps":  # the paper's logit at temperature 0.5 by energy; the official one at 1 by a given score
         args = (1.0, 0.5, 0.0) if seed % 2 == 0 else (0.0, 1.0, 1.0)
-        want = tps_reference(metric, size, ids, sel, P, *args)
+        score = None if seed % 2 == 0 else torch.randn(B, N, generator=gen)
+        want = tps_reference(metric, size, ids, sel, P, *args, score)
         _poison(device)
-        got = triton_kernels.tps_plan(on[0], size.to(device), *on[1:], P, *args)
+        got = triton_kernels.tps_plan(on[0], size.to(device), *on[1:], P, *args,
+                                      None if score is None else score.to(device))
         weight = want[5]
         if not torch.allclose(got[5].cpu(), weight, rtol=1e-5):
             return [f"{case}: fusion weights differ"]

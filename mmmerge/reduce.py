@@ -6,6 +6,7 @@ batch of rows with a keep each (``RowBudgets``, ``mmmerge.rows``), which ``reduc
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -169,8 +170,8 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
 
     Bipartite methods (tome, pitome, random) run rounds of at most what one step can remove; tps and
     prune select-and-assign in one step. The number of rounds depends only on shapes (no host sync). ToMe,
-    PiToMe and TPS without a rule, padding, row budgets or a given score take the fused steps (``mmmerge.fused``:
-    two custom ops per round, the same plans).
+    PiToMe and TPS (also with a given score) without a rule, padding or row budgets take the fused steps
+    (``mmmerge.fused``: two custom ops per round, the same plans).
 
     Args:
         x: ``[B, N, C]`` tokens. keep: tokens to return, ``protected + 1 <= keep <= N``.
@@ -229,11 +230,13 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
     if len(steps) > 1 and any(options.get(name) is not None for name in ("score", "noise")):
         raise ValueError(f"{method}: a per-token score or noise applies to one step; this reduction takes "
                          f"{len(steps)} rounds")
-    choose = None
-    if rows is None and options.get("score") is None and options.get("noise") is None:  # the fused steps?
+    choose, score = None, options.get("score")
+    if rows is None and options.get("noise") is None and (score is None or method == "tps"):  # the fused steps?
         choose = fused_choice(method, options, P, N, 1, isinstance(constraint, Global), state.valid is not None,
                               bool(state.coords), options.get("layer_idx", 0), options.get("num_layers", 1))
     if choose is not None:
+        if score is not None:
+            choose = functools.partial(choose, score=score)
         return fused_reduce(x, metric, state, steps, choose, method)
     matcher = get_matcher(method)
     for r, quota in zip(steps, quotas):

@@ -7,7 +7,7 @@ in five.
             select             one program per batch row: the 2r highest-energy candidates (per group)
             candidate_partner  each A candidate's most similar B candidate
             pairs_plan         one program per batch row: ``_slots``
-    TPS     energy, select     the r highest-energy tokens are removed (per group)
+    TPS     energy, select     the r highest-energy (or lowest-score) tokens are removed (per group)
             host               each removed token's most similar kept token
             pairs_plan         ``_slots``, and the fusion weights (size x exp of the scaled similarity)
     all     merge_slots        one program per (slot, batch row): the weighted mean of the slot's tokens
@@ -374,7 +374,7 @@ def pitome_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, margin
 
 
 def tps_plan(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, sub: float, temperature: float,
-             after: float) -> Tuple[Tensor, ...]:
+             after: float, score: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
     """Kernel launches of ``torch.ops.mmmerge.tps_plan`` (same contract)."""
     metric = _unit_stride(metric)
     size = size.contiguous()
@@ -382,7 +382,10 @@ def tps_plan(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: 
     M = N - protected
     r = sel.shape[0]
     device = metric.device
-    energy = _energy(metric, protected, 0.0, 1.0, False)
+    if score is None:  # the most redundant go first
+        energy = _energy(metric, protected, 0.0, 1.0, False)
+    else:  # the least important go first
+        energy = score[:, protected:].float().neg().contiguous()
     block_n, block_m = _pow2(N), _pow2(M)
     work = torch.empty(B, max(2 * block_n, block_m), device=device, dtype=torch.int32)
     removed = torch.empty(B, r, device=device, dtype=torch.int32)

@@ -112,6 +112,8 @@ def test_the_ops_registrations_pass_opcheck():
     x = torch.randn(2, 21, 5, dtype=torch.double, requires_grad=True)
     size = torch.randint(1, 4, (2, 21)).double()
     torch.library.opcheck(torch.ops.mmmerge.tps_plan, (metric, size.float(), ids, sel, P, 1.0, 0.5, 0.0))
+    torch.library.opcheck(torch.ops.mmmerge.tps_plan, (metric, size.float(), ids, sel, P, 1.0, 0.5, 0.0,
+                                                       torch.randn(2, 21)))
     torch.library.opcheck(torch.ops.mmmerge.merge_slots, (x, size, size, kept, members, lo, hi, assign))
     weight = size * torch.rand(2, 21, dtype=torch.double)
     torch.library.opcheck(torch.ops.mmmerge.merge_slots, (x, size, weight, kept, members, lo, hi, assign))
@@ -202,3 +204,25 @@ def test_layers_over_the_kernels_size_take_the_engine_path(monkeypatch):
     monkeypatch.setattr(fused, "MAX_TOKENS", 60)
     mmmerge.patch(model, r=6)
     assert _fused_layers(model) == [False, True, True, True]
+
+
+@pytest.mark.parametrize("method,options", [("tome", {}), ("pitome", {"margin": 0.5}), ("tps", {}),
+                                            ("tps", {"score": "given", "temperature": 0.5})])
+def test_reduce_tokens_in_fused_steps_equals_the_engine_rounds(method, options):
+    """``reduce_tokens`` takes the fused steps (several rounds for the bipartite methods); the engine's own rounds
+    (matcher + merge_tokens) give the same tokens, sizes and source map."""
+    from mmmerge.methods import get_matcher
+    from mmmerge.reduce import reduction_steps
+
+    gen = torch.Generator().manual_seed(0)
+    x, metric = torch.randn(2, 40, 6, generator=gen), torch.randn(2, 40, 4, generator=gen)
+    if options.get("score") == "given":
+        options = {**options, "score": torch.randn(2, 40, generator=gen)}
+    y, state = mmmerge.reduce_tokens(x, 9, method, metric=metric, protected=1, **options)
+    want, want_state, m = x, mmmerge.init_state(2, 40, protected=1), metric
+    for r in reduction_steps(method, 40, 9, 1):
+        plan = get_matcher(method)(m, want_state, r, None, None, **options)
+        m = mmmerge.merge_weighted(m, plan)
+        want, want_state = mmmerge.merge_tokens(want, want_state, plan)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(state.source, want_state.source) and torch.allclose(state.size, want_state.size)
