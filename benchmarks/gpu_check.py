@@ -4,6 +4,7 @@
 
 Sections, in this order (each recorded, and skipped with the reason when the budget runs short):
     kernels    the fused steps' Triton kernels against their PyTorch references (``mmmerge.kernel_check``)
+    merge_step one merge step alone at VideoMAE-base's first layer, fused vs engine path, batch 1 / 8 / 32
     sync       the merged forward under ``torch.cuda.set_sync_debug_mode("error")`` (VideoMAE every time mode and
                method, AST with padding, LLaVA-1.5 and LLaVA-NeXT reductions): any host sync raises
     videomae   VideoMAE-base (random weights, bf16, sdpa) unmerged vs TargetFlops(0.5) for tome global, pitome,
@@ -296,6 +297,45 @@ def videomae_compiled_section(models: VideoModels, budget: Budget, repeats: int,
     return rows
 
 
+@torch.no_grad()
+def merge_step_section(device: torch.device, quick: bool, repeats: int) -> List[Dict[str, Any]]:
+    """One merge step alone (VideoMAE-base's first layer: N=1568, C=768, metric width 64, r=120; bf16 tokens), the
+    fused step against the engine path, interleaved: device time (CUDA events) and the host's time to return."""
+    from mmmerge import fused
+    from mmmerge.methods import get_matcher
+    from mmmerge.merge import merge_tokens
+
+    N, C, D, r = (64, 32, 16, 8) if quick else (1568, 768, 64, 120)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows: List[Dict[str, Any]] = []
+    for method in ("tome", "pitome", "tps"):
+        choose = fused.fused_choice(method, {}, 0, N, 1, True, False, False, 0, 12)
+        tables = {k: v.to(device) for k, v in fused.fused_tables(method, N, r, mmmerge.GroupTables()).items()}
+        for batch in ((1, 2) if quick else (1, 8, 32)):
+            try:
+                x = torch.randn(batch, N, C, device=device, dtype=dtype)
+                metric = torch.randn(batch, N, D, device=device)
+                state = mmmerge.init_state(batch, N, device=device, trace_source=False)
+                matcher = get_matcher(method)
+
+                def engine() -> Any:
+                    return merge_tokens(x, state, matcher(metric, state, r))
+
+                def fused_step() -> Any:
+                    return fused.fused_step(x, state, metric, choose, tables["fused_ids"], tables["fused_sel"])
+
+                timed = paired(engine, fused_step, repeats)
+                host = [(_host_seconds(engine), _host_seconds(fused_step)) for _ in range(repeats)]
+                rows.append({"method": method, "batch": batch, "engine_ms": timed["base_ms"],
+                             "fused_ms": timed["merged_ms"], "speedup": timed["speedup"],
+                             "engine_host_ms": statistics.median(e for e, _ in host) * 1e3,
+                             "fused_host_ms": statistics.median(f for _, f in host) * 1e3,
+                             "kernel_fallbacks": dict(fused._FAILED)})
+            except Exception as err:
+                rows.append({"method": method, "batch": batch, "error": f"{type(err).__name__}: {err}"[:400]})
+    return rows
+
+
 def kernels_section(device: torch.device) -> List[Dict[str, Any]]:
     """The fused steps' Triton kernels against their PyTorch references (``mmmerge.kernel_check``)."""
     if device.type != "cuda":
@@ -347,7 +387,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for all sections together")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="tiny models: check the script itself (CPU too)")
-    sections = ["kernels", "sync", "videomae", "llava", "qwen", "videomae_compiled"]
+    sections = ["kernels", "merge_step", "sync", "videomae", "llava", "qwen", "videomae_compiled"]
     parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -371,6 +411,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         try:
             if name == "kernels":
                 rows = kernels_section(device)
+            elif name == "merge_step":
+                rows = merge_step_section(device, args.quick, args.repeats)
             elif name == "sync":
                 rows = sync_section(device, args.quick)
             elif name in ("videomae", "videomae_compiled"):

@@ -254,3 +254,18 @@ def test_padding_benchmark_rows_on_a_tiny_ast():
     assert rows["drop"]["tokens"] < rows["keep"]["tokens"] and rows["drop"]["gflops"] < rows["keep"]["gflops"]
     assert rows["drop"]["max_logit_diff"] > 0.0  # dropping the padding changes the outputs
     assert "| drop |" in padding.report(list(rows.values()))
+
+
+def test_the_gpu_check_runs_its_kernel_and_merge_step_sections_on_the_cpu(tmp_path):
+    """The prepared GPU script itself (``--quick``, tiny shapes): its JSON holds every row, none in error."""
+    import json
+
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    gpu_check.main(["--quick", "--repeats", "1", "--out", str(out), "--sections", "kernels", "merge_step"])
+    sections = json.loads(out.read_text())["sections"]
+    rows = sections["merge_step"]["rows"]
+    assert {(r["method"], r["batch"]) for r in rows} == {(m, b) for m in ("tome", "pitome", "tps") for b in (1, 2)}
+    assert not [r for r in rows if "error" in r] and "error" not in sections["merge_step"]
+    assert sections["kernels"]["rows"][0].get("skipped")  # no CUDA here
