@@ -9,7 +9,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > "$OUT/gpu.txt" 2>&1
-# The measurements first (kernels vs references, host syncs, VideoMAE fused/engine/ceiling, LLaVA, Qwen, compiled).
+# The measurements first (kernels vs references, one merge step, host syncs, VideoMAE fused/engine/ceiling, LLaVA,
+# Qwen, compiled).
 timeout 400 python -m benchmarks.gpu_check --out "$OUT/gpu_check.json" --budget 340 > "$OUT/gpu_check.log" 2>&1
 echo "gpu_check rc=$?"
 # Then the tests on CUDA (the fused kernels inside models, runtime, LLaVA; media tests skip without their extras).
