@@ -91,7 +91,9 @@ def _launch(name: str, reference: Callable[..., Any], on: Tensor, *args: Any) ->
 # ------------------------------------------------------------------------------------------------ choose
 @torch.library.custom_op("mmmerge::bipartite_plan", mutates_args=())
 def bipartite_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0: int) -> PlanTensors:
-    """The ToMe plan (see the module docstring). ``metric``: ``[B, N, d]`` (float32 head-averaged keys)."""
+    """The ToMe plan (see the module docstring). ``metric``: ``[B, N, d]`` (float32 head-averaged keys). ``ids`` and
+    ``sel`` may also be per row, ``[B, M]`` and ``[B, r]`` (the real/padding tiers of rows with budgets of their
+    own, ``mmmerge.rows``)."""
     return _launch("bipartite_plan", plan_reference, metric, metric, ids, sel, protected, a0)
 
 
@@ -101,10 +103,12 @@ def _normalized(metric: Tensor, protected: int) -> Tensor:
 
 
 def _pick_by_group(values: Tensor, ids: Tensor, sel: Tensor) -> Tensor:
-    """``[B, len(sel)]`` indices: entries sorted by (group, value descending, index), at the positions ``sel``."""
+    """``[B, len(sel)]`` indices: entries sorted by (group, value descending, index), at the positions ``sel``
+    (``ids`` ``[K]`` or per row ``[B, K]``; ``sel`` ``[S]`` or ``[B, S]``)."""
     order = values.argsort(dim=1, descending=True, stable=True)  # ties: lower index first
-    order = order.gather(1, ids.long()[order].argsort(dim=1, stable=True))  # then by group (stable)
-    return order.index_select(1, sel.long())
+    groups = ids.long()[order] if ids.dim() == 1 else ids.long().gather(1, order)
+    order = order.gather(1, groups.argsort(dim=1, stable=True))  # then by group (stable)
+    return order.index_select(1, sel.long()) if sel.dim() == 1 else order.gather(1, sel.long())
 
 
 def _plan_tensors(src: Tensor, dst: Tensor, N: int, protected: int) -> PlanTensors:
@@ -125,9 +129,9 @@ def plan_reference(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0:
     """``bipartite_plan`` in PyTorch ops (the CPU implementation, and the kernels' reference)."""
     with torch.no_grad():
         m = _normalized(metric, protected)
-        ids_a, ids_b = ids[a0::2], ids[1 - a0::2]
+        ids_a, ids_b = ids[..., a0::2], ids[..., 1 - a0::2]
         cos = torch.bmm(m[:, a0::2], m[:, 1 - a0::2].transpose(1, 2))  # [B, Na, Nb]
-        cos = cos.masked_fill(ids_a.unsqueeze(1) != ids_b.unsqueeze(0), float("-inf"))
+        cos = cos.masked_fill(ids_a.unsqueeze(-1) != ids_b.unsqueeze(-2), float("-inf"))
         best, partner = cos.max(dim=-1)  # [B, Na]
         src = _pick_by_group(best, ids_a, sel)  # [B, r] A tokens that merge
         dst = partner.gather(1, src)
@@ -145,7 +149,7 @@ def _plan_like(metric: Tensor, r: int) -> PlanTensors:
 
 @bipartite_plan.register_fake
 def _(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0: int) -> PlanTensors:
-    return _plan_like(metric, sel.shape[0])
+    return _plan_like(metric, sel.shape[-1])
 
 
 @torch.library.custom_op("mmmerge::pitome_plan", mutates_args=())
@@ -288,24 +292,40 @@ def _apply(x: Tensor, state: TokenState, plan: Tuple) -> Tuple[Tensor, TokenStat
     kept, members, lo, hi, assign, weight = plan
     x, size = torch.ops.mmmerge.merge_slots(x, state.size, weight, kept, members, lo, hi, assign)
     source = None if state.source is None else assign.gather(1, state.source)
-    return x, TokenState(size=size, source=source, rules=state.rules, protected=state.protected)
+    valid = None if state.valid is None else state.valid.gather(1, kept)  # a slot is its survivor's tier
+    return x, TokenState(size=size, source=source, rules=state.rules, protected=state.protected, valid=valid)
 
 
 def fused_reduce(x: Tensor, metric: Optional[Tensor], state: TokenState, steps: Sequence[int],
-                 choose: Callable[..., Tuple], method: str) -> Tuple[Tensor, TokenState]:
-    """``mmmerge.reduce_tokens`` in fused steps: rounds removing ``steps`` tokens each, without groups; ``metric``
-    (if given, else ``x`` itself) is merged along with ``x``. Returns ``(tokens, state)``."""
+                 choose: Callable[..., Tuple], method: str, quotas: Optional[Sequence[Tensor]] = None
+                 ) -> Tuple[Tensor, TokenState]:
+    """``mmmerge.reduce_tokens`` in fused steps: rounds removing ``steps`` tokens each; ``metric`` (if given, else
+    ``x`` itself) is merged along with ``x``. Without groups, or (ToMe) with per-row budgets: ``quotas[k]`` ``[B]``
+    real tokens each row removes in round k, its padding the rest (``mmmerge.rows``). Returns ``(tokens, state)``."""
     P = state.protected
-    for r in steps:
-        M = x.shape[1] - P
-        ids = torch.zeros(M, dtype=torch.int32, device=x.device)
-        sel = torch.arange(2 * r if method == "pitome" else r, dtype=torch.int32, device=x.device)
+    for k, r in enumerate(steps):
+        if quotas is None:
+            ids = torch.zeros(x.shape[1] - P, dtype=torch.int32, device=x.device)
+            sel = torch.arange(2 * r if method == "pitome" else r, dtype=torch.int32, device=x.device)
+        else:
+            ids, sel = _row_tables(state.valid, quotas[k], r)
         scored = x if metric is None else metric
         plan = choose(scored.detach() if scored.requires_grad else scored, state.size, ids, sel, P)  # no gradient
         if metric is not None:
             metric = torch.ops.mmmerge.merge_slots(metric, state.size, plan[5], *plan[:5])[0]
         x, state = _apply(x, state, plan)
     return x, state
+
+
+def _row_tables(valid: Tensor, quota: Tensor, r: int) -> Tuple[Tensor, Tensor]:
+    """ToMe's per-row tables for rows with budgets of their own (no protected tokens, A tokens at even positions):
+    ``ids`` ``[B, M]`` the tier of each token (0 real, 1 padding: the two never merge) and ``sel`` ``[B, r]`` the
+    row's best ``quota[b]`` real edges, then its best ``r - quota[b]`` padding edges (as ``rows.best_with_quota``)."""
+    ids = (~valid).to(torch.int32)
+    real_a = valid[:, 0::2].sum(1, keepdim=True)  # [B, 1] real A tokens: the first tier of the sorted edges
+    picks = torch.arange(r, device=valid.device)
+    q = quota.unsqueeze(1)
+    return ids, (picks + (picks >= q) * (real_a - q)).to(torch.int32)
 
 
 def fused_choice(method: str, options: Mapping[str, Any], protected: int, tokens: int, groups: int,

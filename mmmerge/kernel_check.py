@@ -105,6 +105,24 @@ def check_case(case, device: torch.device, seed: int, method: str) -> List[str]:
     return errors
 
 
+def check_rows_case(device: torch.device, seed: int, B: int = 3, W: int = 48, r: int = 10) -> List[str]:
+    """ToMe with per-row tables (rows of their own lengths and budgets: ``fused._row_tables``)."""
+    from . import triton_kernels
+    from .fused import _row_tables
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([W, W - 9, W - 20])[:B]
+    valid = torch.arange(W).unsqueeze(0) < lengths.unsqueeze(1)
+    quota = torch.tensor([r, r - 4, r - 7])[:B]
+    ids, sel = _row_tables(valid, quota, r)
+    metric = torch.randn(B, W, 16, generator=gen)
+    want = plan_reference(metric, ids, sel, 0, 0)
+    _poison(device)
+    got = triton_kernels.bipartite_plan(metric.to(device), ids.to(device), sel.to(device), 0, 0)
+    return [f"rows case (seed {seed}): plan {name} differs" for name, w, g in
+            zip(("kept", "members", "lo", "hi", "assign"), want, got) if not torch.equal(w.long(), g.cpu().long())]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -114,9 +132,10 @@ def main(argv=None) -> int:
     cases = CUDA_CASES if device.type == "cuda" else CASES
     errors = [e for method in METHODS for case in cases for seed in range(args.seeds)
               for e in check_case(case, device, seed, method)]
+    errors += [e for seed in range(args.seeds) for e in check_rows_case(device, seed)]
     for error in errors:
         print("MISMATCH", error)
-    print(f"kernel_check: {len(METHODS) * len(cases) * args.seeds} cases on {device}, {len(errors)} mismatches")
+    print(f"kernel_check: {(len(METHODS) * len(cases) + 1) * args.seeds} cases on {device}, {len(errors)} mismatches")
     return 1 if errors else 0
 
 

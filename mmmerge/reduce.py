@@ -170,8 +170,8 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
 
     Bipartite methods (tome, pitome, random) run rounds of at most what one step can remove; tps and
     prune select-and-assign in one step. The number of rounds depends only on shapes (no host sync). ToMe,
-    PiToMe and TPS (also with a given score) without a rule, padding or row budgets take the fused steps
-    (``mmmerge.fused``: two custom ops per round, the same plans).
+    PiToMe and TPS (also with a given score) without a rule, padding or row budgets, and ToMe with row budgets,
+    take the fused steps (``mmmerge.fused``: two custom ops per round, the same plans).
 
     Args:
         x: ``[B, N, C]`` tokens. keep: tokens to return, ``protected + 1 <= keep <= N``.
@@ -234,10 +234,12 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
     if rows is None and options.get("noise") is None and (score is None or method == "tps"):  # the fused steps?
         choose = fused_choice(method, options, P, N, 1, isinstance(constraint, Global), state.valid is not None,
                               bool(state.coords), options.get("layer_idx", 0), options.get("num_layers", 1))
+    elif rows is not None and method == "tome":  # per-row budgets: per-row tier tables (ToMe's fused step)
+        choose = fused_choice(method, options, 0, N, 1, True, False, False, 0, 1)
     if choose is not None:
         if score is not None:
             choose = functools.partial(choose, score=score)
-        return fused_reduce(x, metric, state, steps, choose, method)
+        return fused_reduce(x, metric, state, steps, choose, method, None if rows is None else rows.quotas)
     matcher = get_matcher(method)
     for r, quota in zip(steps, quotas):
         plan = matcher(x if metric is None else metric, state, r, constraint, None, **options, **quota)

@@ -51,7 +51,7 @@ def _running_best(cos, start, best, best_idx):
 
 
 @triton.jit
-def _best_partner_kernel(metric_ptr, ids_ptr, best_ptr, best_idx_ptr, stride_b, stride_n, Na, Nb, P, a0,
+def _best_partner_kernel(metric_ptr, ids_ptr, best_ptr, best_idx_ptr, stride_b, stride_n, ids_stride_b, Na, Nb, P, a0,
                          D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """Programs (A blocks, batch). A token i is mergeable token ``a0 + 2i``, B token j is ``1 - a0 + 2j``."""
     pid_a = tl.program_id(0)
@@ -60,6 +60,7 @@ def _best_partner_kernel(metric_ptr, ids_ptr, best_ptr, best_idx_ptr, stride_b, 
     in_a = rows_a < Na
     base = metric_ptr + b * stride_b
     a = _unit_rows(base, P + a0 + 2 * rows_a, in_a, stride_n, D, BLOCK_D)
+    ids_ptr += b * ids_stride_b  # a row's own groups (per-row tiers), or the shared ones (stride 0)
     group_a = tl.load(ids_ptr + a0 + 2 * rows_a, mask=in_a, other=-1)
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_A], tl.int32)
@@ -122,7 +123,7 @@ def _slots(src, dst, in_r, e, b, work, kept_ptr, members_ptr, lo_ptr, hi_ptr, as
 
 @triton.jit
 def _tome_plan_kernel(best_ptr, best_idx_ptr, ids_ptr, sel_ptr, kept_ptr, members_ptr, lo_ptr, hi_ptr, assign_ptr,
-                      work_ptr, N, P, a0, Na, r, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
+                      work_ptr, ids_stride_b, sel_stride_b, N, P, a0, Na, r, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
                       BLOCK_R: tl.constexpr):
     """One program per batch row: the best edges (A tokens by (group, score), the static positions ``sel``),
     then the slots. ``work``: ``[B, 3 * BLOCK_N]`` int32 scratch."""
@@ -131,13 +132,14 @@ def _tome_plan_kernel(best_ptr, best_idx_ptr, ids_ptr, sel_ptr, kept_ptr, member
     i = tl.arange(0, BLOCK_A)
     in_a = i < Na
     score = tl.load(best_ptr + b * Na + i, mask=in_a, other=0.0)
-    group = tl.load(ids_ptr + a0 + 2 * i, mask=in_a, other=0)
+    group = tl.load(ids_ptr + b * ids_stride_b + a0 + 2 * i, mask=in_a, other=0)
     key = tl.where(in_a, _sort_key(score, group, i), 0x7FFFFFFFFFFFFFFF)
     tl.store(work + 2 * BLOCK_N + i, (tl.sort(key) & 0xFFFF).to(tl.int32), mask=in_a)
     tl.debug_barrier()
     e = tl.arange(0, BLOCK_R)
     in_r = e < r
-    src_a = tl.load(work + 2 * BLOCK_N + tl.load(sel_ptr + e, mask=in_r, other=0), mask=in_r, other=0)
+    src_a = tl.load(work + 2 * BLOCK_N + tl.load(sel_ptr + b * sel_stride_b + e, mask=in_r, other=0), mask=in_r,
+                    other=0)
     dst_b = tl.load(best_idx_ptr + b * Na + src_a, mask=in_r, other=0)
     _slots(P + a0 + 2 * src_a, P + 1 - a0 + 2 * dst_b, in_r, e, b, work, kept_ptr, members_ptr, lo_ptr, hi_ptr,
            assign_ptr, N, r, BLOCK_N)
@@ -323,17 +325,20 @@ def bipartite_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0:
     B, N, D = metric.shape
     M = N - protected
     Na, Nb = (M - a0 + 1) // 2, (M + a0) // 2
-    r = sel.shape[0]
+    r = sel.shape[-1]
+    ids, sel = ids.contiguous(), sel.contiguous()
+    ids_stride, sel_stride = (ids.stride(0) if ids.dim() == 2 else 0), (sel.stride(0) if sel.dim() == 2 else 0)
     device = metric.device
     best = torch.empty(B, Na, device=device, dtype=torch.float32)
     best_idx = torch.empty(B, Na, device=device, dtype=torch.int32)
     _best_partner_kernel[(triton.cdiv(Na, 32), B)](
-        metric, ids, best, best_idx, metric.stride(0), metric.stride(1), Na, Nb, protected, a0,
+        metric, ids, best, best_idx, metric.stride(0), metric.stride(1), ids_stride, Na, Nb, protected, a0,
         D=D, BLOCK_A=32, BLOCK_B=64, BLOCK_D=_pow2(D))
     kept, members, lo, hi, assign = _plan_outputs(B, N, r, device)
     block_n = _pow2(N)
     work = torch.empty(B, 3 * block_n, device=device, dtype=torch.int32)
-    _tome_plan_kernel[(B,)](best, best_idx, ids, sel, kept, members, lo, hi, assign, work, N, protected, a0, Na, r,
+    _tome_plan_kernel[(B,)](best, best_idx, ids, sel, kept, members, lo, hi, assign, work, ids_stride, sel_stride, N,
+                            protected, a0, Na, r,
                             BLOCK_N=block_n, BLOCK_A=_pow2(Na), BLOCK_R=_pow2(r), num_warps=8)
     return kept, members, lo, hi, assign
 
