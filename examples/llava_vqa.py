@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mmmerge.adapters import llava
+from mmmerge.extras import model_folder_problem
 
 
 def _tokenizer(words):
@@ -181,16 +182,10 @@ def check_image(parser: argparse.ArgumentParser, path) -> None:
 
 def check_model_folder(parser: argparse.ArgumentParser, name) -> None:
     """A ``--model`` that names a path must be a model folder (hub ids such as ``org/name`` go to transformers)."""
-    if name is None:
-        return
-    looks_local = (os.path.isdir(os.path.expanduser(name)) or name.startswith(("/", ".", "~")) or name.count("/") > 1
-                   or "\\" in name or name.endswith("/"))
-    if not looks_local:
-        return
-    if not os.path.isdir(os.path.expanduser(name)):
-        parser.error(f"--model {name}: no such model folder")
-    if not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
-        parser.error(f"--model {name}: not a model folder (no config.json in it)")
+    problem = model_folder_problem(name)
+    if problem:
+        parser.error(problem)
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

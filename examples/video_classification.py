@@ -31,7 +31,7 @@ import torch
 
 import mmmerge
 from mmmerge.adapters import video
-from mmmerge.extras import require
+from mmmerge.extras import model_folder_problem, require
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "benchmarks" / "reference" / "videomae"
@@ -103,17 +103,9 @@ def check_model_folder(name: Optional[str]) -> None:
 
     Raises InputError (one line) for a path with no folder, or a folder with no config.json, before anything loads.
     """
-    if name is None:
-        return
-    path = Path(name).expanduser()
-    looks_local = (path.is_dir() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
-                   or name.endswith("/"))
-    if not looks_local:
-        return
-    if not path.is_dir():
-        raise InputError(f"--model {name}: no such model folder")
-    if not (path / "config.json").is_file():
-        raise InputError(f"--model {name}: not a model folder (no config.json in it)")
+    problem = model_folder_problem(name)
+    if problem:
+        raise InputError(problem)
 
 
 def model_config(name: Optional[str], reference: bool):

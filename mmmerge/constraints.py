@@ -159,6 +159,14 @@ class Partition:
         return first_positions(counts, take).to(device)
 
 
+def group_sorted(values: Tensor, ids: Tensor, descending: bool) -> Tensor:
+    """``[B, K]`` indices of ``values`` ``[B, K]`` sorted by (group, value, index): one stable sort by value, one
+    stable sort by group, so each group's entries form a static range (``first_positions`` picks from them).
+    ``ids``: the group of each entry, ``[K]`` or per row ``[B, K]``."""
+    order = values.argsort(dim=1, descending=descending, stable=True)
+    return order.gather(1, ids.expand_as(order).gather(1, order).argsort(dim=1, stable=True))
+
+
 def first_positions(counts: Sequence[int], take: Sequence[int]) -> Tensor:
     """Positions of the first ``take[g]`` entries of each group in a group-sorted list of ``counts`` entries."""
     starts = [0]

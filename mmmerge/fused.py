@@ -32,8 +32,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .matchers import PITOME_PRESETS, TPS_PRESETS, _rows, a_first, energy_score, pitome_margin
-from .constraints import GroupTables
+from .matchers import PITOME_PRESETS, TPS_PRESETS, _normalized, _rows, a_first, energy_score, pitome_margin
+from .constraints import GroupTables, group_sorted
 from .merge import MergePlan, _fuse, plan_from_pairs
 from .state import TokenState
 
@@ -97,17 +97,15 @@ def bipartite_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0:
     return _launch("bipartite_plan", plan_reference, metric, metric, ids, sel, protected, a0)
 
 
-def _normalized(metric: Tensor, protected: int) -> Tensor:
-    m = metric[:, protected:].float()
-    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+def _unit(metric: Tensor, protected: int) -> Tensor:
+    """The mergeable metric as unit float32 vectors (what the kernels compute on)."""
+    return _normalized(metric.float(), protected)
 
 
 def _pick_by_group(values: Tensor, ids: Tensor, sel: Tensor) -> Tensor:
     """``[B, len(sel)]`` indices: entries sorted by (group, value descending, index), at the positions ``sel``
     (``ids`` ``[K]`` or per row ``[B, K]``; ``sel`` ``[S]`` or ``[B, S]``)."""
-    order = values.argsort(dim=1, descending=True, stable=True)  # ties: lower index first
-    groups = ids.long()[order] if ids.dim() == 1 else ids.long().gather(1, order)
-    order = order.gather(1, groups.argsort(dim=1, stable=True))  # then by group (stable)
+    order = group_sorted(values, ids.long(), descending=True)
     return order.index_select(1, sel.long()) if sel.dim() == 1 else order.gather(1, sel.long())
 
 
@@ -128,7 +126,7 @@ def _plan_tensors(src: Tensor, dst: Tensor, N: int, protected: int) -> PlanTenso
 def plan_reference(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0: int) -> PlanTensors:
     """``bipartite_plan`` in PyTorch ops (the CPU implementation, and the kernels' reference)."""
     with torch.no_grad():
-        m = _normalized(metric, protected)
+        m = _unit(metric, protected)
         ids_a, ids_b = ids[..., a0::2], ids[..., 1 - a0::2]
         cos = torch.bmm(m[:, a0::2], m[:, 1 - a0::2].transpose(1, 2))  # [B, Na, Nb]
         cos = cos.masked_fill(ids_a.unsqueeze(-1) != ids_b.unsqueeze(-2), float("-inf"))
@@ -165,7 +163,7 @@ def pitome_reference(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, m
                      shift: bool) -> PlanTensors:
     """``pitome_plan`` in PyTorch ops (the CPU implementation, and the kernels' reference)."""
     with torch.no_grad():
-        m = _normalized(metric, protected)
+        m = _unit(metric, protected)
         cand = _pick_by_group(energy_score(m, margin, alpha, shift), ids, sel)  # [B, 2r]
         src, cand_b = cand[:, 0::2], cand[:, 1::2]
         cos = torch.bmm(_rows(m, src), _rows(m, cand_b).transpose(1, 2))  # [B, r, r]
@@ -201,7 +199,7 @@ def tps_reference(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protec
     """``tps_plan`` in PyTorch ops (the CPU implementation, and the kernels' reference)."""
     P = protected
     with torch.no_grad():
-        m = _normalized(metric, P)
+        m = _unit(metric, P)
         B, M, _ = m.shape
         removed = _pick_by_group(_removal_order(m, P, score), ids, sel)  # [B, r]
         cos = torch.bmm(_rows(m, removed), m.transpose(1, 2))  # [B, r, M]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .constraints import Constraint, Global, Partition, allowed_pairs, clique_cover
+from .constraints import Constraint, Global, Partition, allowed_pairs, clique_cover, group_sorted
 from .merge import MergePlan, plan_from_pairs
 from .rows import best_with_quota, check_quota, tier_mask
 from .state import TokenState
@@ -76,9 +76,7 @@ def _best_per_group(values: Tensor, take: int, partition: Optional[Partition], c
     """
     if partition is None:  # no sort: the best ``take`` (which of exactly tied values is taken may differ)
         return values.topk(take, dim=1, largest=descending).indices
-    order = values.argsort(dim=1, descending=descending, stable=True)
-    by_group = ids.expand_as(order).gather(1, order).argsort(dim=1, stable=True)
-    order = order.gather(1, by_group)
+    order = group_sorted(values, ids, descending)
     return order.index_select(1, partition.first_positions(counts, budgets, values.device, table))
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .constraints import Constraint, Global, Partition
+from .constraints import Constraint, Global, Partition, group_sorted
 from .state import TokenState
 
 
@@ -76,8 +76,7 @@ def best_with_quota(values: Tensor, take: int, second: Tensor, quota: Tensor, de
         quota: ``[B]`` long, entries of the first tier to take (each row has at least that many, and at least
             ``take - quota`` in the second tier).
     """
-    order = values.argsort(dim=1, descending=descending, stable=True)
-    order = order.gather(1, second.gather(1, order).to(torch.int8).argsort(dim=1, stable=True))
+    order = group_sorted(values, second.to(torch.int8), descending)
     first_count = values.shape[1] - second.sum(1, keepdim=True)  # [B, 1]
     quota = quota.unsqueeze(1)
     j = torch.arange(take, device=values.device).unsqueeze(0)  # [1, take]
