@@ -35,6 +35,7 @@ from torch import Tensor
 from .matchers import PITOME_PRESETS, TPS_PRESETS, _normalized, _rows, a_first, energy_score, pitome_margin
 from .constraints import GroupTables, group_sorted
 from .merge import MergePlan, _fuse, plan_from_pairs
+from .rows import RowBudgets
 from .state import TokenState
 
 PlanTensors = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -42,6 +43,7 @@ PlanTensors = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 # group id. Larger layers take the engine path.
 MAX_TOKENS = 8192
 MAX_GROUPS = 1 << 15
+FUSED_METHODS = ("tome", "pitome", "tps")  # the methods with a fused step (``fused_choice``)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 takes the reference
 FUSED_ENV = "MMMERGE_FUSED"  # "0": every layer takes the engine path (for side-by-side measurements)
 
@@ -295,35 +297,43 @@ def _apply(x: Tensor, state: TokenState, plan: Tuple) -> Tuple[Tensor, TokenStat
 
 
 def fused_reduce(x: Tensor, metric: Optional[Tensor], state: TokenState, steps: Sequence[int],
-                 choose: Callable[..., Tuple], method: str, quotas: Optional[Sequence[Tensor]] = None
+                 choose: Callable[..., Tuple], method: str, rows: Optional[RowBudgets] = None
                  ) -> Tuple[Tensor, TokenState]:
     """``mmmerge.reduce_tokens`` in fused steps: rounds removing ``steps`` tokens each; ``metric`` (if given, else
-    ``x`` itself) is merged along with ``x``. Without groups, or (ToMe) with per-row budgets: ``quotas[k]`` ``[B]``
-    real tokens each row removes in round k, its padding the rest (``mmmerge.rows``). Returns ``(tokens, state)``."""
+    ``x`` itself) is merged along with ``x``. Without groups, or over rows with budgets of their own (``rows``:
+    each round's static per-row tables, ``RowBudgets.tables``). Returns ``(tokens, state)``."""
     P = state.protected
+    if rows is not None:  # the tiers are static (RowBudgets.tables): no per-round gather of the padding mask
+        state = state.replace(valid=None)
     for k, r in enumerate(steps):
-        if quotas is None:
+        if rows is None:
             ids = torch.zeros(x.shape[1] - P, dtype=torch.int32, device=x.device)
             sel = torch.arange(2 * r if method == "pitome" else r, dtype=torch.int32, device=x.device)
         else:
-            ids, sel = _row_tables(state.valid, quotas[k], r)
+            ids, sel = rows.tables[k]
         scored = x if metric is None else metric
         plan = choose(scored.detach() if scored.requires_grad else scored, state.size, ids, sel, P)  # no gradient
         if metric is not None:
             metric = torch.ops.mmmerge.merge_slots(metric, state.size, plan[5], *plan[:5])[0]
         x, state = _apply(x, state, plan)
-    return x, state
+    return x, state if rows is None else state.replace(valid=rows.valid_out)
 
 
-def _row_tables(valid: Tensor, quota: Tensor, r: int) -> Tuple[Tensor, Tensor]:
-    """ToMe's per-row tables for rows with budgets of their own (no protected tokens, A tokens at even positions):
-    ``ids`` ``[B, M]`` the tier of each token (0 real, 1 padding: the two never merge) and ``sel`` ``[B, r]`` the
-    row's best ``quota[b]`` real edges, then its best ``r - quota[b]`` padding edges (as ``rows.best_with_quota``)."""
-    ids = (~valid).to(torch.int32)
-    real_a = valid[:, 0::2].sum(1, keepdim=True)  # [B, 1] real A tokens: the first tier of the sorted edges
-    picks = torch.arange(r, device=valid.device)
-    q = quota.unsqueeze(1)
-    return ids, (picks + (picks >= q) * (real_a - q)).to(torch.int32)
+def row_tables(method: str, real: Sequence[int], quota: Sequence[int], width: int, r: int
+               ) -> Tuple[Tensor, Tensor]:
+    """The per-row tables of one fused round over rows with budgets of their own (``mmmerge.rows``; host
+    arithmetic, CPU tensors). Row b holds ``real[b]`` real tokens, then padding, ``width`` in all, and removes
+    ``quota[b]`` real tokens and ``r - quota[b]`` padding ones. ``ids`` ``[B, width]`` int32 is each token's tier
+    (0 real, 1 padding: the two never merge); ``sel`` ``[B, S]`` int32 the row's positions in its (tier, score)
+    order: the best of its real tier, then the best of its padding. Ranked are ToMe's A tokens (even positions:
+    rows have no protected tokens), PiToMe's candidates (two per removed token) or TPS's removed tokens."""
+    real_count = torch.tensor(real).unsqueeze(1)  # [B, 1]
+    ids = (torch.arange(width).unsqueeze(0) >= real_count).to(torch.int32)
+    ranked = (real_count + 1) // 2 if method == "tome" else real_count  # [B, 1] real entries of the first tier
+    per = 2 if method == "pitome" else 1
+    q = per * torch.tensor(quota).unsqueeze(1)
+    picks = torch.arange(per * r).unsqueeze(0)
+    return ids, (picks + (picks >= q) * (ranked - q)).to(torch.int32)
 
 
 def fused_choice(method: str, options: Mapping[str, Any], protected: int, tokens: int, groups: int,

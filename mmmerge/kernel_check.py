@@ -106,15 +106,12 @@ def check_case(case, device: torch.device, seed: int, method: str) -> List[str]:
 
 
 def check_rows_case(device: torch.device, seed: int, B: int = 3, W: int = 48, r: int = 10) -> List[str]:
-    """ToMe with per-row tables (rows of their own lengths and budgets: ``fused._row_tables``)."""
+    """ToMe with per-row tables (rows of their own lengths and budgets: ``fused.row_tables``)."""
     from . import triton_kernels
-    from .fused import _row_tables
+    from .fused import row_tables
 
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([W, W - 9, W - 20])[:B]
-    valid = torch.arange(W).unsqueeze(0) < lengths.unsqueeze(1)
-    quota = torch.tensor([r, r - 4, r - 7])[:B]
-    ids, sel = _row_tables(valid, quota, r)
+    ids, sel = row_tables("tome", [W, W - 9, W - 20][:B], [r, r - 4, r - 7][:B], W, r)
     metric = torch.randn(B, W, 16, generator=gen)
     want = plan_reference(metric, ids, sel, 0, 0)
     _poison(device)

@@ -17,7 +17,7 @@ from .constraints import (ConstraintSpec, Global, Guarantee, Partition, guarante
                           parse_constraint, split_budget)
 from .constraints import check_layout as _check_layout
 from .methods import check_options, check_step, get_matcher, group_limits, step_limit
-from .fused import fused_choice, fused_reduce
+from .fused import FUSED_METHODS, fused_choice, fused_reduce, row_tables
 from .merge import MergePlan, merge_tokens, merge_weighted
 from .rows import RowBudgets
 from .state import TokenState, init_state
@@ -143,7 +143,13 @@ def plan_rows(method: str, lengths: Sequence[int], keeps: Sequence[int]) -> RowB
             used += d
     valid = torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
     quotas = tuple(torch.tensor(r) for r in removed)
-    return RowBudgets(method, lengths, keeps, width, steps, removed, valid, quotas)
+    tables, real = [], lengths
+    for quota, r in zip(removed, steps):  # the fused step's tables of each round (real tokens stay in front)
+        if method in FUSED_METHODS:
+            tables.append(row_tables(method, real, quota, width, r))
+        real, width = tuple(n - q for n, q in zip(real, quota)), width - r
+    valid_out = torch.arange(width).unsqueeze(0) < torch.tensor(keeps).unsqueeze(1)
+    return RowBudgets(method, lengths, keeps, valid.shape[1], steps, removed, valid, quotas, tuple(tables), valid_out)
 
 
 def _check_rows(rows: RowBudgets, x: Tensor, keep: int, method: str, protected: int, state: Optional[TokenState],
@@ -170,7 +176,7 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
 
     Bipartite methods (tome, pitome, random) run rounds of at most what one step can remove; tps and
     prune select-and-assign in one step. The number of rounds depends only on shapes (no host sync). ToMe,
-    PiToMe and TPS (also with a given score) without a rule, padding or row budgets, and ToMe with row budgets,
+    PiToMe and TPS (also with a given score) without a rule or padding, or over rows with budgets of their own,
     take the fused steps (``mmmerge.fused``: two custom ops per round, the same plans).
 
     Args:
@@ -234,12 +240,13 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
     if rows is None and options.get("noise") is None and (score is None or method == "tps"):  # the fused steps?
         choose = fused_choice(method, options, P, N, 1, isinstance(constraint, Global), state.valid is not None,
                               bool(state.coords), options.get("layer_idx", 0), options.get("num_layers", 1))
-    elif rows is not None and method == "tome":  # per-row budgets: per-row tier tables (ToMe's fused step)
-        choose = fused_choice(method, options, 0, N, 1, True, False, False, 0, 1)
+    elif rows is not None and method == "tome" and options.get("noise") is None and score is None:
+        choose = fused_choice(method, options, 0, N, 1, True, False, False, options.get("layer_idx", 0),
+                              options.get("num_layers", 1))  # per-row budgets: the static per-row tier tables
     if choose is not None:
         if score is not None:
             choose = functools.partial(choose, score=score)
-        return fused_reduce(x, metric, state, steps, choose, method, None if rows is None else rows.quotas)
+        return fused_reduce(x, metric, state, steps, choose, method, rows)
     matcher = get_matcher(method)
     for r, quota in zip(steps, quotas):
         plan = matcher(x if metric is None else metric, state, r, constraint, None, **options, **quota)

@@ -39,6 +39,11 @@ class RowBudgets:
         removed: per round, the real tokens each row removes (host ints, the rounds of the row alone).
         valid: ``[B, W]`` bool, True for the real tokens.
         quotas: per round, ``removed`` as a ``[B]`` long tensor (on the device the batch runs on).
+        tables: per round, the fused step's per-row tables ``(ids [B, W_k], sel [B, S_k])`` int32
+            (``mmmerge.fused.row_tables``; W_k the row width entering round k), empty for methods without a fused
+            step. Static: a round keeps each tier's survivors in order, so row b always holds its real tokens
+            first.
+        valid_out: ``[B, out]`` bool, True for the real tokens of the output (row b's first ``keeps[b]``).
     """
 
     method: str
@@ -49,6 +54,8 @@ class RowBudgets:
     removed: Tuple[Tuple[int, ...], ...]
     valid: Tensor
     quotas: Tuple[Tensor, ...]
+    tables: Tuple[Tuple[Tensor, Tensor], ...]
+    valid_out: Tensor
 
     @property
     def rows(self) -> int:
@@ -61,7 +68,9 @@ class RowBudgets:
 
     def moved(self, move: Callable[[Tensor], Tensor]) -> "RowBudgets":
         """The same budgets with every tensor passed through ``move`` (e.g. a copy to the device)."""
-        return replace(self, valid=move(self.valid), quotas=tuple(move(q) for q in self.quotas))
+        return replace(self, valid=move(self.valid), quotas=tuple(move(q) for q in self.quotas),
+                       tables=tuple((move(ids), move(sel)) for ids, sel in self.tables),
+                       valid_out=move(self.valid_out))
 
 
 def best_with_quota(values: Tensor, take: int, second: Tensor, quota: Tensor, descending: bool) -> Tensor:
