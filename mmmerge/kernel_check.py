@@ -19,6 +19,7 @@ import torch
 from .fused import merge_reference, pitome_reference, plan_reference, tps_reference
 
 METHODS = ("tome", "pitome", "tps")
+ROW_METHODS = ("tome", "pitome", "tps", "tps_score")  # per-row tables; TPS by energy and by a given score
 # (batch, tokens, metric width, channels, protected, a0, groups, removed per group, dtype)
 CASES: List[Tuple[int, int, int, int, int, int, int, int, torch.dtype]] = [
     (2, 64, 16, 32, 0, 0, 1, 20, torch.float32),
@@ -105,8 +106,20 @@ def check_case(case, device: torch.device, seed: int, method: str) -> List[str]:
     return errors
 
 
-def check_rows_case(device: torch.device, seed: int, B: int = 3, W: int = 48, r: int = 10) -> List[str]:
-    """ToMe with per-row tables (rows of their own lengths and budgets: ``fused._row_tables``)."""
+def quota_tables(valid: torch.Tensor, quota: torch.Tensor, take: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row tables of rows with budgets of their own: ``ids`` ``[B, M]`` int32 the tier of each token (0 real,
+    1 padding) and ``sel`` ``[B, take]`` int32, in the row's (tier, value, index) order the first ``quota[b]``
+    real entries, then the first padding ones (``valid`` ``[B, M]`` bool; PiToMe: 2r picks, quota 2 quota[b])."""
+    real = valid.sum(1, keepdim=True)  # [B, 1]: the first tier of each row's sorted list
+    picks = torch.arange(take)
+    q = quota.unsqueeze(1)
+    return (~valid).to(torch.int32), (picks + (picks >= q) * (real - q)).to(torch.int32)
+
+
+def check_rows_case(device: torch.device, seed: int, method: str = "tome", B: int = 3, W: int = 48,
+                    r: int = 10) -> List[str]:
+    """A plan with per-row tables (rows of their own lengths and budgets, real tokens first, then padding):
+    ToMe's from ``fused._row_tables``, PiToMe's and TPS's from ``quota_tables``."""
     from . import triton_kernels
     from .fused import _row_tables
 
@@ -114,12 +127,31 @@ def check_rows_case(device: torch.device, seed: int, B: int = 3, W: int = 48, r:
     lengths = torch.tensor([W, W - 9, W - 20])[:B]
     valid = torch.arange(W).unsqueeze(0) < lengths.unsqueeze(1)
     quota = torch.tensor([r, r - 4, r - 7])[:B]
-    ids, sel = _row_tables(valid, quota, r)
     metric = torch.randn(B, W, 16, generator=gen)
-    want = plan_reference(metric, ids, sel, 0, 0)
-    _poison(device)
-    got = triton_kernels.bipartite_plan(metric.to(device), ids.to(device), sel.to(device), 0, 0)
-    return [f"rows case (seed {seed}): plan {name} differs" for name, w, g in
+    size = torch.randint(1, 5, (B, W), generator=gen).float()
+    case = f"rows case {method} (seed {seed})"
+    if method == "tome":
+        ids, sel = _row_tables(valid, quota, r)
+        want = plan_reference(metric, ids, sel, 0, 0)
+        _poison(device)
+        got = triton_kernels.bipartite_plan(metric.to(device), ids.to(device), sel.to(device), 0, 0)
+    elif method == "pitome":  # the paper's energy at a loose margin, the official shift at a strict one
+        ids, sel = quota_tables(valid, 2 * quota, 2 * r)
+        args = (0.3, 1.0, False) if seed % 2 == 0 else (0.6, 0.5, True)
+        want = pitome_reference(metric, ids, sel, 0, *args)
+        _poison(device)
+        got = triton_kernels.pitome_plan(metric.to(device), ids.to(device), sel.to(device), 0, *args)
+    else:  # the paper's logit by energy, the official one by a given score, both at temperature 0.5
+        ids, sel = quota_tables(valid, quota, r)
+        score = torch.randn(B, W, generator=gen) if method == "tps_score" else None
+        args = (1.0, 0.5, 0.0) if score is None else (0.0, 0.5, 1.0)
+        want = tps_reference(metric, size, ids, sel, 0, *args, score)
+        _poison(device)
+        got = triton_kernels.tps_plan(metric.to(device), size.to(device), ids.to(device), sel.to(device), 0, *args,
+                                      None if score is None else score.to(device))
+        if not torch.allclose(got[5].cpu(), want[5], rtol=1e-5):
+            return [f"{case}: fusion weights differ"]
+    return [f"{case}: plan {name} differs" for name, w, g in
             zip(("kept", "members", "lo", "hi", "assign"), want, got) if not torch.equal(w.long(), g.cpu().long())]
 
 
@@ -132,10 +164,11 @@ def main(argv=None) -> int:
     cases = CUDA_CASES if device.type == "cuda" else CASES
     errors = [e for method in METHODS for case in cases for seed in range(args.seeds)
               for e in check_case(case, device, seed, method)]
-    errors += [e for seed in range(args.seeds) for e in check_rows_case(device, seed)]
+    errors += [e for method in ROW_METHODS for seed in range(args.seeds) for e in check_rows_case(device, seed, method)]
     for error in errors:
         print("MISMATCH", error)
-    print(f"kernel_check: {(len(METHODS) * len(cases) + 1) * args.seeds} cases on {device}, {len(errors)} mismatches")
+    total = (len(METHODS) * len(cases) + len(ROW_METHODS)) * args.seeds
+    print(f"kernel_check: {total} cases on {device}, {len(errors)} mismatches")
     return 1 if errors else 0
 
 
