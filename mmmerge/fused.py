@@ -18,6 +18,12 @@ list sorted by (group, score descending, index)) are the static tables (``fused_
 ``k`` receiving ``members[lo[k]:hi[k]]`` (``lo``/``hi`` ``[B, K]`` int32, 0/0 for none), ``assign`` ``[B, N]`` the
 slot of every token, and for TPS the fusion weights. ``K = N - r``.
 
+Per-row tables (rows with budgets of their own, ``mmmerge.rows``): every plan op also takes ``ids`` ``[B, M]`` and
+``sel`` ``[B, S]`` int32 (``S``: r for ToMe and TPS, 2r for PiToMe). Tier 0 then marks a row's real tokens, tier 1
+its padding: nothing pairs across tiers, and an energy (PiToMe's; TPS's without a score) is the mean over the
+row's real tokens only, as ``energy_score(..., valid=(ids == 0))`` of the engine's ``quota=`` path. With ``[M]``
+ids the energy is the mean over all mergeable tokens.
+
 Where it applies (``fused_choice``, decided at patch time): ToMe, PiToMe and TPS without a coordinate rule (global,
 or static groups such as ``within_frame``) and without padding; everything else takes the engine path
 (``mmmerge.matchers`` + ``mmmerge.merge``), which this path equals up to ties and float rounding of the mean.
@@ -104,6 +110,16 @@ def _unit(metric: Tensor, protected: int) -> Tensor:
     return _normalized(metric.float(), protected)
 
 
+def _real(ids: Tensor) -> Optional[Tensor]:
+    """``[B, M]`` bool, a row's real tokens (tier 0) with per-row ``ids``; None (every token counts) with ``[M]``."""
+    return ids == 0 if ids.dim() == 2 else None
+
+
+def _group_of(ids: Tensor, idx: Tensor) -> Tensor:
+    """``[B, K]`` long, the group of token ``idx[b, k]`` (``ids`` ``[M]`` shared or ``[B, M]`` per row)."""
+    return ids.long()[idx] if ids.dim() == 1 else ids.long().gather(1, idx)
+
+
 def _pick_by_group(values: Tensor, ids: Tensor, sel: Tensor) -> Tensor:
     """``[B, len(sel)]`` indices: entries sorted by (group, value descending, index), at the positions ``sel``
     (``ids`` ``[K]`` or per row ``[B, K]``; ``sel`` ``[S]`` or ``[B, S]``)."""
@@ -157,7 +173,9 @@ def pitome_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, margin
                 shift: bool) -> PlanTensors:
     """The PiToMe plan: the ``2r`` highest-energy tokens of each group (``sel``: ``[2r]`` static positions, each
     group's first ``2 * budget``) alternate into A and B in energy order; each A token joins its most similar B
-    candidate of its group. Energy: ``mmmerge.matchers.energy_score(margin, alpha, shift)``."""
+    candidate of its group. Energy: ``mmmerge.matchers.energy_score(margin, alpha, shift)``. Per row (``ids``
+    ``[B, M]``, ``sel`` ``[B, 2r]``: the row's ``2 quota[b]`` real candidates, then its padding ones): the energy
+    is the mean over the row's real tokens (tier 0), and A and B candidates pair within their tier."""
     return _launch("pitome_plan", pitome_reference, metric, metric, ids, sel, protected, margin, alpha, shift)
 
 
@@ -166,10 +184,10 @@ def pitome_reference(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, m
     """``pitome_plan`` in PyTorch ops (the CPU implementation, and the kernels' reference)."""
     with torch.no_grad():
         m = _unit(metric, protected)
-        cand = _pick_by_group(energy_score(m, margin, alpha, shift), ids, sel)  # [B, 2r]
+        cand = _pick_by_group(energy_score(m, margin, alpha, shift, _real(ids)), ids, sel)  # [B, 2r]
         src, cand_b = cand[:, 0::2], cand[:, 1::2]
         cos = torch.bmm(_rows(m, src), _rows(m, cand_b).transpose(1, 2))  # [B, r, r]
-        cos = cos.masked_fill(ids.long()[src].unsqueeze(2) != ids.long()[cand_b].unsqueeze(1), float("-inf"))
+        cos = cos.masked_fill(_group_of(ids, src).unsqueeze(2) != _group_of(ids, cand_b).unsqueeze(1), float("-inf"))
         dst = cand_b.gather(1, cos.argmax(dim=-1))
         return _plan_tensors(src, dst, metric.shape[1], protected)
 
@@ -177,7 +195,7 @@ def pitome_reference(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, m
 @pitome_plan.register_fake
 def _(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, margin: float, alpha: float,
       shift: bool) -> PlanTensors:
-    return _plan_like(metric, sel.shape[0] // 2)
+    return _plan_like(metric, sel.shape[-1] // 2)
 
 
 @torch.library.custom_op("mmmerge::tps_plan", mutates_args=())
@@ -186,14 +204,17 @@ def tps_plan(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: 
     """The TPS plan: the ``r`` least important tokens of each group (``sel``: ``[r]`` static positions) are removed,
     each into its most similar kept token of its group; the plan tensors and the fusion weights ``[B, N]``:
     ``size``, a removed token's times ``exp((cos - sub) / temperature - after)``. Importance: ``score`` ``[B, N]``
-    (higher keeps), or without one minus the energy at margin 0 (the most redundant go first)."""
+    (higher keeps), or without one minus the energy at margin 0 (the most redundant go first). Per row (``ids``
+    ``[B, M]``, ``sel`` ``[B, r]``: the row's ``quota[b]`` real tokens, then its padding ones): the energy is the
+    mean over the row's real tokens (tier 0), and a removed token's host lies in its own tier."""
     return _launch("tps_plan", tps_reference, metric, metric, size, ids, sel, protected, sub, temperature, after,
                    score)
 
 
-def _removal_order(m: Tensor, protected: int, score: Optional[Tensor]) -> Tensor:
-    """``[B, M]`` float32, higher goes first: the energy at margin 0, or minus a given importance score."""
-    return energy_score(m, 0.0) if score is None else -score[:, protected:].float()
+def _removal_order(m: Tensor, ids: Tensor, protected: int, score: Optional[Tensor]) -> Tensor:
+    """``[B, M]`` float32, higher goes first: the energy at margin 0 (over a row's real tokens with per-row
+    ``ids``), or minus a given importance score."""
+    return energy_score(m, 0.0, valid=_real(ids)) if score is None else -score[:, protected:].float()
 
 
 def tps_reference(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, sub: float,
@@ -203,10 +224,11 @@ def tps_reference(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protec
     with torch.no_grad():
         m = _unit(metric, P)
         B, M, _ = m.shape
-        removed = _pick_by_group(_removal_order(m, P, score), ids, sel)  # [B, r]
+        removed = _pick_by_group(_removal_order(m, ids, P, score), ids, sel)  # [B, r]
         cos = torch.bmm(_rows(m, removed), m.transpose(1, 2))  # [B, r, M]
         is_removed = torch.zeros(B, M, dtype=torch.bool, device=m.device).scatter_(1, removed, True)
-        forbidden = is_removed.unsqueeze(1) | (ids.long()[removed].unsqueeze(2) != ids.long().view(1, 1, M))
+        # ids.unsqueeze(-2): [1, M] shared or [B, 1, M] per row, against the removed tokens' [B, r, 1]
+        forbidden = is_removed.unsqueeze(1) | (_group_of(ids, removed).unsqueeze(2) != ids.long().unsqueeze(-2))
         host_sim, host = cos.masked_fill(forbidden, float("-inf")).max(dim=-1)
         slot = removed + P
         weight = size.scatter(1, slot, size.gather(1, slot) * torch.exp((host_sim - sub) / temperature - after))
@@ -216,7 +238,7 @@ def tps_reference(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protec
 @tps_plan.register_fake
 def _(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: int, sub: float, temperature: float,
       after: float, score: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
-    return (*_plan_like(metric, sel.shape[0]), size.new_empty(size.shape))
+    return (*_plan_like(metric, sel.shape[-1]), size.new_empty(size.shape))
 
 
 # ------------------------------------------------------------------------------------------------- merge

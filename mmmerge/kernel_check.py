@@ -19,6 +19,7 @@ import torch
 from .fused import merge_reference, pitome_reference, plan_reference, tps_reference
 
 METHODS = ("tome", "pitome", "tps")
+ROW_METHODS = ("tome", "pitome", "tps", "tps_score")  # per-row tables; TPS by energy and by a given score
 # (batch, tokens, metric width, channels, protected, a0, groups, removed per group, dtype)
 CASES: List[Tuple[int, int, int, int, int, int, int, int, torch.dtype]] = [
     (2, 64, 16, 32, 0, 0, 1, 20, torch.float32),
@@ -105,18 +106,38 @@ def check_case(case, device: torch.device, seed: int, method: str) -> List[str]:
     return errors
 
 
-def check_rows_case(device: torch.device, seed: int, B: int = 3, W: int = 48, r: int = 10) -> List[str]:
-    """ToMe with per-row tables (rows of their own lengths and budgets: ``fused.row_tables``)."""
+def check_rows_case(device: torch.device, seed: int, method: str = "tome", B: int = 3, W: int = 48,
+                    r: int = 10) -> List[str]:
+    """A plan with per-row tables (rows of their own lengths and budgets, real tokens first, then padding:
+    ``fused.row_tables``)."""
     from . import triton_kernels
     from .fused import row_tables
 
     gen = torch.Generator().manual_seed(seed)
-    ids, sel = row_tables("tome", [W, W - 9, W - 20][:B], [r, r - 4, r - 7][:B], W, r)
+    lengths, quota = [W, W - 9, W - 20][:B], [r, r - 4, r - 7][:B]
+    ids, sel = row_tables("tps" if method == "tps_score" else method, lengths, quota, W, r)
     metric = torch.randn(B, W, 16, generator=gen)
-    want = plan_reference(metric, ids, sel, 0, 0)
-    _poison(device)
-    got = triton_kernels.bipartite_plan(metric.to(device), ids.to(device), sel.to(device), 0, 0)
-    return [f"rows case (seed {seed}): plan {name} differs" for name, w, g in
+    size = torch.randint(1, 5, (B, W), generator=gen).float()
+    case = f"rows case {method} (seed {seed})"
+    if method == "tome":
+        want = plan_reference(metric, ids, sel, 0, 0)
+        _poison(device)
+        got = triton_kernels.bipartite_plan(metric.to(device), ids.to(device), sel.to(device), 0, 0)
+    elif method == "pitome":  # the paper's energy at a loose margin, the official shift at a strict one
+        args = (0.3, 1.0, False) if seed % 2 == 0 else (0.6, 0.5, True)
+        want = pitome_reference(metric, ids, sel, 0, *args)
+        _poison(device)
+        got = triton_kernels.pitome_plan(metric.to(device), ids.to(device), sel.to(device), 0, *args)
+    else:  # the paper's logit by energy, the official one by a given score, both at temperature 0.5
+        score = torch.randn(B, W, generator=gen) if method == "tps_score" else None
+        args = (1.0, 0.5, 0.0) if score is None else (0.0, 0.5, 1.0)
+        want = tps_reference(metric, size, ids, sel, 0, *args, score)
+        _poison(device)
+        got = triton_kernels.tps_plan(metric.to(device), size.to(device), ids.to(device), sel.to(device), 0, *args,
+                                      None if score is None else score.to(device))
+        if not torch.allclose(got[5].cpu(), want[5], rtol=1e-5):
+            return [f"{case}: fusion weights differ"]
+    return [f"{case}: plan {name} differs" for name, w, g in
             zip(("kept", "members", "lo", "hi", "assign"), want, got) if not torch.equal(w.long(), g.cpu().long())]
 
 
@@ -129,10 +150,11 @@ def main(argv=None) -> int:
     cases = CUDA_CASES if device.type == "cuda" else CASES
     errors = [e for method in METHODS for case in cases for seed in range(args.seeds)
               for e in check_case(case, device, seed, method)]
-    errors += [e for seed in range(args.seeds) for e in check_rows_case(device, seed)]
+    errors += [e for method in ROW_METHODS for seed in range(args.seeds) for e in check_rows_case(device, seed, method)]
     for error in errors:
         print("MISMATCH", error)
-    print(f"kernel_check: {(len(METHODS) * len(cases) + 1) * args.seeds} cases on {device}, {len(errors)} mismatches")
+    total = (len(METHODS) * len(cases) + len(ROW_METHODS)) * args.seeds
+    print(f"kernel_check: {total} cases on {device}, {len(errors)} mismatches")
     return 1 if errors else 0
 
 

@@ -17,7 +17,9 @@ and, per slot, the removed tokens it receives (``members[lo:hi]``).
 
 Imported only where a CUDA tensor meets an installed Triton (or under ``TRITON_INTERPRET=1``, which runs these
 kernels on the CPU in the tests). Every choice matches the PyTorch reference in ``mmmerge.fused``: ties go to
-the lower index, and groups pick their best entries at the static positions ``sel``.
+the lower index, and groups pick their best entries at the static positions ``sel``. Tables shared by the batch
+(``ids`` ``[M]``, ``sel`` ``[S]``) reach the kernels with a batch stride of 0, per-row ones (``[B, M]``, ``[B, S]``:
+real and padding tiers) with their own; with per-row ids an energy averages over the row's real tokens (tier 0).
 """
 from __future__ import annotations
 
@@ -146,11 +148,13 @@ def _tome_plan_kernel(best_ptr, best_idx_ptr, ids_ptr, sel_ptr, kept_ptr, member
 
 
 @triton.jit
-def _energy_kernel(metric_ptr, energy_ptr, stride_b, stride_n, M, P, margin, alpha, SHIFT: tl.constexpr,
-                   D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+def _energy_kernel(metric_ptr, ids_ptr, energy_ptr, stride_b, stride_n, ids_stride_b, M, P, margin, alpha,
+                   SHIFT: tl.constexpr, VALID: tl.constexpr, D: tl.constexpr, BLOCK_I: tl.constexpr,
+                   BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """Programs (row blocks, batch): PiToMe's energy of every mergeable token, the mean over all j of
     ``elu(cos(i, j) - margin, alpha)`` (plus ``margin`` where ``cos >= margin`` unless ``SHIFT``); the
-    ``M x M`` cosines live in tiles only."""
+    ``M x M`` cosines live in tiles only. ``VALID``: the mean runs over the row's real j only (``ids == 0``, per
+    row), divided by their count (at least 1), as the engine's ``energy_score(valid=)``."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     rows = pid * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -159,23 +163,31 @@ def _energy_kernel(metric_ptr, energy_ptr, stride_b, stride_n, M, P, margin, alp
     a = _unit_rows(base, P + rows, in_i, stride_n, D, BLOCK_D)
     total = tl.zeros([BLOCK_I], tl.float32)
     above = tl.zeros([BLOCK_I], tl.float32)
+    count = tl.zeros([BLOCK_J], tl.float32)  # real j seen, per column lane (summed once at the end)
     for start in range(0, M, BLOCK_J):
         cols = start + tl.arange(0, BLOCK_J)
         in_j = cols < M
+        if VALID:  # padding j is left out of the mean
+            in_j = in_j & (tl.load(ids_ptr + b * ids_stride_b + cols, mask=in_j, other=1) == 0)
+        count += tl.where(in_j, 1.0, 0.0)
         m = _unit_rows(base, P + cols, in_j, stride_n, D, BLOCK_D)
         f = tl.dot(a, tl.trans(m), input_precision="ieee") - margin  # [BLOCK_I, BLOCK_J]
         f = tl.where(f > 0, f, alpha * (tl.exp(tl.minimum(f, 0.0)) - 1.0))
         total += tl.sum(tl.where(in_j[None, :], f, 0.0), axis=1)
         above += tl.sum(tl.where(in_j[None, :] & (f >= 0), 1.0, 0.0), axis=1)
-    energy = total / M
-    if not SHIFT:
-        energy += above * (margin / M)
+    n = tl.maximum(tl.sum(count, axis=0), 1.0)  # M without VALID; a row without real tokens divides by 1
+    energy = total / n
+    if not SHIFT:  # each in the engine's order of rounding
+        if VALID:
+            energy += above * margin / n
+        else:
+            energy += above * (margin / n)
     tl.store(energy_ptr + b * M + rows, energy, mask=in_i)
 
 
 @triton.jit
-def _select_kernel(energy_ptr, ids_ptr, sel_ptr, picked_ptr, flags_ptr, work_ptr, M, count, BLOCK_M: tl.constexpr,
-                   BLOCK_C: tl.constexpr, FLAGS: tl.constexpr):
+def _select_kernel(energy_ptr, ids_ptr, sel_ptr, picked_ptr, flags_ptr, work_ptr, ids_stride_b, sel_stride_b, M,
+                   count, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FLAGS: tl.constexpr):
     """One program per batch row: ``count`` tokens by (group, energy descending, index) at the static positions
     ``sel`` (PiToMe's 2r candidates, consecutive per group; TPS's r removed tokens). ``FLAGS``: also mark the picked
     tokens in ``flags`` ``[B, M]`` int32. ``work``: ``[B, >= BLOCK_M]`` int32 scratch."""
@@ -183,7 +195,7 @@ def _select_kernel(energy_ptr, ids_ptr, sel_ptr, picked_ptr, flags_ptr, work_ptr
     i = tl.arange(0, BLOCK_M)
     in_m = i < M
     energy = tl.load(energy_ptr + b * M + i, mask=in_m, other=0.0)
-    group = tl.load(ids_ptr + i, mask=in_m, other=0)
+    group = tl.load(ids_ptr + b * ids_stride_b + i, mask=in_m, other=0)
     key = tl.where(in_m, _sort_key(energy, group, i), 0x7FFFFFFFFFFFFFFF)
     work = work_ptr + b * BLOCK_M
     tl.store(work + i, (tl.sort(key) & 0xFFFF).to(tl.int32), mask=in_m)
@@ -192,15 +204,15 @@ def _select_kernel(energy_ptr, ids_ptr, sel_ptr, picked_ptr, flags_ptr, work_ptr
     tl.debug_barrier()
     c = tl.arange(0, BLOCK_C)
     in_c = c < count
-    picked = tl.load(work + tl.load(sel_ptr + c, mask=in_c, other=0), mask=in_c, other=0)
+    picked = tl.load(work + tl.load(sel_ptr + b * sel_stride_b + c, mask=in_c, other=0), mask=in_c, other=0)
     tl.store(picked_ptr + b * count + c, picked, mask=in_c)
     if FLAGS:
         tl.store(flags_ptr + b * M + picked, tl.full([BLOCK_C], 1, tl.int32), mask=in_c)
 
 
 @triton.jit
-def _host_kernel(metric_ptr, removed_ptr, flags_ptr, ids_ptr, host_ptr, host_sim_ptr, stride_b, stride_n, P, M, r,
-                 D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+def _host_kernel(metric_ptr, removed_ptr, flags_ptr, ids_ptr, host_ptr, host_sim_ptr, stride_b, stride_n, ids_stride_b,
+                 P, M, r, D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """Programs (removed blocks, batch): TPS's host of each removed token, its most similar kept token of its
     group (ties: the lower index), and that similarity."""
     pid = tl.program_id(0)
@@ -210,6 +222,7 @@ def _host_kernel(metric_ptr, removed_ptr, flags_ptr, ids_ptr, host_ptr, host_sim
     base = metric_ptr + b * stride_b
     src = tl.load(removed_ptr + b * r + rows, mask=in_a, other=0)
     a = _unit_rows(base, P + src, in_a, stride_n, D, BLOCK_D)
+    ids_ptr += b * ids_stride_b  # a row's own tiers, or the shared groups (stride 0)
     group_a = tl.load(ids_ptr + src, mask=in_a, other=-1)
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_A], tl.int32)
@@ -227,7 +240,7 @@ def _host_kernel(metric_ptr, removed_ptr, flags_ptr, ids_ptr, host_ptr, host_sim
 
 
 @triton.jit
-def _candidate_partner_kernel(metric_ptr, cand_ptr, ids_ptr, dst_ptr, stride_b, stride_n, P, r,
+def _candidate_partner_kernel(metric_ptr, cand_ptr, ids_ptr, dst_ptr, stride_b, stride_n, ids_stride_b, P, r,
                               D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                               BLOCK_D: tl.constexpr):
     """Programs (A blocks, batch): A candidate ``cand[2i]`` merges into its most similar B candidate
@@ -239,6 +252,7 @@ def _candidate_partner_kernel(metric_ptr, cand_ptr, ids_ptr, dst_ptr, stride_b, 
     base = metric_ptr + b * stride_b
     src = tl.load(cand_ptr + b * 2 * r + 2 * rows, mask=in_a, other=0)
     a = _unit_rows(base, P + src, in_a, stride_n, D, BLOCK_D)
+    ids_ptr += b * ids_stride_b  # a row's own tiers, or the shared groups (stride 0)
     group_a = tl.load(ids_ptr + src, mask=in_a, other=-1)
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_j = tl.zeros([BLOCK_A], tl.int32)
@@ -319,6 +333,12 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _tables(ids: Tensor, sel: Tensor) -> Tuple[Tensor, Tensor, int, int]:
+    """Contiguous ``ids`` and ``sel`` and their batch strides: 0 for tables the batch shares (``[M]``, ``[S]``)."""
+    ids, sel = ids.contiguous(), sel.contiguous()
+    return ids, sel, (ids.stride(0) if ids.dim() == 2 else 0), (sel.stride(0) if sel.dim() == 2 else 0)
+
+
 def bipartite_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0: int) -> Tuple[Tensor, ...]:
     """Kernel launches of ``torch.ops.mmmerge.bipartite_plan`` (same contract)."""
     metric = _unit_stride(metric)
@@ -326,8 +346,7 @@ def bipartite_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0:
     M = N - protected
     Na, Nb = (M - a0 + 1) // 2, (M + a0) // 2
     r = sel.shape[-1]
-    ids, sel = ids.contiguous(), sel.contiguous()
-    ids_stride, sel_stride = (ids.stride(0) if ids.dim() == 2 else 0), (sel.stride(0) if sel.dim() == 2 else 0)
+    ids, sel, ids_stride, sel_stride = _tables(ids, sel)
     device = metric.device
     best = torch.empty(B, Na, device=device, dtype=torch.float32)
     best_idx = torch.empty(B, Na, device=device, dtype=torch.int32)
@@ -343,13 +362,15 @@ def bipartite_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, a0:
     return kept, members, lo, hi, assign
 
 
-def _energy(metric: Tensor, protected: int, margin: float, alpha: float, shift: bool) -> Tensor:
+def _energy(metric: Tensor, ids: Tensor, ids_stride: int, protected: int, margin: float, alpha: float,
+            shift: bool) -> Tensor:
+    """``[B, M]`` float32 energies; with per-row ``ids`` ``[B, M]`` the mean over each row's real tokens."""
     B, N, D = metric.shape
     M = N - protected
     energy = torch.empty(B, M, device=metric.device, dtype=torch.float32)
-    _energy_kernel[(triton.cdiv(M, 32), B)](metric, energy, metric.stride(0), metric.stride(1), M, protected,
-                                            float(margin), float(alpha), SHIFT=bool(shift), D=D, BLOCK_I=32,
-                                            BLOCK_J=64, BLOCK_D=_pow2(D))
+    _energy_kernel[(triton.cdiv(M, 32), B)](metric, ids, energy, metric.stride(0), metric.stride(1), ids_stride, M,
+                                            protected, float(margin), float(alpha), SHIFT=bool(shift),
+                                            VALID=ids.dim() == 2, D=D, BLOCK_I=32, BLOCK_J=64, BLOCK_D=_pow2(D))
     return energy
 
 
@@ -359,18 +380,20 @@ def pitome_plan(metric: Tensor, ids: Tensor, sel: Tensor, protected: int, margin
     metric = _unit_stride(metric)
     B, N, D = metric.shape
     M = N - protected
-    r2 = sel.shape[0]
+    r2 = sel.shape[-1]
     r = r2 // 2
+    ids, sel, ids_stride, sel_stride = _tables(ids, sel)
     device = metric.device
-    energy = _energy(metric, protected, margin, alpha, shift)
+    energy = _energy(metric, ids, ids_stride, protected, margin, alpha, shift)
     block_n, block_m = _pow2(N), _pow2(M)
     work = torch.empty(B, max(2 * block_n, block_m), device=device, dtype=torch.int32)
     cand = torch.empty(B, r2, device=device, dtype=torch.int32)
-    _select_kernel[(B,)](energy, ids, sel, cand, cand, work, M, r2, BLOCK_M=block_m, BLOCK_C=_pow2(r2), FLAGS=False,
-                         num_warps=8)
+    _select_kernel[(B,)](energy, ids, sel, cand, cand, work, ids_stride, sel_stride, M, r2, BLOCK_M=block_m,
+                         BLOCK_C=_pow2(r2), FLAGS=False, num_warps=8)
     dst = torch.empty(B, r, device=device, dtype=torch.int32)
     _candidate_partner_kernel[(triton.cdiv(r, 32), B)](metric, cand, ids, dst, metric.stride(0), metric.stride(1),
-                                                       protected, r, D=D, BLOCK_A=32, BLOCK_B=64, BLOCK_D=_pow2(D))
+                                                       ids_stride, protected, r, D=D, BLOCK_A=32, BLOCK_B=64,
+                                                       BLOCK_D=_pow2(D))
     kept, members, lo, hi, assign = _plan_outputs(B, N, r, device)
     _pairs_plan_kernel[(B,)](cand, dst, kept, members, lo, hi, assign, work, N, protected, r, energy, energy, energy,
                              0.0, 1.0, 0.0, BLOCK_N=block_n, BLOCK_R=_pow2(r), SRC_STRIDE=2, WEIGHTS=False,
@@ -385,22 +408,23 @@ def tps_plan(metric: Tensor, size: Tensor, ids: Tensor, sel: Tensor, protected: 
     size = size.contiguous()
     B, N, D = metric.shape
     M = N - protected
-    r = sel.shape[0]
+    r = sel.shape[-1]
+    ids, sel, ids_stride, sel_stride = _tables(ids, sel)
     device = metric.device
-    if score is None:  # the most redundant go first
-        energy = _energy(metric, protected, 0.0, 1.0, False)
+    if score is None:  # the most redundant go first (per row: by the energy over its real tokens)
+        energy = _energy(metric, ids, ids_stride, protected, 0.0, 1.0, False)
     else:  # the least important go first
         energy = score[:, protected:].float().neg().contiguous()
     block_n, block_m = _pow2(N), _pow2(M)
     work = torch.empty(B, max(2 * block_n, block_m), device=device, dtype=torch.int32)
     removed = torch.empty(B, r, device=device, dtype=torch.int32)
     flags = torch.empty(B, M, device=device, dtype=torch.int32)
-    _select_kernel[(B,)](energy, ids, sel, removed, flags, work, M, r, BLOCK_M=block_m, BLOCK_C=_pow2(r), FLAGS=True,
-                         num_warps=8)
+    _select_kernel[(B,)](energy, ids, sel, removed, flags, work, ids_stride, sel_stride, M, r, BLOCK_M=block_m,
+                         BLOCK_C=_pow2(r), FLAGS=True, num_warps=8)
     host = torch.empty(B, r, device=device, dtype=torch.int32)
     host_sim = torch.empty(B, r, device=device, dtype=torch.float32)
     _host_kernel[(triton.cdiv(r, 32), B)](metric, removed, flags, ids, host, host_sim, metric.stride(0),
-                                          metric.stride(1), protected, M, r, D=D, BLOCK_A=32, BLOCK_B=64,
+                                          metric.stride(1), ids_stride, protected, M, r, D=D, BLOCK_A=32, BLOCK_B=64,
                                           BLOCK_D=_pow2(D))
     kept, members, lo, hi, assign = _plan_outputs(B, N, r, device)
     weight = torch.empty(B, N, device=device, dtype=torch.float32)

@@ -14,7 +14,7 @@ from transformers import VideoMAEModel, VivitModel
 
 import mmmerge
 from mmmerge.adapters import audio
-from mmmerge.fused import FUSED_ENV, merge_reference, plan_reference
+from mmmerge.fused import FUSED_ENV, merge_reference, plan_reference, row_tables
 from helpers import DEVICE, clip, tiny_ast, tiny_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +120,53 @@ def test_the_ops_registrations_pass_opcheck():
     out, new_size = merge_reference(x, size, size, kept, members, assign)
     assert torch.allclose(new_size.sum(1), size.sum(1))
     assert out.shape == (2, 15, 5)
+
+
+def _padded_rows(method, N=24, lengths=(24, 17, 11), quota=(5, 2, 1), r=5):
+    """A padded batch of rows of their own lengths (real tokens first) and each row's real removals of r = 5:
+    feasible for PiToMe (2 quota real and 2 (r - quota) padding candidates) and TPS (quota real tokens and
+    r - quota padding ones removed, a host of each tier left). Returns ``(valid, quota, r, ids, sel)``."""
+    valid = torch.arange(N).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    return (valid, torch.tensor(quota), r, *row_tables(method, lengths, quota, N, r))
+
+
+def test_the_plan_ops_take_per_row_tables_under_opcheck():
+    metric, size = torch.randn(3, 24, 8), torch.randint(1, 4, (3, 24)).float()
+    ids, sel = _padded_rows("pitome")[3:]
+    torch.library.opcheck(torch.ops.mmmerge.pitome_plan, (metric, ids, sel, 0, 0.6, 1.0, False))
+    ids, sel = _padded_rows("tps")[3:]
+    torch.library.opcheck(torch.ops.mmmerge.tps_plan, (metric, size, ids, sel, 0, 1.0, 0.5, 0.0))
+    torch.library.opcheck(torch.ops.mmmerge.tps_plan, (metric, size, ids, sel, 0, 0.0, 0.5, 1.0, torch.randn(3, 24)))
+
+
+@pytest.mark.parametrize("method,options,scored", [
+    ("pitome", {"preset": "paper"}, False), ("pitome", {"preset": "official"}, False),
+    *[("tps", {"preset": preset, "temperature": t}, scored)
+      for preset in ("paper", "official") for t in (1.0, 0.5) for scored in (False, True)]])
+def test_per_row_tables_give_the_engines_quota_plan(method, options, scored):
+    """PiToMe's and TPS's plan ops with per-row tables (tier 0 real, 1 padding) choose what the engine's matchers
+    choose with ``quota=``: the same slots for every token, the same merged tokens, sizes and sources."""
+    from dataclasses import replace
+
+    from mmmerge.fused import _apply, fused_choice
+
+    gen = torch.Generator().manual_seed(1)
+    valid, quota, r, ids, sel = _padded_rows(method)
+    B, N = valid.shape
+    metric, x = torch.randn(B, N, 6, generator=gen), torch.randn(B, N, 5, generator=gen)
+    state = replace(mmmerge.init_state(B, N, valid=valid), size=torch.randint(1, 4, (B, N), generator=gen).float())
+    if method == "pitome":  # a margin most random pairs fall on both sides of (the paper's + margin term counts)
+        options = {**options, "margin": 0.4}
+    extra = {"score": torch.randn(B, N, generator=gen)} if scored else {}
+    plan = getattr(mmmerge, method)(metric, state, r, quota=quota, **options, **extra)
+    want, want_state = mmmerge.merge_tokens(x, state, plan)
+    choose = fused_choice(method, options, 0, N, 1, True, False, False, 0, 1)  # the options as a layer binds them
+    fused_plan = choose(metric, state.size, ids, sel, 0, **extra)
+    assert torch.equal(fused_plan[4], plan.assign)
+    got, got_state = _apply(x, state, fused_plan)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got_state.source, want_state.source) and torch.equal(got_state.size, want_state.size)
+    assert torch.equal(got_state.valid, want_state.valid)
 
 
 def test_the_plan_keeps_survivors_in_order_and_lists_each_slots_members():
