@@ -25,7 +25,8 @@ row's real tokens only, as ``energy_score(..., valid=(ids == 0))`` of the engine
 ids the energy is the mean over all mergeable tokens.
 
 Where it applies (``fused_choice``, decided at patch time): ToMe, PiToMe and TPS without a coordinate rule (global,
-or static groups such as ``within_frame``) and without padding; everything else takes the engine path
+or static groups such as ``within_frame``) and without padding, and ``reduce_tokens`` over rows with budgets of
+their own (``mmmerge.rows``: the per-row tier tables of ``row_tables``); everything else takes the engine path
 (``mmmerge.matchers`` + ``mmmerge.merge``), which this path equals up to ties and float rounding of the mean.
 """
 from __future__ import annotations

@@ -240,7 +240,7 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
     if rows is None and options.get("noise") is None and (score is None or method == "tps"):  # the fused steps?
         choose = fused_choice(method, options, P, N, 1, isinstance(constraint, Global), state.valid is not None,
                               bool(state.coords), options.get("layer_idx", 0), options.get("num_layers", 1))
-    elif rows is not None and method == "tome" and options.get("noise") is None and score is None:
+    elif rows is not None and rows.tables and options.get("noise") is None and (score is None or method == "tps"):
         choose = fused_choice(method, options, 0, N, 1, True, False, False, options.get("layer_idx", 0),
                               options.get("num_layers", 1))  # per-row budgets: the static per-row tier tables
     if choose is not None:

@@ -275,19 +275,22 @@ def test_reduce_tokens_in_fused_steps_equals_the_engine_rounds(method, options):
     assert torch.equal(state.source, want_state.source) and torch.allclose(state.size, want_state.size)
 
 
-@pytest.mark.parametrize("method,options,rows", [("tome", {}, False), ("pitome", {}, False),
-                                                 ("tps", {"score": True}, False), ("tome", {}, True)])
+@pytest.mark.parametrize("method,options,rows", [
+    ("tome", {}, False), ("pitome", {}, False), ("tps", {"score": True}, False),
+    ("tome", {}, True), ("pitome", {}, True), ("tps", {}, True), ("tps", {"score": True}, True)])
 def test_reduce_tokens_takes_the_fused_steps_where_they_apply(method, options, rows, monkeypatch):
-    """Plain reductions, TPS with a given score, and ToMe over rows with budgets of their own dispatch the fused
-    plan op; with MMMERGE_FUSED=0 they do not."""
+    """Plain reductions, TPS with a given score, and ToMe, PiToMe and TPS over rows with budgets of their own
+    dispatch the fused plan op; with MMMERGE_FUSED=0 they do not."""
     x = torch.randn(3, 40, 8)
-    if options.get("score"):
-        options = {"score": torch.randn(3, 40)}
     if rows:
         budgets = mmmerge.plan_rows(method, [40, 31, 20], [10, 8, 5])
         x = torch.randn(3, budgets.width, 8)
-        call = lambda: mmmerge.reduce_tokens(x, budgets.out, method, rows=budgets)  # noqa: E731
+        if options.get("score"):
+            options = {"score": torch.randn(3, budgets.width)}
+        call = lambda: mmmerge.reduce_tokens(x, budgets.out, method, rows=budgets, **options)  # noqa: E731
     else:
+        if options.get("score"):
+            options = {"score": torch.randn(3, 40)}
         call = lambda: mmmerge.reduce_tokens(x, 12, method, **options)  # noqa: E731
     assert any(f"{method}_plan" in str(op) or "bipartite_plan" in str(op) for op in mmmerge.count_ops(call))
     monkeypatch.setenv(FUSED_ENV, "0")
