@@ -470,8 +470,9 @@ def test_reduce_visual_tokens_checks_its_own_options_like_every_entry_point():
 
 
 def test_a_half_precision_model_scores_and_matches_on_float32_keys():
-    """The keys that choose the tokens are projected in float32, so a bf16 run ranks tokens as a float32 run of
-    the same activations does (issue 20: bf16 and compiled runs choose the plans fp32 eager does)."""
+    """The keys that choose the tokens are computed in float32 (by the heads' mean key weight: the mean of the
+    heads' keys), so a bf16 run ranks tokens as a float32 run of the same activations does (issue 20: bf16 and
+    compiled runs choose the plans fp32 eager does)."""
     model = tiny_llava().to(torch.bfloat16)
     lm = model.model
     layout = llava.kinds.tower_layout(lm)
@@ -485,3 +486,20 @@ def test_a_half_precision_model_scores_and_matches_on_float32_keys():
         exact = torch.nn.functional.linear(x, attn.k_proj.weight.float(), attn.k_proj.bias.float())
     assert keys.dtype == torch.float32
     torch.testing.assert_close(keys, exact.view(*exact.shape[:2], parts.num_heads, -1).mean(2))
+
+
+def test_the_cls_score_is_the_eager_cls_attention_without_projecting_the_keys():
+    """The [CLS] score folds the [CLS] query into the key weight (no second key projection) and equals the
+    head-averaged [CLS] row of the eager attention weights of the feature layer."""
+    model = tiny_llava().float()
+    lm = model.model
+    layout = llava.kinds.tower_layout(lm)
+    pv = pixels(2).float()
+    with torch.no_grad():
+        hidden = lm.vision_tower(pv, output_hidden_states=True).hidden_states
+        keys, score = llava.reduction.keys_and_scores(lm, layout, hidden, True)
+        eager = copy.deepcopy(lm.vision_tower)
+        eager.set_attn_implementation("eager")
+        attention = eager(pv, output_attentions=True).attentions[layout.key_layer]  # [B, heads, T, T]
+    assert score.dtype == torch.float32 and keys.shape[:2] == score.shape
+    torch.testing.assert_close(score, attention[:, :, 0].float().mean(1), atol=1e-6, rtol=1e-4)

@@ -44,13 +44,20 @@ def _select_hidden(layout: Layout, original: Callable) -> Optional[Tuple[int, ..
 
 def keys_and_scores(lm: nn.Module, layout: Layout, hidden_states: Sequence[Optional[Tensor]], need_score: bool
                      ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Head-averaged keys ``[items, T, d]`` and an importance score ``[items, T]`` (float32) of the tower inputs
-    (T = tower tokens), from the key layer's own norm and query/key projections applied to its input
-    ``hidden_states[layout.key_layer]`` (what the tower computed in its forward, recomputed once here: no hook,
-    and the tower keeps its attention backend).
+    """Head-averaged keys ``[items, T, d_head]`` and an importance score ``[items, T]`` of the key layer's tokens
+    (T = tower tokens), both float32, from the layer's input ``hidden_states[layout.key_layer]`` (what the tower
+    computed; no hook, and the tower keeps its attention backend) and the layer's own norm and projections.
 
-    Score: the head-averaged [CLS] attention for towers with [CLS]; for towers without it, the mean attention
-    each token receives (averaged over heads and all queries) in the key layer.
+    The keys are not projected a second time:
+    - the mean of the heads' keys ``mean_h(W_h x + b_h)`` is one projection by the heads' mean key weight, a
+      ``d_head``-wide product (1 / heads of the key projection's);
+    - the score of towers with [CLS] is the head-averaged [CLS] attention; the [CLS] query of head h meets the
+      keys of head h as ``q_h . (W_h x + b_h) = (W_h^T q_h) . x + q_h . b_h``, so the query is folded into the
+      key weight and the logits are one ``[T, D] x [D, heads]`` product (``q_h . b_h`` is constant over the keys
+      and leaves the softmax unchanged);
+    - towers without [CLS] rank by the mean attention each token receives (averaged over heads and all
+      queries), which needs every head's keys: only there are the keys projected in full.
+    In float32: half-precision runs score and choose as a float32 run does, up to the tower's own activations.
     """
     index = layout.key_layer
     h = hidden_states[index] if hidden_states is not None and index < len(hidden_states) else None
@@ -59,25 +66,29 @@ def keys_and_scores(lm: nn.Module, layout: Layout, hidden_states: Sequence[Optio
                            "feature layer); this transformers version selects hidden states differently, please "
                            "report it")
     parts = layer_parts(tower_layers(lm)[index])
-    attn = parts.attention
+    attn, heads = parts.attention, parts.num_heads
     with torch.no_grad():  # matching builds no graph
-        x = parts.norm1(h)
-        # The keys in float32 (one projection of the feature layer's input): half-precision runs then score and
-        # choose as a float32 run does, up to the tower's own activations.
-        k = F.linear(x.float(), attn.k_proj.weight.float(),
-                     None if attn.k_proj.bias is None else attn.k_proj.bias.float())
-        B, T, D = k.shape
-        heads = parts.num_heads
-        kh = k.view(B, T, heads, D // heads)
-        keys = kh.mean(2)
+        x_model = parts.norm1(h)  # [B, T, D] in the model's dtype (the queries are projected from it, as the tower)
+        x = x_model.float()
+        B, T, D = x.shape
+        d_head = D // heads
+        w_heads = attn.k_proj.weight.view(heads, d_head, D)
+        bias = attn.k_proj.bias
+        keys = F.linear(x, w_heads.mean(0, dtype=torch.float32),
+                        None if bias is None else bias.view(heads, d_head).mean(0, dtype=torch.float32))
         if not need_score:
             return keys, None
-        # The [CLS] score needs the [CLS] queries only: project that row alone (a CLIP-L tower: 1 of 577 rows);
-        # towers without [CLS] rank by the attention every token receives, so every row is a query.
-        queries = attn.q_proj(x[:, : layout.cls]) if layout.cls else attn.q_proj(x)
-        qh = queries.reshape(B, queries.shape[1], heads, D // heads)
-        logits = torch.einsum("bqhd,bthd->bhqt", qh.float(), kh.float()) * (D // heads) ** -0.5
-        return keys, logits.softmax(-1).mean((1, 2))
+        c = layout.cls
+        if c:  # the [CLS] queries only (a CLIP-L tower: 1 of 577 rows), folded into the key weight
+            q = attn.q_proj(x_model[:, :c]).float().mul_(d_head ** -0.5).view(B * c, heads, d_head)
+            folded = torch.bmm(q.transpose(0, 1), w_heads.float())  # [heads, B * c, D]: W_h^T q_h
+            folded = folded.view(heads, B, c, D).permute(1, 3, 0, 2).reshape(B, D, heads * c)
+            return keys, torch.bmm(x, folded).softmax(1).mean(-1)  # logits [B, T, heads * c]
+        # every row is a query: every head's keys
+        k = F.linear(x, attn.k_proj.weight.float(), None if bias is None else bias.float())
+        q = attn.q_proj(x_model).float()
+        logits = torch.einsum("bqhd,bthd->bhqt", q.view(B, T, heads, d_head), k.view(B, T, heads, d_head))
+        return keys, (logits * d_head ** -0.5).softmax(-1).mean((1, 2))
 
 
 def _raster_order(x: Tensor, state: TokenState) -> Tuple[Tensor, TokenState]:
