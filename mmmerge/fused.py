@@ -77,15 +77,17 @@ def _triton() -> Optional[object]:
 _FAILED: Dict[str, str] = {}  # kernel -> the error that made it fall back to its reference (once per process)
 
 
-def _launch(name: str, reference: Callable[..., Any], on: Tensor, *args: Any) -> Any:
-    """Run kernel ``name`` of ``mmmerge.triton_kernels`` where tensor ``on`` is a CUDA tensor of a dtype the kernels
-    take (or with ``MMMERGE_TRITON_ON_CPU=1`` and ``TRITON_INTERPRET=1``, a CPU one: Triton's interpreter, for
-    tests), else the PyTorch ``reference``. A kernel that fails to build or launch (an unsupported Triton or GPU)
-    warns once and falls back to the reference, which gives the same plans."""
+def _launch(name: str, reference: Callable[..., Any], on: Tensor, *args: Any,
+            kernels_of: Optional[Callable[[], Optional[object]]] = None) -> Any:
+    """Run kernel ``name`` of ``mmmerge.triton_kernels`` (or of the module ``kernels_of()`` returns, None without
+    Triton) where tensor ``on`` is a CUDA tensor of a dtype the kernels take (or with ``MMMERGE_TRITON_ON_CPU=1``
+    and ``TRITON_INTERPRET=1``, a CPU one: Triton's interpreter, for tests), else the PyTorch ``reference``. A
+    kernel that fails to build or launch (an unsupported Triton or GPU) warns once and falls back to the
+    reference, which gives the same plans."""
     device = on.device.type
     runs = (device == "cuda" or device == "cpu" and os.environ.get("MMMERGE_TRITON_ON_CPU") == "1") \
         and on.dtype in KERNEL_DTYPES and name not in _FAILED
-    kernels = _triton() if runs else None
+    kernels = (kernels_of or _triton)() if runs else None
     if kernels is None:
         return reference(*args)
     try:
