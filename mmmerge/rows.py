@@ -41,8 +41,8 @@ class RowBudgets:
         quotas: per round, ``removed`` as a ``[B]`` long tensor (on the device the batch runs on).
         tables: per round, the fused step's per-row tables ``(ids [B, W_k], sel [B, S_k])`` int32
             (``mmmerge.fused.row_tables``; W_k the row width entering round k), for ``dominant`` ``(counts [B, 2],)``
-            int32 (real tokens, real tokens kept), empty for methods without a fused step. Static: a round keeps each tier's survivors in order, so row b always holds its real tokens
-            first.
+            int32 (real tokens, real tokens kept), empty for methods without a fused step. Static: a round keeps
+            each tier's survivors in order, so row b always holds its real tokens first.
         valid_out: ``[B, out]`` bool, True for the real tokens of the output (row b's first ``keeps[b]``).
     """
 
