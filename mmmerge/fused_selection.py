@@ -1,5 +1,6 @@
 """The fused ``dominant`` step (VisionZip-style selection, ``mmmerge.selection.dominant``): one plan op and
-``merge_slots`` (``mmmerge.fused``), where the engine path dispatches ~110 small ops (~150 over padded rows).
+``merge_slots`` (``mmmerge.fused``), where the engine's plan and merge dispatch some 60 small ops (some 100 over
+padded rows with budgets of their own), each a kernel launch on a GPU.
 
     kept, members, lo, hi, assign = dominant_plan(metric, score, protected, r, contextual, counts)   (choose)
     x, size = merge_slots(x, size, size, kept, members, lo, hi, assign)                              (merge)
@@ -12,7 +13,9 @@ The plan op, over ``N`` tokens of which the first ``protected`` (P) never merge 
 - ``counts``: None, every row's M mergeable tokens are real and keep ``K = M - r``; or per row ``[B, 2]`` int32
   ``(M_b, K_b)``: row b's first ``M_b`` mergeable tokens are real (the rest padding), ``K_b`` of them stay, and so
   do its first ``M - r - K_b`` padding tokens; the rest of its padding joins its first padding token
-  (``RowBudgets.tables``, ``fused.row_tables``; static per layout).
+  (``RowBudgets.tables``, ``fused.row_tables``; static per layout). Feasible counts are the caller's (the op does
+  not check them): ``plan_rows``'s rows hold ``r - (M_b - K_b)`` padding tokens to give up and one more to host
+  them.
 - ``contextual``: ``C_b = min(K_b, contextual)`` contextual targets per row, or with 0 VisionZip's default
   ``max(1, round(10 K_b / 64))``. Static (an option), so nothing is built per call; ``D_b = K_b - C_b``.
 

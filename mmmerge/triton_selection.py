@@ -31,23 +31,29 @@ STAYS, JOINS_TARGET, JOINS_PADDING = tl.constexpr(0), tl.constexpr(1), tl.conste
 
 
 @triton.jit
-def _counts(counts_ptr, b, M, r, ROWS: tl.constexpr, CONTEXTUAL: tl.constexpr):
-    """Row b's (real tokens, kept real tokens, contextual targets): per row from ``counts`` ``[B, 2]``, or all M
-    real and ``M - r`` kept. Targets: ``min(kept, CONTEXTUAL)``, or without one (0) VisionZip's
-    ``max(1, round(10 kept / 64))`` with Python's round (half to even; ``10 kept / 64`` is exact)."""
+def _counts(counts_ptr, b, M, r, ROWS: tl.constexpr):
+    """Row b's (real tokens, kept real tokens): per row from ``counts`` ``[B, 2]``, or all M real and ``M - r``
+    kept."""
     if ROWS:
         real = tl.load(counts_ptr + 2 * b)
         keep = tl.load(counts_ptr + 2 * b + 1)
     else:
         real = M
         keep = M - r
+    return real, keep
+
+
+@triton.jit
+def _contextual(keep, CONTEXTUAL: tl.constexpr):
+    """A row's contextual targets: ``min(keep, CONTEXTUAL)``, or without one (0) VisionZip's
+    ``max(1, round(10 keep / 64))`` with Python's round (half to even; ``10 keep / 64`` is exact)."""
     if CONTEXTUAL > 0:
         context = tl.minimum(keep, CONTEXTUAL)
     else:
         q = (10 * keep) // 64
         rem = 10 * keep - 64 * q
         context = tl.maximum(q + ((rem > 32) | ((rem == 32) & (q % 2 == 1))).to(tl.int32), 1)
-    return real, keep, context
+    return context
 
 
 @triton.jit
@@ -58,7 +64,8 @@ def _dominant_select_kernel(score_ptr, counts_ptr, flags_ptr, targets_ptr, work_
     target or staying padding; ``JOINS_TARGET``; ``JOINS_PADDING``). ``targets`` ``[B, width]`` int32: the row's
     C_b targets in position order, then -1. ``work``: this row's ``BLOCK_M`` int32 scratch."""
     b = tl.program_id(0)
-    real, keep, context = _counts(counts_ptr, b, M, r, ROWS, CONTEXTUAL)
+    real, keep = _counts(counts_ptr, b, M, r, ROWS)
+    context = _contextual(keep, CONTEXTUAL)
     dominant = keep - context
     i = tl.arange(0, BLOCK_M)
     in_m = i < M
@@ -116,7 +123,7 @@ def _dominant_plan_kernel(flags_ptr, best_ptr, counts_ptr, kept_ptr, members_ptr
     """One program per batch row: every removed token with its host, compacted in position order, then the slots.
     ``work``: this row's ``2 * BLOCK_N + 2 * BLOCK_R`` int32 scratch (``_slots``'s, then the compact lists)."""
     b = tl.program_id(0)
-    real, keep, context = _counts(counts_ptr, b, M, r, ROWS, 0)
+    real, keep = _counts(counts_ptr, b, M, r, ROWS)
     i = tl.arange(0, BLOCK_M)
     in_m = i < M
     fate = tl.load(flags_ptr + b * M + i, mask=in_m, other=STAYS)

@@ -140,17 +140,19 @@ def test_too_many_contextual_tokens_are_refused_on_the_fused_path_too():
 
 
 def test_the_kernels_choose_as_the_reference_on_ties():
-    """Importance ties keep the lower index, similarity ties the first target in position order (the random cases
-    without ties: ``mmmerge.kernel_check``)."""
+    """Importance ties keep the lower index, similarity ties the first target in position order; non-finite scores
+    as the engine takes them (the random cases without ties: ``mmmerge.kernel_check``)."""
     _needs_triton()
     result = _interpreted("""
         import torch
         from mmmerge import triton_selection
         from mmmerge.fused import row_tables
-                from test_fused_selection import _inputs
+        from mmmerge.fused_selection import dominant_reference
+        from test_fused_selection import _inputs
         (counts,) = row_tables("dominant", [40, 31, 20], [12, 9, 4], 40, 12)
         for P, r, contextual, rows in ((1, 20, 0, None), (1, 25, 3, None), (0, 12, 0, counts), (0, 12, 2, counts)):
             metric, _, score, _ = _inputs(3, 40, seed=r, ties=True)
+            score[0, :6] = torch.tensor([float("nan"), float("inf"), float("-inf"), float("inf"), -0.0, 0.0])
             want = dominant_reference(metric, score, P, r, contextual, rows)
             got = triton_selection.dominant_plan(metric, score, P, r, contextual, rows)
             assert all(torch.equal(w, g) for w, g in zip(want, got)), (P, r, contextual)
