@@ -8,6 +8,7 @@ The engine (this package) knows tensors, never a model class:
     merge.py        MergePlan and the one merge operation; unmerge
     fused.py        the same choose-and-merge as two custom ops (tome, pitome, tps without a coordinate rule)
     triton_kernels.py  their CUDA kernels; kernel_check.py checks them against the PyTorch references
+    fused_selection.py  dominant's fused step (one plan op and merge_slots); triton_selection.py its kernels
     info.py         MergeInfo: what a merged forward did (one type for every adapter)
     constraints.py  which pairs may merge: static partitions and coordinate rules; the time-mode parser
     schedule.py     r per layer

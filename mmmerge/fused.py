@@ -28,6 +28,7 @@ Where it applies (``fused_choice``, decided at patch time): ToMe, PiToMe and TPS
 or static groups such as ``within_frame``) and without padding, and ``reduce_tokens`` over rows with budgets of
 their own (``mmmerge.rows``: the per-row tier tables of ``row_tables``); everything else takes the engine path
 (``mmmerge.matchers`` + ``mmmerge.merge``), which this path equals up to ties and float rounding of the mean.
+``dominant`` with a given score has a fused step of its own in ``reduce_tokens`` (``mmmerge.fused_selection``).
 """
 from __future__ import annotations
 
@@ -77,15 +78,17 @@ def _triton() -> Optional[object]:
 _FAILED: Dict[str, str] = {}  # kernel -> the error that made it fall back to its reference (once per process)
 
 
-def _launch(name: str, reference: Callable[..., Any], on: Tensor, *args: Any) -> Any:
-    """Run kernel ``name`` of ``mmmerge.triton_kernels`` where tensor ``on`` is a CUDA tensor of a dtype the kernels
-    take (or with ``MMMERGE_TRITON_ON_CPU=1`` and ``TRITON_INTERPRET=1``, a CPU one: Triton's interpreter, for
-    tests), else the PyTorch ``reference``. A kernel that fails to build or launch (an unsupported Triton or GPU)
-    warns once and falls back to the reference, which gives the same plans."""
+def _launch(name: str, reference: Callable[..., Any], on: Tensor, *args: Any,
+            kernels_of: Optional[Callable[[], Optional[object]]] = None) -> Any:
+    """Run kernel ``name`` of ``mmmerge.triton_kernels`` (or of the module ``kernels_of()`` returns, None without
+    Triton) where tensor ``on`` is a CUDA tensor of a dtype the kernels take (or with ``MMMERGE_TRITON_ON_CPU=1``
+    and ``TRITON_INTERPRET=1``, a CPU one: Triton's interpreter, for tests), else the PyTorch ``reference``. A
+    kernel that fails to build or launch (an unsupported Triton or GPU) warns once and falls back to the
+    reference, which gives the same plans."""
     device = on.device.type
     runs = (device == "cuda" or device == "cpu" and os.environ.get("MMMERGE_TRITON_ON_CPU") == "1") \
         and on.dtype in KERNEL_DTYPES and name not in _FAILED
-    kernels = _triton() if runs else None
+    kernels = (kernels_of or _triton)() if runs else None
     if kernels is None:
         return reference(*args)
     try:
@@ -343,13 +346,17 @@ def fused_reduce(x: Tensor, metric: Optional[Tensor], state: TokenState, steps: 
 
 
 def row_tables(method: str, real: Sequence[int], quota: Sequence[int], width: int, r: int
-               ) -> Tuple[Tensor, Tensor]:
+               ) -> Tuple[Tensor, ...]:
     """The per-row tables of one fused round over rows with budgets of their own (``mmmerge.rows``; host
     arithmetic, CPU tensors). Row b holds ``real[b]`` real tokens, then padding, ``width`` in all, and removes
     ``quota[b]`` real tokens and ``r - quota[b]`` padding ones. ``ids`` ``[B, width]`` int32 is each token's tier
     (0 real, 1 padding: the two never merge); ``sel`` ``[B, S]`` int32 the row's positions in its (tier, score)
     order: the best of its real tier, then the best of its padding. Ranked are ToMe's A tokens (even positions:
-    rows have no protected tokens), PiToMe's candidates (two per removed token) or TPS's removed tokens."""
+    rows have no protected tokens), PiToMe's candidates (two per removed token) or TPS's removed tokens.
+    ``dominant``: ``(counts,)``, ``[B, 2]`` int32 (real tokens, real tokens kept) per row
+    (``mmmerge.fused_selection``; its contextual count follows from the kept one and the option)."""
+    if method == "dominant":
+        return (torch.tensor([[n, n - q] for n, q in zip(real, quota)], dtype=torch.int32),)
     real_count = torch.tensor(real).unsqueeze(1)  # [B, 1]
     ids = (torch.arange(width).unsqueeze(0) >= real_count).to(torch.int32)
     ranked = (real_count + 1) // 2 if method == "tome" else real_count  # [B, 1] real entries of the first tier

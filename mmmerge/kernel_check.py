@@ -1,4 +1,5 @@
-"""Check the fused step's Triton kernels against their PyTorch references, on fresh random inputs.
+"""Check the fused steps' Triton kernels (ToMe, PiToMe, TPS, dominant) against their PyTorch references, on fresh
+random inputs.
 
     TRITON_INTERPRET=1 python -m mmmerge.kernel_check          (on the CPU, Triton's interpreter; the tests run it)
     python -m mmmerge.kernel_check --device cuda               (on a GPU: benchmarks/gpu_check.sh runs it)
@@ -17,9 +18,10 @@ from typing import List, Tuple
 import torch
 
 from .fused import merge_reference, pitome_reference, plan_reference, tps_reference
+from .fused_selection import dominant_reference
 
 METHODS = ("tome", "pitome", "tps")
-ROW_METHODS = ("tome", "pitome", "tps", "tps_score")  # per-row tables; TPS by energy and by a given score
+ROW_METHODS = ("tome", "pitome", "tps", "tps_score", "dominant")  # per-row tables; TPS by energy and by a score
 # (batch, tokens, metric width, channels, protected, a0, groups, removed per group, dtype)
 CASES: List[Tuple[int, int, int, int, int, int, int, int, torch.dtype]] = [
     (2, 64, 16, 32, 0, 0, 1, 20, torch.float32),
@@ -31,6 +33,16 @@ CASES: List[Tuple[int, int, int, int, int, int, int, int, torch.dtype]] = [
 CUDA_CASES = CASES + [(8, 1568, 64, 768, 0, 0, 1, 120, torch.bfloat16),  # VideoMAE-base's first layer
                       (4, 1568, 64, 768, 0, 0, 8, 20, torch.bfloat16),  # within_frame: 8 tubelet groups
                       (2, 1177, 64, 768, 1, 0, 1, 300, torch.float32)]
+# dominant: (batch, tokens, metric width, channels, protected, removed, contextual (0: the default), dtype)
+DOMINANT_CASES: List[Tuple[int, int, int, int, int, int, int, torch.dtype]] = [
+    (2, 64, 16, 32, 0, 20, 0, torch.float32),
+    (2, 65, 20, 48, 1, 48, 0, torch.float32),  # 16 kept: the default 2.5 contextual rounds to 2 (half to even)
+    (2, 66, 16, 40, 2, 20, 5, torch.bfloat16),
+    (1, 130, 64, 96, 0, 100, 30, torch.bfloat16),  # every kept token a target: no dominant token
+    (3, 37, 8, 24, 1, 3, 1, torch.float16),
+]
+DOMINANT_CUDA_CASES = DOMINANT_CASES + [(1, 577, 64, 1024, 1, 512, 0, torch.bfloat16),  # LLaVA-1.5: 576 -> 64
+                                        (4, 577, 64, 1024, 1, 432, 16, torch.float32)]
 
 
 def _tables(M: int, a0: int, groups: int, per_group: int, pitome: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +96,30 @@ def check_case(case, device: torch.device, seed: int, method: str) -> List[str]:
         want = plan_reference(metric, ids, sel, P, a0)
         _poison(device)
         got = triton_kernels.bipartite_plan(*on, P, a0)
+    return _compare(case, want, got, x, size, weight, device)
+
+
+def check_dominant_case(case, device: torch.device, seed: int) -> List[str]:
+    """Mismatches of one ``dominant`` case without padding (empty when the kernels agree with the reference)."""
+    from . import triton_selection
+
+    B, N, D, C, P, r, contextual, dtype = case
+    gen = torch.Generator().manual_seed(seed)
+    metric, score = torch.randn(B, N, D, generator=gen).to(dtype), torch.randn(B, N, generator=gen)  # keys in dtype
+    x = torch.randn(B, N, C, generator=gen).to(dtype)
+    size = torch.randint(1, 5, (B, N), generator=gen).float()
+    want = dominant_reference(metric, score, P, r, contextual)
+    _poison(device)
+    got = triton_selection.dominant_plan(metric.to(device), score.to(device), P, r, contextual)
+    return _compare(("dominant",) + case, want, got, x, size, size, device)
+
+
+def _compare(case, want, got, x: torch.Tensor, size: torch.Tensor, weight: torch.Tensor, device: torch.device
+             ) -> List[str]:
+    """Mismatches of a kernel plan ``got`` against the reference plan ``want`` (identical), then of the merge by it:
+    the kernel's rows and sizes against the reference's."""
+    from . import triton_kernels
+
     errors = [f"{case}: plan {name} differs" for name, w, g in zip(("kept", "members", "lo", "hi", "assign"), want, got)
               if w.shape != g.shape or not torch.equal(w.long(), g.cpu().long())]
     if errors:
@@ -93,7 +129,7 @@ def check_case(case, device: torch.device, seed: int, method: str) -> List[str]:
     _poison(device)
     out_got, size_got = triton_kernels.merge_slots(*(t.to(device) for t in (x, size, weight, kept, members, lo, hi)))
     out_got, size_got = out_got.cpu(), size_got.cpu()
-    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[x.dtype]
     if not torch.isfinite(out_got.float()).all():
         errors.append(f"{case}: merged rows not finite (unwritten?)")
     elif not torch.allclose(out_got.float(), out_want.float(), rtol=tolerance, atol=tolerance):
@@ -110,16 +146,22 @@ def check_rows_case(device: torch.device, seed: int, method: str = "tome", B: in
                     r: int = 10) -> List[str]:
     """A plan with per-row tables (rows of their own lengths and budgets, real tokens first, then padding:
     ``fused.row_tables``)."""
-    from . import triton_kernels
+    from . import triton_kernels, triton_selection
     from .fused import row_tables
 
     gen = torch.Generator().manual_seed(seed)
     lengths, quota = [W, W - 9, W - 20][:B], [r, r - 4, r - 7][:B]
-    ids, sel = row_tables("tps" if method == "tps_score" else method, lengths, quota, W, r)
+    tables = row_tables("tps" if method == "tps_score" else method, lengths, quota, W, r)
+    ids, sel = tables if method != "dominant" else (None, None)
     metric = torch.randn(B, W, 16, generator=gen)
     size = torch.randint(1, 5, (B, W), generator=gen).float()
     case = f"rows case {method} (seed {seed})"
-    if method == "tome":
+    if method == "dominant":  # by the default contextual count, and by a given one (some rows keep fewer)
+        score, (counts,), contextual = torch.randn(B, W, generator=gen), tables, 0 if seed % 2 == 0 else 3
+        want = dominant_reference(metric, score, 0, r, contextual, counts)
+        _poison(device)
+        got = triton_selection.dominant_plan(metric.to(device), score.to(device), 0, r, contextual, counts.to(device))
+    elif method == "tome":
         want = plan_reference(metric, ids, sel, 0, 0)
         _poison(device)
         got = triton_kernels.bipartite_plan(metric.to(device), ids.to(device), sel.to(device), 0, 0)
@@ -148,12 +190,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cases = CUDA_CASES if device.type == "cuda" else CASES
+    dominant_cases = DOMINANT_CUDA_CASES if device.type == "cuda" else DOMINANT_CASES
     errors = [e for method in METHODS for case in cases for seed in range(args.seeds)
               for e in check_case(case, device, seed, method)]
+    errors += [e for case in dominant_cases for seed in range(args.seeds)
+               for e in check_dominant_case(case, device, seed)]
     errors += [e for method in ROW_METHODS for seed in range(args.seeds) for e in check_rows_case(device, seed, method)]
     for error in errors:
         print("MISMATCH", error)
-    total = (len(METHODS) * len(cases) + len(ROW_METHODS)) * args.seeds
+    total = (len(METHODS) * len(cases) + len(dominant_cases) + len(ROW_METHODS)) * args.seeds
     print(f"kernel_check: {total} cases on {device}, {len(errors)} mismatches")
     return 1 if errors else 0
 

@@ -18,6 +18,7 @@ from .constraints import (ConstraintSpec, Global, Guarantee, Partition, guarante
 from .constraints import check_layout as _check_layout
 from .methods import check_options, check_step, get_matcher, group_limits, step_limit
 from .fused import FUSED_METHODS, fused_choice, fused_reduce, row_tables
+from .fused_selection import dominant_fused, fused_dominant
 from .merge import MergePlan, merge_tokens, merge_weighted
 from .rows import RowBudgets
 from .state import TokenState, init_state
@@ -145,7 +146,7 @@ def plan_rows(method: str, lengths: Sequence[int], keeps: Sequence[int]) -> RowB
     quotas = tuple(torch.tensor(r) for r in removed)
     tables, real = [], lengths
     for quota, r in zip(removed, steps):  # the fused step's tables of each round (real tokens stay in front)
-        if method in FUSED_METHODS:
+        if method in FUSED_METHODS or method == "dominant":  # dominant: the per-row counts (fused_selection)
             tables.append(row_tables(method, real, quota, width, r))
         real, width = tuple(n - q for n, q in zip(real, quota)), width - r
     valid_out = torch.arange(width).unsqueeze(0) < torch.tensor(keeps).unsqueeze(1)
@@ -176,8 +177,9 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
 
     Bipartite methods (tome, pitome, random) run rounds of at most what one step can remove; tps and
     prune select-and-assign in one step. The number of rounds depends only on shapes (no host sync). ToMe,
-    PiToMe and TPS (also with a given score) without a rule or padding, or over rows with budgets of their own,
-    take the fused steps (``mmmerge.fused``: two custom ops per round, the same plans).
+    PiToMe and TPS (also with a given score), and ``dominant`` with a given score, without a rule or padding, or
+    over rows with budgets of their own, take the fused steps (``mmmerge.fused``, ``mmmerge.fused_selection``: two
+    custom ops per round, the same plans).
 
     Args:
         x: ``[B, N, C]`` tokens. keep: tokens to return, ``protected + 1 <= keep <= N``.
@@ -237,6 +239,10 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
         raise ValueError(f"{method}: a per-token score or noise applies to one step; this reduction takes "
                          f"{len(steps)} rounds")
     choose, score = None, options.get("score")
+    if method == "dominant" and score is not None and dominant_fused(N, isinstance(constraint, Global),
+                                                                     state.valid is not None, bool(state.coords), rows):
+        return fused_dominant(x, x if metric is None else metric, state, steps, score, options.get("contextual"),
+                              rows)
     if rows is None and options.get("noise") is None and (score is None or method == "tps"):  # the fused steps?
         choose = fused_choice(method, options, P, N, 1, isinstance(constraint, Global), state.valid is not None,
                               bool(state.coords), options.get("layer_idx", 0), options.get("num_layers", 1))

@@ -40,9 +40,9 @@ class RowBudgets:
         valid: ``[B, W]`` bool, True for the real tokens.
         quotas: per round, ``removed`` as a ``[B]`` long tensor (on the device the batch runs on).
         tables: per round, the fused step's per-row tables ``(ids [B, W_k], sel [B, S_k])`` int32
-            (``mmmerge.fused.row_tables``; W_k the row width entering round k), empty for methods without a fused
-            step. Static: a round keeps each tier's survivors in order, so row b always holds its real tokens
-            first.
+            (``mmmerge.fused.row_tables``; W_k the row width entering round k), for ``dominant`` ``(counts [B, 2],)``
+            int32 (real tokens, real tokens kept), empty for methods without a fused step. Static: a round keeps
+            each tier's survivors in order, so row b always holds its real tokens first.
         valid_out: ``[B, out]`` bool, True for the real tokens of the output (row b's first ``keeps[b]``).
     """
 
@@ -54,7 +54,7 @@ class RowBudgets:
     removed: Tuple[Tuple[int, ...], ...]
     valid: Tensor
     quotas: Tuple[Tensor, ...]
-    tables: Tuple[Tuple[Tensor, Tensor], ...]
+    tables: Tuple[Tuple[Tensor, ...], ...]
     valid_out: Tensor
 
     @property
@@ -69,7 +69,7 @@ class RowBudgets:
     def moved(self, move: Callable[[Tensor], Tensor]) -> "RowBudgets":
         """The same budgets with every tensor passed through ``move`` (e.g. a copy to the device)."""
         return replace(self, valid=move(self.valid), quotas=tuple(move(q) for q in self.quotas),
-                       tables=tuple((move(ids), move(sel)) for ids, sel in self.tables),
+                       tables=tuple(tuple(move(t) for t in tables) for tables in self.tables),
                        valid_out=move(self.valid_out))
 
 

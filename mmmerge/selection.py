@@ -32,6 +32,20 @@ def check_partitionable(method: str) -> None:
 
 
 # --------------------------------------------------------------------------------- selection: dominant
+def default_contextual(kept: int) -> int:
+    """VisionZip's contextual token count for ``kept`` tokens: 10 of every 64 kept (round half to even), at least
+    1."""
+    return max(1, round(kept * 10 / 64))
+
+
+def check_contextual(contextual: Optional[int], kept: int) -> None:
+    """Raise ValueError if ``contextual`` targets do not fit in the ``kept`` mergeable tokens (None: the default
+    count, which always fits)."""
+    if contextual is not None and contextual > kept:
+        raise ValueError(f"dominant: contextual={contextual} is more than the {kept} mergeable tokens kept; use "
+                         f"contextual <= {kept}")
+
+
 def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Constraint] = None,
              partition: Optional[Partition] = None, *, score: Optional[Tensor] = None,
              contextual: Optional[int] = None, quota: Optional[Tensor] = None) -> MergePlan:
@@ -65,9 +79,8 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
     B, N = metric.shape[:2]
     M = N - P
     K = M - r
-    C = max(1, round(K * 10 / 64)) if contextual is None else contextual
-    if C > K:
-        raise ValueError(f"dominant: contextual={C} is more than the {K} mergeable tokens kept; use contextual <= {K}")
+    check_contextual(contextual, K)
+    C = default_contextual(K) if contextual is None else contextual
     D = K - C
     device = metric.device
     with torch.no_grad():
@@ -85,15 +98,20 @@ def dominant(metric: Tensor, state: TokenState, r: int, constraint: Optional[Con
         if _needs_anchors(state, constraint):  # each clique's best token stays: dominant first, else a target
             anchor = _anchors(importance, state, constraint, None)
             importance = importance.masked_fill(anchor, POS_INF)
-        dom = importance.topk(D, dim=-1).indices  # [B, D]
+        # Ties keep the lower index (a stable sort, as _dominant_rows and the fused op): topk's pick among equal
+        # scores is unspecified and may differ between devices.
+        dom = importance.argsort(dim=-1, descending=True, stable=True)[:, :D]  # [B, D]
         is_dom = torch.zeros(B, M, dtype=torch.bool, device=device).scatter_(1, dom, True)
         rest = torch.argsort(is_dom.to(torch.int8), dim=1, stable=True)[:, : M - D]  # [B, M - D] position order
         step = (M - D) // C
-        priority = torch.zeros(B, M - D, device=device)
-        priority[:, : step * C : step] = 1.0  # evenly spread picks
-        if anchor is not None:
+        if anchor is None:  # evenly spread picks, in position order (similarity ties go to the first of them)
+            targets = rest[:, : step * C : step]  # [B, C]
+        else:  # the anchors first, then the first of the evenly spread picks; in position order
+            priority = torch.zeros(B, M - D, device=device)
+            priority[:, : step * C : step] = 1.0
             priority = priority + 2.0 * anchor.gather(1, rest).float()
-        targets = rest.gather(1, priority.topk(C, dim=-1).indices)  # [B, C]
+            picks = priority.argsort(dim=-1, descending=True, stable=True)[:, :C].sort(dim=-1).values
+            targets = rest.gather(1, picks)  # [B, C]
         is_target = torch.zeros_like(is_dom).scatter_(1, targets, True)
         hosts = targets if anchor is None else torch.cat([targets, dom], dim=1)  # [B, C (+ D)]
         sim = torch.bmm(m, _rows(m, hosts).transpose(1, 2)).float()
@@ -121,7 +139,7 @@ def _dominant_rows(m: Tensor, importance: Tensor, valid: Tensor, r: int, quota: 
     kept = real - quota  # [B] K_b
     if contextual is None:  # round half to even, as Python's round
         C = (kept.float() * (10 / 64)).round().long().clamp_min(1)
-        width = max(1, round((M - r) * 10 / 64))  # the most targets a row can have (static)
+        width = default_contextual(M - r)  # the most targets a row can have (static)
     else:
         C, width = kept.clamp_max(contextual), min(contextual, M - r)
     D = kept - C

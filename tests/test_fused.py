@@ -277,10 +277,11 @@ def test_reduce_tokens_in_fused_steps_equals_the_engine_rounds(method, options):
 
 @pytest.mark.parametrize("method,options,rows", [
     ("tome", {}, False), ("pitome", {}, False), ("tps", {"score": True}, False),
-    ("tome", {}, True), ("pitome", {}, True), ("tps", {}, True), ("tps", {"score": True}, True)])
+    ("tome", {}, True), ("pitome", {}, True), ("tps", {}, True), ("tps", {"score": True}, True),
+    ("dominant", {"score": True}, False), ("dominant", {"score": True}, True)])
 def test_reduce_tokens_takes_the_fused_steps_where_they_apply(method, options, rows, monkeypatch):
-    """Plain reductions, TPS with a given score, and ToMe, PiToMe and TPS over rows with budgets of their own
-    dispatch the fused plan op; with MMMERGE_FUSED=0 they do not."""
+    """Plain reductions, TPS and dominant with a given score, and ToMe, PiToMe, TPS and dominant over rows with
+    budgets of their own dispatch the fused plan op; with MMMERGE_FUSED=0 they do not."""
     x = torch.randn(3, 40, 8)
     if rows:
         budgets = mmmerge.plan_rows(method, [40, 31, 20], [10, 8, 5])
