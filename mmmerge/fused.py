@@ -331,15 +331,18 @@ def fused_reduce(x: Tensor, metric: Optional[Tensor], state: TokenState, steps: 
     P = state.protected
     if rows is not None:  # the tiers are static (RowBudgets.tables): no per-round gather of the padding mask
         state = state.replace(valid=None)
+    else:  # one group, the first entries: every round's tables are views of these two (no launch per round)
+        picks = (2 if method == "pitome" else 1) * max(steps, default=0)
+        zeros = torch.zeros(x.shape[1] - P, dtype=torch.int32, device=x.device)
+        first = torch.arange(picks, dtype=torch.int32, device=x.device)
     for k, r in enumerate(steps):
         if rows is None:
-            ids = torch.zeros(x.shape[1] - P, dtype=torch.int32, device=x.device)
-            sel = torch.arange(2 * r if method == "pitome" else r, dtype=torch.int32, device=x.device)
+            ids, sel = zeros[: x.shape[1] - P], first[: 2 * r if method == "pitome" else r]
         else:
             ids, sel = rows.tables[k]
         scored = x if metric is None else metric
         plan = choose(scored.detach() if scored.requires_grad else scored, state.size, ids, sel, P)  # no gradient
-        if metric is not None:
+        if metric is not None and k + 1 < len(steps):  # the last round's merged metric would go unread
             metric = torch.ops.mmmerge.merge_slots(metric, state.size, plan[5], *plan[:5])[0]
         x, state = _apply(x, state, plan)
     return x, state if rows is None else state.replace(valid=rows.valid_out)

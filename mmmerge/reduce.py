@@ -254,9 +254,9 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
             choose = functools.partial(choose, score=score)
         return fused_reduce(x, metric, state, steps, choose, method, rows)
     matcher = get_matcher(method)
-    for r, quota in zip(steps, quotas):
+    for k, (r, quota) in enumerate(zip(steps, quotas)):
         plan = matcher(x if metric is None else metric, state, r, constraint, None, **options, **quota)
-        if metric is not None:
-            metric = merge_weighted(metric, plan)  # the state is merged once, with x
+        if metric is not None and k + 1 < len(steps):  # the state is merged once, with x; the last metric unread
+            metric = merge_weighted(metric, plan)
         x, state = merge_tokens(x, state, plan)
     return x, state
