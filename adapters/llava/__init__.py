@@ -54,10 +54,12 @@ similarity on the tokens being reduced. For the other methods the similarity met
 head-averaged keys; the importance score (``dominant``, ``tps``,
 ``prune``) is the [CLS] attention of the feature layer for CLIP towers, and for towers without [CLS] (SigLIP,
 OneVision) the mean attention each token receives in the feature layer (averaged over heads and queries).
-Both come from the feature layer's own norm and query/key projections, applied once more to that layer's input,
-a hidden state the tower returns anyway (bit for bit what the layer computed; the cost is one projection of one
-layer for the keys, two with a score: about 0.3% / 0.6% of the FLOPs of a 24-layer ViT-L/336 tower): no hook in
-the tower, which keeps its attention backend (sdpa, flash), nothing is forced eager.
+Both come, in float32, from the feature layer's own norm and weights applied to that layer's input, a hidden
+state the tower returns anyway, without projecting the keys a second time: the head-averaged keys are one
+``d_head``-wide product by the heads' mean key weight, and the [CLS] score folds the [CLS] query into the key
+weight (one ``[T, D] x [D, heads]`` product); about 0.03% of the FLOPs of a 24-layer ViT-L/336 tower. Only SigLIP
+towers that need a score project every head's keys and queries (the attention each token receives). No hook in
+the tower, which keeps its attention backend (sdpa, flash); nothing is forced eager.
 
 On device, batched, no host sync: every reduction is one batched engine call for the whole batch. For anyres
 images the rows are every image's base view and its crop part, rows of different lengths and keeps: they form one
