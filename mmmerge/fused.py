@@ -33,6 +33,7 @@ their own (``mmmerge.rows``: the per-row tier tables of ``row_tables``); everyth
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -66,29 +67,29 @@ def fused_enabled() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _triton() -> Optional[object]:
-    """The Triton kernels module, or None where Triton is not installed."""
+def _triton(module: str = "triton_kernels") -> Optional[object]:
+    """A Triton kernels module of this package (``triton_kernels``, ``triton_selection``), or None where Triton is
+    not installed."""
     try:
-        from . import triton_kernels
+        return importlib.import_module(f"{__package__}.{module}")
     except ImportError:
         return None
-    return triton_kernels
 
 
 _FAILED: Dict[str, str] = {}  # kernel -> the error that made it fall back to its reference (once per process)
 
 
 def _launch(name: str, reference: Callable[..., Any], on: Tensor, *args: Any,
-            kernels_of: Optional[Callable[[], Optional[object]]] = None) -> Any:
-    """Run kernel ``name`` of ``mmmerge.triton_kernels`` (or of the module ``kernels_of()`` returns, None without
-    Triton) where tensor ``on`` is a CUDA tensor of a dtype the kernels take (or with ``MMMERGE_TRITON_ON_CPU=1``
-    and ``TRITON_INTERPRET=1``, a CPU one: Triton's interpreter, for tests), else the PyTorch ``reference``. A
-    kernel that fails to build or launch (an unsupported Triton or GPU) warns once and falls back to the
-    reference, which gives the same plans."""
+            module: str = "triton_kernels") -> Any:
+    """Run kernel ``name`` of ``mmmerge.<module>`` (``triton_kernels``, or ``triton_selection``) where tensor ``on``
+    is a CUDA tensor of a dtype the kernels take (or with ``MMMERGE_TRITON_ON_CPU=1`` and ``TRITON_INTERPRET=1``, a
+    CPU one: Triton's interpreter, for tests), else the PyTorch ``reference``. A kernel that fails to build or
+    launch (an unsupported Triton or GPU) warns once and falls back to the reference, which gives the same
+    plans."""
     device = on.device.type
     runs = (device == "cuda" or device == "cpu" and os.environ.get("MMMERGE_TRITON_ON_CPU") == "1") \
         and on.dtype in KERNEL_DTYPES and name not in _FAILED
-    kernels = (kernels_of or _triton)() if runs else None
+    kernels = _triton(module) if runs else None
     if kernels is None:
         return reference(*args)
     try:

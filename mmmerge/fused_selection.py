@@ -28,7 +28,6 @@ score, under a rule, with padding of a non-row batch or coordinates, the engine 
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -42,23 +41,13 @@ from .selection import _dominant_rows, check_contextual
 from .state import TokenState
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels() -> Optional[object]:
-    """The dominant step's Triton kernels module, or None where Triton is not installed."""
-    try:
-        from . import triton_selection
-    except ImportError:
-        return None
-    return triton_selection
-
-
 @torch.library.custom_op("mmmerge::dominant_plan", mutates_args=())
 def dominant_plan(metric: Tensor, score: Tensor, protected: int, r: int, contextual: int,
                   counts: Optional[Tensor] = None) -> PlanTensors:
     """The ``dominant`` plan (see the module docstring): ``(kept [B, K], members [B, r], lo [B, K], hi [B, K],
     assign [B, N])``, ``K = N - r``."""
     return _launch("dominant_plan", dominant_reference, metric, metric, score, protected, r, contextual, counts,
-                   kernels_of=_kernels)
+                   module="triton_selection")
 
 
 def dominant_reference(metric: Tensor, score: Tensor, protected: int, r: int, contextual: int,

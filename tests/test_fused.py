@@ -234,7 +234,7 @@ def test_a_failing_kernel_warns_once_and_falls_back_to_the_reference(monkeypatch
             raise RuntimeError("no such GPU")
 
     monkeypatch.setenv("MMMERGE_TRITON_ON_CPU", "1")
-    monkeypatch.setattr(fused, "_triton", lambda: Broken())
+    monkeypatch.setattr(fused, "_triton", lambda module="triton_kernels": Broken())
     monkeypatch.setattr(fused, "_FAILED", {})
     metric, ids, sel, P = _plan_inputs()
     with pytest.warns(RuntimeWarning, match="bipartite_plan failed .*no such GPU"):
