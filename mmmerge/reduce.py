@@ -243,12 +243,11 @@ def reduce_tokens(x: Tensor, keep: int, method: str = "tome", metric: Optional[T
                                                                      state.valid is not None, bool(state.coords), rows):
         return fused_dominant(x, x if metric is None else metric, state, steps, score, options.get("contextual"),
                               rows)
-    if rows is None and options.get("noise") is None and (score is None or method == "tps"):  # the fused steps?
-        choose = fused_choice(method, options, P, N, 1, isinstance(constraint, Global), state.valid is not None,
-                              bool(state.coords), options.get("layer_idx", 0), options.get("num_layers", 1))
-    elif rows is not None and rows.tables and options.get("noise") is None and (score is None or method == "tps"):
-        choose = fused_choice(method, options, 0, N, 1, True, False, False, options.get("layer_idx", 0),
-                              options.get("num_layers", 1))  # per-row budgets: the static per-row tier tables
+    if options.get("noise") is None and (score is None or method == "tps") and (rows is None or rows.tables):
+        # the fused steps? Over rows with budgets, their static per-row tier tables stand for the padding mask
+        choose = fused_choice(method, options, P, N, 1, isinstance(constraint, Global),
+                              rows is None and state.valid is not None, bool(state.coords),
+                              options.get("layer_idx", 0), options.get("num_layers", 1))
     if choose is not None:
         if score is not None:
             choose = functools.partial(choose, score=score)
