@@ -53,6 +53,10 @@ PlanTensors = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 MAX_TOKENS = 8192
 MAX_GROUPS = 1 << 15
 FUSED_METHODS = ("tome", "pitome", "tps")  # the methods with a fused step (``fused_choice``)
+ROW_TABLE_METHODS = (*FUSED_METHODS, "dominant")  # rows with budgets take their fused step (``row_tables``)
+# Entries a plan takes from the sorted list per removed token: ToMe's edges, PiToMe's candidates (an A and a B
+# token each), TPS's removed tokens.
+PICKS_PER_REMOVED = {"tome": 1, "pitome": 2, "tps": 1}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 takes the reference
 FUSED_ENV = "MMMERGE_FUSED"  # "0": every layer takes the engine path (for side-by-side measurements)
 
@@ -333,12 +337,13 @@ def fused_reduce(x: Tensor, metric: Optional[Tensor], state: TokenState, steps: 
     if rows is not None:  # the tiers are static (RowBudgets.tables): no per-round gather of the padding mask
         state = state.replace(valid=None)
     else:  # one group, the first entries: every round's tables are views of these two (no launch per round)
-        picks = (2 if method == "pitome" else 1) * max(steps, default=0)
+        per = PICKS_PER_REMOVED[method]
+        picks = per * max(steps, default=0)
         zeros = torch.zeros(x.shape[1] - P, dtype=torch.int32, device=x.device)
         first = torch.arange(picks, dtype=torch.int32, device=x.device)
     for k, r in enumerate(steps):
         if rows is None:
-            ids, sel = zeros[: x.shape[1] - P], first[: 2 * r if method == "pitome" else r]
+            ids, sel = zeros[: x.shape[1] - P], first[: per * r]
         else:
             ids, sel = rows.tables[k]
         scored = x if metric is None else metric
@@ -364,7 +369,7 @@ def row_tables(method: str, real: Sequence[int], quota: Sequence[int], width: in
     real_count = torch.tensor(real).unsqueeze(1)  # [B, 1]
     ids = (torch.arange(width).unsqueeze(0) >= real_count).to(torch.int32)
     ranked = (real_count + 1) // 2 if method == "tome" else real_count  # [B, 1] real entries of the first tier
-    per = 2 if method == "pitome" else 1
+    per = PICKS_PER_REMOVED[method]
     q = per * torch.tensor(quota).unsqueeze(1)
     picks = torch.arange(per * r).unsqueeze(0)
     return ids, (picks + (picks >= q) * (ranked - q)).to(torch.int32)
@@ -405,5 +410,5 @@ def fused_tables(method: str, mergeable: int, r: int, tables: GroupTables) -> Di
     if tables.ids is not None:
         positions = {"tome": tables.sel_a, "pitome": tables.sel_pairs, "tps": tables.sel}[method]
         return {"fused_ids": tables.ids.to(torch.int32), "fused_sel": positions.to(torch.int32)}
-    taken = 2 * r if method == "pitome" else r  # PiToMe's candidates; ToMe's edges, TPS's removed tokens
+    taken = PICKS_PER_REMOVED[method] * r
     return {"fused_ids": torch.zeros(mergeable, dtype=torch.int32), "fused_sel": torch.arange(taken, dtype=torch.int32)}

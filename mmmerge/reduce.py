@@ -17,7 +17,7 @@ from .constraints import (ConstraintSpec, Global, Guarantee, Partition, guarante
                           parse_constraint, split_budget)
 from .constraints import check_layout as _check_layout
 from .methods import check_options, check_step, get_matcher, group_limits, step_limit
-from .fused import FUSED_METHODS, fused_choice, fused_reduce, row_tables
+from .fused import ROW_TABLE_METHODS, fused_choice, fused_reduce, row_tables
 from .fused_selection import dominant_fused, fused_dominant
 from .merge import MergePlan, merge_tokens, merge_weighted
 from .rows import RowBudgets
@@ -146,7 +146,7 @@ def plan_rows(method: str, lengths: Sequence[int], keeps: Sequence[int]) -> RowB
     quotas = tuple(torch.tensor(r) for r in removed)
     tables, real = [], lengths
     for quota, r in zip(removed, steps):  # the fused step's tables of each round (real tokens stay in front)
-        if method in FUSED_METHODS or method == "dominant":  # dominant: the per-row counts (fused_selection)
+        if method in ROW_TABLE_METHODS:
             tables.append(row_tables(method, real, quota, width, r))
         real, width = tuple(n - q for n, q in zip(real, quota)), width - r
     valid_out = torch.arange(width).unsqueeze(0) < torch.tensor(keeps).unsqueeze(1)
